@@ -1,0 +1,174 @@
+"""The model package contract: ``model_spec.json`` decoded into declared types.
+
+The spec is the single source of truth that makes serving match training: tensor names and
+shapes, the capture contract (sample rate, samples per receiver, the receiver network), the
+feature pipeline with its global normalisation constants, and how to decode the outputs.
+Its content hash is the feature-pipeline version used in cache keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Latitude = Annotated[float, Meta(ge=-90.0, le=90.0)]
+Longitude = Annotated[float, Meta(ge=-180.0, le=180.0)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0.0)]
+
+
+class TensorSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """One ONNX tensor: name, element type and shape (``-1`` marks the dynamic batch axis)."""
+
+    name: str
+    """ONNX graph input/output name."""
+    datatype: Literal["FP32", "FP64", "INT64", "BOOL"]
+    """Open Inference Protocol datatype name."""
+    shape: list[int]
+    """Shape with ``-1`` for the dynamic batch axis."""
+
+
+class ReceiverSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """One receiver of the network the model was trained on."""
+
+    id: str
+    """Receiver identifier as sent by clients."""
+    latitude: Latitude
+    """WGS84 latitude in degrees."""
+    longitude: Longitude
+    """WGS84 longitude in degrees."""
+    name: str = ""
+    """Human-readable site name."""
+
+
+class CaptureSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """What one request must carry for this model to answer meaningfully."""
+
+    sample_rate_hz: PositiveFloat
+    """Complex sample rate every capture must have."""
+    samples_per_receiver: PositiveInt
+    """Exact number of complex64 samples per receiver."""
+    min_receivers: PositiveInt
+    """Fewest receivers the model was trained to localise from."""
+    max_receivers: PositiveInt
+    """Receiver slots in the input tensors."""
+    receivers: list[ReceiverSpec] = []
+    """Receiver network the model was trained on; empty means any position is accepted."""
+    position_tolerance_m: PositiveFloat = 500.0
+    """Largest accepted distance between a sent receiver position and the trained one."""
+
+
+class FeatureSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """Parameters of :func:`workers.features.extract_features` and its global normalisation."""
+
+    kind: Literal["stft_band_db"]
+    """Feature pipeline kind."""
+    n_fft: PositiveInt
+    """STFT frame length (no overlap when ``hop == n_fft``)."""
+    hop: PositiveInt
+    """STFT hop in samples."""
+    n_bands: PositiveInt
+    """Number of equal-width frequency bands the FFT bins are summed into."""
+    n_frames: PositiveInt
+    """Frames per capture (derived from samples, n_fft and hop; stated to check)."""
+    db_floor: float
+    """Power floor in dB before normalisation, so silence is finite."""
+    norm_mean_db: float
+    """Global mean of the dB features over the training set."""
+    norm_std_db: PositiveFloat
+    """Global standard deviation of the dB features over the training set."""
+
+
+class OutputSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """How to turn output tensors into a bivariate Gaussian in metres (local east/north)."""
+
+    frame: Literal["aeqd_receiver_centroid"]
+    """Local frame: azimuthal equidistant around the mean lat/lon of the present receivers."""
+    position_scale_m: PositiveFloat
+    """Metres per unit of the position inputs and of the mean/sigma outputs."""
+    calibration_factor: PositiveFloat = 1.0
+    """Multiplier on the predicted sigmas fitted on held-out data so ellipses cover their level."""
+
+
+class Provenance(Struct, frozen=True):
+    """Where the model came from and how good it is."""
+
+    training_data: str
+    """Description of the data the model was trained on."""
+    seed: int
+    """Seed of the training run."""
+    metrics: dict[str, float] = {}
+    """Accuracy and calibration figures on held-out data."""
+    created_by: str = ""
+    """Tool that wrote the package."""
+
+
+class ModelSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """Everything the server needs to serve one model version."""
+
+    schema_version: Literal[1]
+    """Version of this spec format."""
+    name: str
+    """Registered model name."""
+    inputs: dict[str, TensorSpec]
+    """Input tensors keyed by role: ``features``, ``receivers``, ``mask``."""
+    outputs: dict[str, TensorSpec]
+    """Output tensors keyed by role: ``mean``, ``sigma``, ``rho``."""
+    capture: CaptureSpec
+    """Capture contract."""
+    features: FeatureSpec
+    """Feature pipeline."""
+    output: OutputSpec
+    """Output decoding."""
+    provenance: Provenance
+    """Provenance and figures."""
+
+
+INPUT_ROLES = ("features", "receivers", "mask")
+OUTPUT_ROLES = ("mean", "sigma", "rho")
+
+_decoder = msgspec.json.Decoder(ModelSpec)
+
+
+class SpecError(ValueError):
+    """The spec file does not describe a servable model."""
+
+
+def decode_spec(raw: bytes) -> ModelSpec:
+    """Decode and check a ``model_spec.json`` document.
+
+    Raises:
+        SpecError: when the document is not a valid spec.
+    """
+    try:
+        spec = _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise SpecError(f"model_spec.json is invalid: {exc}") from exc
+    missing = [r for r in INPUT_ROLES if r not in spec.inputs] + [
+        r for r in OUTPUT_ROLES if r not in spec.outputs
+    ]
+    if missing:
+        raise SpecError(f"model_spec.json lacks tensor roles: {', '.join(missing)}")
+    cap, feat = spec.capture, spec.features
+    if cap.min_receivers > cap.max_receivers:
+        raise SpecError("capture.min_receivers exceeds capture.max_receivers")
+    frames = 1 + (cap.samples_per_receiver - feat.n_fft) // feat.hop
+    if frames != feat.n_frames:
+        raise SpecError(f"features.n_frames is {feat.n_frames} but the capture yields {frames}")
+    if feat.n_fft % feat.n_bands:
+        raise SpecError("features.n_fft must be a multiple of features.n_bands")
+    return spec
+
+
+def encode_spec(spec: ModelSpec) -> bytes:
+    """Encode a spec as stable, indented JSON (sorted keys) for committing and hashing."""
+    return msgspec.json.format(msgspec.json.encode(spec, order="sorted"), indent=2) + b"\n"
+
+
+def spec_hash(raw: bytes) -> str:
+    """Feature-pipeline version: sha256 of the spec's canonical encoding, 16 hex digits."""
+    canonical = msgspec.json.encode(decode_spec(raw), order="sorted")
+    return hashlib.sha256(canonical).hexdigest()[:16]

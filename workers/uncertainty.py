@@ -1,0 +1,103 @@
+"""Bivariate-Gaussian uncertainty: confidence ellipses and geodesic GeoJSON polygons.
+
+A 2-D Gaussian's confidence region at level ``p`` is the ellipse ``xᵀ Σ⁻¹ x ≤ k²`` with
+``k² = -2 ln(1 - p)`` (chi-square, 2 degrees of freedom): 1σ covers 39.3 %, not 68 %.
+Axes come from the eigen-decomposition of the east/north covariance; the azimuth is the
+semi-major axis direction, clockwise from true north, folded into [0, 180).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from workers.geo import from_local
+
+
+def chi2_2dof_scale(level: float) -> float:
+    """Mahalanobis radius ``k`` whose ellipse holds ``level`` of a 2-D Gaussian."""
+    return math.sqrt(-2.0 * math.log1p(-level))
+
+
+def covariance(sigma_east: float, sigma_north: float, rho: float) -> npt.NDArray[np.float64]:
+    """2×2 east/north covariance from standard deviations and correlation."""
+    c = rho * sigma_east * sigma_north
+    return np.array([[sigma_east**2, c], [c, sigma_north**2]], dtype=np.float64)
+
+
+def ellipse_axes(cov: npt.NDArray[np.float64], level: float) -> tuple[float, float, float]:
+    """Semi-major (m), semi-minor (m) and azimuth (degrees in [0, 180)) at ``level``."""
+    see, sen, snn = float(cov[0, 0]), float(cov[0, 1]), float(cov[1, 1])
+    half_trace = 0.5 * (see + snn)
+    root = math.sqrt(max(0.25 * (see - snn) ** 2 + sen**2, 0.0))
+    lam_major, lam_minor = half_trace + root, max(half_trace - root, 0.0)
+    # Major-axis direction in (east, north): angle from east, counter-clockwise.
+    theta = 0.5 * math.atan2(2.0 * sen, see - snn)
+    azimuth = math.degrees(math.pi / 2.0 - theta) % 180.0
+    k = chi2_2dof_scale(level)
+    return k * math.sqrt(lam_major), k * math.sqrt(lam_minor), azimuth
+
+
+def ellipse_radius(
+    cov: npt.NDArray[np.float64], level: float, azimuth_deg: npt.ArrayLike
+) -> npt.NDArray[np.float64]:
+    """Distance from the centre to the ellipse boundary along each azimuth (clockwise from N)."""
+    az = np.radians(np.asarray(azimuth_deg, dtype=np.float64))
+    u = np.stack([np.sin(az), np.cos(az)])  # (2, n) unit vectors east/north
+    inv = np.linalg.inv(cov)
+    quad = np.einsum("in,ij,jn->n", u, inv, u)
+    return np.asarray(chi2_2dof_scale(level) / np.sqrt(quad), dtype=np.float64)
+
+
+def ellipse_polygon(
+    lat0: float,
+    lon0: float,
+    cov: npt.NDArray[np.float64],
+    level: float,
+    vertices: int = 72,
+) -> list[list[float]]:
+    """Closed, counter-clockwise ring ``[[lon, lat], ...]`` of the ellipse on the ellipsoid.
+
+    Each vertex lies at the ellipse radius along its azimuth, measured as a geodesic from the
+    centre (RFC 7946: exterior rings are counter-clockwise, i.e. decreasing azimuth).
+    """
+    azimuths = (-360.0 * np.arange(vertices) / vertices) % 360.0
+    radius = ellipse_radius(cov, level, azimuths)
+    east = radius * np.sin(np.radians(azimuths))
+    north = radius * np.cos(np.radians(azimuths))
+    lat, lon = from_local(lat0, lon0, east, north)
+    ring = [[round(float(x), 7), round(float(y), 7)] for x, y in zip(lon, lat, strict=True)]
+    ring.append(ring[0])
+    return ring
+
+
+def feature_collection(
+    lat: float,
+    lon: float,
+    cov: npt.NDArray[np.float64],
+    levels: list[float],
+    vertices: int = 72,
+) -> dict[str, Any]:
+    """GeoJSON FeatureCollection: the estimated point and one polygon per confidence level."""
+    features: list[dict[str, Any]] = [
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [lon, lat]},
+            "properties": {"kind": "estimate"},
+        }
+    ]
+    for level in levels:
+        features.append(
+            {
+                "type": "Feature",
+                "geometry": {
+                    "type": "Polygon",
+                    "coordinates": [ellipse_polygon(lat, lon, cov, level, vertices)],
+                },
+                "properties": {"kind": "confidence_ellipse", "confidence": level},
+            }
+        )
+    return {"type": "FeatureCollection", "features": features}
