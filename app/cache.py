@@ -1,0 +1,166 @@
+"""Redis prediction cache that never answers with another model's prediction.
+
+Key = prefix + model name + model version + feature-pipeline version (spec hash) + a hash of
+the canonical input (receivers sorted by id with their positions and IQ bytes, sample rate)
+and of the options that shape the answer (confidence levels, GeoJSON). Value = the worker's
+:class:`~workers.messages.Prediction` as MessagePack, decoded into that type on read; anything
+that does not decode is a miss. Redis slow or down → short timeouts, then a circuit breaker
+that skips Redis for a cool-down: predictions keep flowing uncached. The cache never flushes
+or scans a database; it only GETs and SETs its own keys with a TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import struct
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from workers.messages import Prediction
+
+log = logging.getLogger("heimdall.cache")
+
+
+class CacheSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Prediction cache settings (prefix ``HEIMDALL_CACHE_``; Redis from ``REDIS_URL``)."""
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis for the cache and the control channel (``REDIS_URL``); empty disables both."""
+    enabled: bool = True
+    """Use the prediction cache at all."""
+    ttl_s: Annotated[int, Meta(ge=1)] = 3600
+    """Lifetime of a cached prediction."""
+    prefix: str = "heimdall:cache:"
+    """Key prefix; the cache touches no other keys."""
+    timeout_s: Annotated[float, Meta(gt=0, le=5)] = 0.05
+    """Socket timeout of cache calls; a slower Redis counts as an error."""
+    breaker_failures: Annotated[int, Meta(ge=1)] = 3
+    """Consecutive errors that open the circuit breaker."""
+    breaker_cooldown_s: Annotated[float, Meta(gt=0)] = 2.0
+    """Time the breaker stays open before one probe request is let through."""
+
+
+_value_decoder = msgspec.msgpack.Decoder(Prediction)
+_value_encoder = msgspec.msgpack.Encoder()
+
+
+def input_digest(
+    receivers: list[tuple[str, float, float, bytes]],
+    sample_rate_hz: float,
+    levels: list[float],
+    geojson: bool,
+) -> str:
+    """Hash of the canonical input and answer-shaping options (order of receivers ignored)."""
+    digest = hashlib.blake2b(digest_size=20)
+    digest.update(struct.pack("<d?", sample_rate_hz, geojson))
+    digest.update(struct.pack(f"<{len(levels)}d", *levels))
+    for rx_id, lat, lon, iq in sorted(receivers, key=lambda r: r[0]):
+        encoded = rx_id.encode()
+        digest.update(struct.pack("<I", len(encoded)) + encoded)
+        digest.update(struct.pack("<ddQ", lat, lon, len(iq)))
+        digest.update(iq)
+    return digest.hexdigest()
+
+
+class PredictionCache:
+    """GET/SET of encoded predictions with timeouts and a circuit breaker."""
+
+    def __init__(
+        self,
+        settings: CacheSettings,
+        client: Any | None,
+        on_result: Callable[[str], None] | None = None,
+    ) -> None:
+        """Wrap a ``redis.asyncio.Redis`` client (``None``: cache disabled)."""
+        self.settings = settings
+        self.client = client if settings.enabled else None
+        self._failures = 0
+        self._open_until = 0.0
+        self._on_result = on_result
+        self._stores: set[asyncio.Task[None]] = set()
+        self.last_error: str | None = None
+
+    def key(self, model: str, version: str, feature_version: str, digest: str) -> str:
+        """Cache key of one prediction."""
+        return f"{self.settings.prefix}{model}:{version}:{feature_version}:{digest}"
+
+    @property
+    def usable(self) -> bool:
+        """Whether a lookup will be tried now (enabled and breaker closed)."""
+        return self.client is not None and time.monotonic() >= self._open_until
+
+    def state(self) -> dict[str, Any]:
+        """For /health/ready details."""
+        if self.client is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "breaker": "open" if time.monotonic() < self._open_until else "closed",
+            "consecutive_failures": self._failures,
+            "last_error": self.last_error,
+        }
+
+    def _count(self, result: str) -> None:
+        if self._on_result:
+            self._on_result(result)
+
+    def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self._failures >= self.settings.breaker_failures:
+            self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+            log.warning("cache circuit breaker open for %.1fs: %s",
+                        self.settings.breaker_cooldown_s, self.last_error)
+
+    async def get(self, key: str) -> Prediction | None:
+        """The cached prediction, or ``None`` on a miss, an error or an undecodable value."""
+        if not self.usable:
+            self._count("error")
+            return None
+        try:
+            raw = await asyncio.wait_for(self.client.get(key), self.settings.timeout_s * 2)
+        except Exception as exc:  # redis raises many error types; all mean "no cache"
+            self._failed(exc)
+            self._count("error")
+            return None
+        self._failures = 0
+        if raw is None:
+            self._count("miss")
+            return None
+        try:
+            value = _value_decoder.decode(raw)
+        except msgspec.DecodeError:
+            log.warning("undecodable cache value under %s treated as a miss", key)
+            self._count("miss")
+            return None
+        self._count("hit")
+        return value
+
+    def put(self, key: str, value: Prediction) -> None:
+        """Store in the background; never delays the response, never raises."""
+        if not self.usable:
+            return
+        task = asyncio.create_task(self._store(key, _value_encoder.encode(value)))
+        self._stores.add(task)
+        task.add_done_callback(self._stores.discard)
+
+    async def _store(self, key: str, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(
+                self.client.set(key, data, ex=self.settings.ttl_s), self.settings.timeout_s * 2
+            )
+        except Exception as exc:
+            self._failed(exc)
+        else:
+            self._failures = 0
+
+    async def close(self) -> None:
+        """Wait briefly for pending stores."""
+        if self._stores:
+            await asyncio.wait(list(self._stores), timeout=1.0)

@@ -1,0 +1,113 @@
+"""``heimdall-inference``: serve, bootstrap the registry, simulate payloads, operate rollouts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.settings import SettingsError, load_settings, settings_table
+
+REFERENCE_PACKAGE = Path(__file__).resolve().parent.parent / "training" / "reference"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Validate settings, then run Granian with the app factory (one HTTP process)."""
+    settings = load_settings()
+    from granian import Granian
+    from granian.constants import Interfaces, Loops
+    from granian.http import HTTP1Settings
+
+    server = settings.server
+    Granian(
+        "app.factory:create_app_from_env",
+        factory=True,
+        address=args.host or server.host,
+        port=args.port if args.port is not None else server.port,
+        interface=Interfaces.ASGI,
+        workers=1,
+        loop=Loops.asyncio,
+        backpressure=server.granian_backpressure,
+        http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
+        log_level=server.log_level.lower(),  # type: ignore[arg-type]
+        websockets=False,
+        workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
+    ).serve()
+    return 0
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    """Register the reference package as ``rf-localizer`` with alias ``production``."""
+    from workers.registry import ModelRegistry
+
+    settings = load_settings()
+    registry = ModelRegistry(settings.registry)
+    name = args.name or settings.registry.model_name()
+    version = registry.register(Path(args.package), name, alias=args.alias)
+    print(f"registered {name} version {version} (alias {args.alias}) in {registry.tracking_uri}")
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Write simulated request payloads (with the true position) as JSON files."""
+    from training.simulate import iter_batches, request_payload, truth_of
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for batch in iter_batches(args.count, args.seed, chunk=min(args.count, 256)):
+        for i in range(len(batch)):
+            payload: dict[str, Any] = request_payload(batch, i, request_id=f"sim-{args.seed}-{written}")
+            (out / f"capture-{written:05d}.json").write_text(json.dumps(payload))
+            (out / f"capture-{written:05d}.truth.json").write_text(json.dumps(truth_of(batch, i)))
+            written += 1
+    print(f"wrote {written} payloads to {out}")
+    return 0
+
+
+def cmd_settings(_: argparse.Namespace) -> int:
+    """Print the settings table (the README's is generated from it)."""
+    print(settings_table())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="heimdall-inference", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the HTTP service (Granian)")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.set_defaults(func=cmd_serve)
+    boot = sub.add_parser("bootstrap", help="register the reference model in the registry")
+    boot.add_argument("--package", default=str(REFERENCE_PACKAGE))
+    boot.add_argument("--name", default=None)
+    boot.add_argument("--alias", default="production")
+    boot.set_defaults(func=cmd_bootstrap)
+    sim = sub.add_parser("simulate", help="write simulated request payloads")
+    sim.add_argument("--count", type=int, default=10)
+    sim.add_argument("--seed", type=int, default=7)
+    sim.add_argument("--out", default="examples")
+    sim.set_defaults(func=cmd_simulate)
+    table = sub.add_parser("settings", help="print every setting as a Markdown table")
+    table.set_defaults(func=cmd_settings)
+    from app.operate import add_operator_commands
+
+    add_operator_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SettingsError as exc:
+        print(f"heimdall-inference: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Control plane settings (the subscriber itself lives in :mod:`app.control_plane`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+
+class ControlSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Rollout control channel settings (prefix ``HEIMDALL_CONTROL_``; Redis from ``REDIS_URL``)."""
+
+    enabled: bool = True
+    """Follow the desired state in Redis (otherwise serve ``HEIMDALL_MODEL_URI`` only)."""
+    namespace: str = "heimdall"
+    """Key prefix: state in ``{namespace}:{model}:desired``, messages on ``…:control``."""
+    poll_interval_s: Annotated[float, Meta(gt=0)] = 30.0
+    """Slow periodic re-read of the desired state (level-triggered safety net)."""
+    heartbeat_ttl_s: Annotated[int, Meta(ge=2)] = 15
+    """TTL of this replica's status key; refreshed every third of it."""
+    hmac_secret: str = ""
+    """Shared secret; when set, control messages and states must carry a valid HMAC."""
+    retry_max_s: Annotated[float, Meta(gt=0)] = 30.0
+    """Longest back-off between retries of a failed apply or a lost connection."""

@@ -1,0 +1,176 @@
+"""The one factory that builds the object graph: ``create_app(settings)``.
+
+Nothing heavy happens at import time. The pool starts, the first model version loads and the
+control-channel subscriber connects in the application's lifespan, inside the server process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Litestar
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+
+from app.cache import PredictionCache
+from app.http import (
+    build_routes,
+    http_error_handler,
+    internal_error_handler,
+    service_error_handler,
+)
+from app.rollout import DesiredState, Rollout
+from app.service import InferenceService
+from app.settings import Settings, load_settings
+from workers.errors import ServiceError
+from workers.pool import WorkerPool
+from workers.registry import ModelRegistry
+
+log = logging.getLogger("heimdall.app")
+
+
+def replica_name(settings: Settings) -> str:
+    """This replica's id in fleet status and telemetry."""
+    return settings.server.replica_id or (
+        f"{socket.gethostname()}:{settings.server.port}:{os.getpid()}"
+    )
+
+
+class Components:
+    """The collaborators of one replica, built by :func:`create_app`."""
+
+    def __init__(self, settings: Settings) -> None:
+        """Build (not start) every component."""
+        self.settings = settings
+        self.replica = replica_name(settings)
+        self.pool = WorkerPool(settings.pool, log_level=settings.server.log_level)
+        self.registry = ModelRegistry(settings.registry)
+        self.service = InferenceService(self.pool, settings.service)
+        self.rollout = Rollout(self.registry, self.pool, self.service)
+        self.redis: Any | None = None
+        if settings.cache.redis_url:
+            import redis.asyncio as aioredis
+
+            self.redis = aioredis.from_url(
+                settings.cache.redis_url,
+                socket_timeout=settings.cache.timeout_s,
+                socket_connect_timeout=settings.cache.timeout_s,
+            )
+        self.cache = PredictionCache(settings.cache, self.redis)
+        self.service.cache = self.cache
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Start the pool, then converge on the initial model state in the background."""
+        await self.pool.start()
+        self._spawn(self._initial_load())
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _initial_load(self) -> None:
+        delay = 1.0
+        state = DesiredState({self.settings.registry.model_uri: 1.0})
+        while self.service.routing is None:
+            try:
+                await self.rollout.apply(state)
+            except ServiceError as exc:
+                log.error("initial model %s not loaded (%s); retrying in %.0fs",
+                          self.settings.registry.model_uri, exc.detail, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.settings.control.retry_max_s)
+
+    async def stop(self) -> None:
+        """Drain and stop everything."""
+        for task in list(self._tasks):
+            task.cancel()
+        await self.pool.stop()
+        await self.cache.close()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Ready when every routed version is served; details for operators."""
+        ok, details = self.service.ready()
+        details["pool"] = self.pool.stats()["states"]
+        details["cache"] = self.cache.state()
+        details["rollout"] = {"last_outcome": self.rollout.status.last_outcome,
+                              "last_error": self.rollout.status.last_error}
+        return ok, details
+
+    def models_state(self) -> dict[str, Any]:
+        """/v1/models: resident versions, routing, rollout outcome, per-version counters."""
+        routing = self.service.routing
+        return {
+            "replica": self.replica,
+            "model": self.settings.registry.model_name(),
+            "routing": {
+                "weights": dict(routing.weights) if routing else {},
+                "shadow": routing.shadow if routing else None,
+                "shadow_fraction": routing.shadow_fraction if routing else 0.0,
+                "revision": routing.revision if routing else None,
+            },
+            "rollout": self.rollout.describe(),
+            "versions": {v: c.describe() for v, c in self.service.contexts.items()},
+            "pool": self.pool.stats(),
+        }
+
+
+def create_app(settings: Settings) -> Litestar:
+    """Build the Litestar application and its collaborators for ``settings``."""
+    components = Components(settings)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Litestar) -> AsyncIterator[None]:
+        await components.start()
+        try:
+            yield
+        finally:
+            await components.stop()
+
+    routes = build_routes(
+        components.service,
+        models_state=components.models_state,
+        readiness=components.readiness,
+        max_body=settings.server.max_body_bytes,
+        max_batch_body=settings.server.max_batch_body_bytes,
+    )
+    app = Litestar(
+        route_handlers=routes,
+        lifespan=[lifespan],
+        exception_handlers={
+            ServiceError: service_error_handler,
+            HTTPException: http_error_handler,
+            Exception: internal_error_handler,
+        },
+        openapi_config=OpenAPIConfig(
+            title="heimdall-inference",
+            version="1",
+            path="/schema",
+            render_plugins=[SwaggerRenderPlugin()],
+        ),
+        request_max_body_size=settings.server.max_body_bytes,
+        debug=False,
+    )
+    app.state.components = components
+    return app
+
+
+def create_app_from_env() -> Litestar:
+    """Granian factory target: settings from the environment, validated at start."""
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.server.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return create_app(settings)

@@ -1,0 +1,211 @@
+"""HTTP routes: decode the body, call one service method, encode the answer.
+
+Bodies are JSON or MessagePack (``Content-Type``); answers follow ``Accept``. Every error is
+an RFC 9457 problem-details document.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.handlers import HTTPRouteHandler
+from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
+
+from app.schemas import BatchRequest, BatchResponse, FieldError, PredictRequest, Problem
+from app.service import InferenceService, problem_from
+from workers.errors import (
+    MalformedRequest,
+    NotAcceptable,
+    NotFound,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("heimdall.http")
+
+JSON = "application/json"
+MSGPACK = "application/msgpack"
+PROBLEM = "application/problem+json"
+_MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
+
+_json_encoder = msgspec.json.Encoder()
+_msgpack_encoder = msgspec.msgpack.Encoder()
+_decoders: dict[tuple[type, bool], Any] = {}
+
+
+def _decoder(kind: type, msgpack: bool) -> Any:
+    key = (kind, msgpack)
+    if key not in _decoders:
+        _decoders[key] = (msgspec.msgpack.Decoder(kind) if msgpack
+                          else msgspec.json.Decoder(kind))
+    return _decoders[key]
+
+
+def body_is_msgpack(request: Request[Any, Any, Any]) -> bool:
+    """Whether the body is MessagePack (True) or JSON (False).
+
+    Raises:
+        UnsupportedMediaType: any other content type.
+    """
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media in _MSGPACK_TYPES:
+        return True
+    if media in ("application/json", "") or media.endswith("+json"):
+        return False
+    raise UnsupportedMediaType(
+        f"Content-Type {media!r} is not supported; send application/json or application/msgpack"
+    )
+
+
+def wants_msgpack(request: Request[Any, Any, Any]) -> bool:
+    """Whether the client asked for a MessagePack answer.
+
+    Raises:
+        NotAcceptable: the client accepts neither JSON nor MessagePack.
+    """
+    accept = request.headers.get("accept", "").lower()
+    if not accept:
+        return False
+    kinds = [part.split(";")[0].strip() for part in accept.split(",")]
+    if any(k in _MSGPACK_TYPES for k in kinds) and JSON not in kinds:
+        return True
+    if any(k in (JSON, "*/*", "application/*") or k.endswith("+json") for k in kinds):
+        return False
+    raise NotAcceptable("this endpoint answers application/json or application/msgpack")
+
+
+async def decode_body(request: Request[Any, Any, Any], kind: type) -> Any:
+    """Decode the body into ``kind``.
+
+    Raises:
+        MalformedRequest: undecodable or schema-violating body (with the field path).
+    """
+    msgpack = body_is_msgpack(request)
+    body = await request.body()
+    try:
+        return _decoder(kind, msgpack).decode(body)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        path = message.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in message else None
+        raise MalformedRequest(message.split(" - at `")[0] + _hint(message), field=path) from exc
+    except msgspec.DecodeError as exc:
+        raise MalformedRequest(
+            f"the body is not valid {'MessagePack' if msgpack else 'JSON'}: {exc}"
+        ) from exc
+
+
+def _hint(message: str) -> str:
+    if "base64" in message:
+        return "; iq must be base64 of little-endian complex64 bytes"
+    return ""
+
+
+def encode(request: Request[Any, Any, Any], value: Any, status: int = 200) -> Response[bytes]:
+    """Encode ``value`` as MessagePack or JSON according to ``Accept``."""
+    if wants_msgpack(request):
+        return Response(_msgpack_encoder.encode(value), status_code=status, media_type=MSGPACK)
+    return Response(_json_encoder.encode(value), status_code=status, media_type=JSON)
+
+
+def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response[bytes]:
+    """Render a problem-details document."""
+    return Response(_json_encoder.encode(problem), status_code=problem.status,
+                    media_type=PROBLEM, headers=headers)
+
+
+def service_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """ServiceError → problem details (with Retry-After for 503)."""
+    assert isinstance(exc, ServiceError)
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else None
+    return problem_response(problem_from(exc), headers)
+
+
+def http_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Framework HTTP errors (404, 405, 413, parameter validation) → problem details."""
+    assert isinstance(exc, HTTPException)
+    status = exc.status_code
+    detail = str(exc.detail)
+    errors: list[FieldError] = []
+    if status == 413:
+        detail = f"{detail}: the body exceeds this endpoint's size limit"
+    extra = exc.extra if isinstance(exc.extra, list) else []
+    for item in extra:
+        if isinstance(item, dict):
+            errors.append(FieldError(str(item.get("key", "")), str(item.get("message", ""))))
+    headers = dict(exc.headers or {})
+    title = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}.get(
+        status, "Bad request" if status < 500 else "Server error")
+    return problem_response(Problem(title, status, detail, errors=errors), headers or None)
+
+
+def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+    """Anything unexpected: log it with the request path, answer a 500 problem."""
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(Problem("Internal error", HTTP_500_INTERNAL_SERVER_ERROR,
+                                    "an unexpected error occurred; it has been logged"))
+
+
+def build_routes(
+    service: InferenceService,
+    *,
+    models_state: Callable[[], dict[str, Any]],
+    readiness: Callable[[], tuple[bool, dict[str, Any]]],
+    max_body: int,
+    max_batch_body: int,
+) -> list[HTTPRouteHandler]:
+    """The /v1 and /health route handlers bound to ``service``."""
+
+    @post("/v1/predict", request_max_body_size=max_body, summary="Localise one transmitter",
+          status_code=200)
+    async def predict(request: Request[Any, Any, Any]) -> Response[bytes]:
+        wants_msgpack(request)
+        body = await decode_body(request, PredictRequest)
+        return encode(request, await service.predict(body))
+
+    @post("/v1/predict/batch", request_max_body_size=max_batch_body, status_code=200,
+          summary="Localise up to 256 transmitters")
+    async def predict_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
+        wants_msgpack(request)
+        body = await decode_body(request, BatchRequest)
+        return encode(request, BatchResponse(await service.predict_batch(body.items)))
+
+    @get("/v1/models", summary="Serving state")
+    async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        return encode(request, models_state())
+
+    @get("/v1/models/{version:str}", summary="One model version")
+    async def model_version(request: Request[Any, Any, Any], version: str) -> Response[bytes]:
+        ctx = service.contexts.get(version)
+        if ctx is None:
+            raise NotFound(f"version {version} is not resident on this replica "
+                           f"(resident: {', '.join(sorted(service.contexts)) or 'none'})")
+        return encode(request, ctx.describe())
+
+    @get("/health/live", summary="Liveness")
+    async def live() -> Response[bytes]:
+        return Response(b'{"status":"live"}', media_type=JSON)
+
+    @get("/health/ready", summary="Readiness")
+    async def ready() -> Response[bytes]:
+        ok, details = readiness()
+        details["status"] = "ready" if ok else "not ready"
+        return Response(_json_encoder.encode(details), media_type=JSON,
+                        status_code=200 if ok else 503,
+                        headers=None if ok else {"Retry-After": "2"})
+
+    return [predict, predict_batch, models, model_version, live, ready]
+
+
+__all__ = [
+    "build_routes",
+    "http_error_handler",
+    "internal_error_handler",
+    "service_error_handler",
+    "PayloadTooLarge",
+]

@@ -1,0 +1,133 @@
+"""Served model versions: what is resident, how requests are routed, per-version state.
+
+A :class:`VersionContext` holds everything derived once from a version's spec (the known
+receiver network, the capture contract) so request validation is a few comparisons.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from workers.registry import LocalPackage
+
+
+@dataclass
+class VersionStats:
+    """Live counters of one version on this replica."""
+
+    requests: int = 0
+    errors: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+    shadow_distance_m: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+    def summary(self) -> dict[str, Any]:
+        """Counters and latency percentiles for /v1/models."""
+        lat = np.asarray(self.latencies_ms, dtype=np.float64)
+        lookups = self.cache_hits + self.cache_misses
+        out: dict[str, Any] = {
+            "requests": self.requests,
+            "errors": self.errors,
+            "cache_hit_rate": round(self.cache_hits / lookups, 4) if lookups else None,
+            "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
+            "latency_ms_p95": round(float(np.percentile(lat, 95)), 3) if lat.size else None,
+        }
+        if self.shadow_distance_m:
+            dist = np.asarray(self.shadow_distance_m, dtype=np.float64)
+            out["shadow_distance_m"] = {
+                "count": int(dist.size),
+                "p50": round(float(np.percentile(dist, 50)), 1),
+                "p95": round(float(np.percentile(dist, 95)), 1),
+            }
+        return out
+
+
+@dataclass
+class VersionContext:
+    """A resident version and what validation needs from its spec."""
+
+    package: LocalPackage
+    loaded_at: float = field(default_factory=time.time)
+    stats: VersionStats = field(default_factory=VersionStats)
+    known: dict[str, tuple[float, float]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        """Index the trained receiver network by id."""
+        self.known = {r.id: (r.latitude, r.longitude) for r in self.package.spec.capture.receivers}
+
+    @property
+    def version(self) -> str:
+        """Registry version number."""
+        return self.package.info.version
+
+    @property
+    def name(self) -> str:
+        """Registered model name."""
+        return self.package.info.name
+
+    def describe(self) -> dict[str, Any]:
+        """Spec summary, registry metadata, figures, load time and live counters."""
+        spec, info = self.package.spec, self.package.info
+        cap = spec.capture
+        return {
+            "name": info.name,
+            "version": info.version,
+            "run_id": info.run_id,
+            "created": info.created_ms,
+            "aliases": info.aliases,
+            "sha256": info.sha256,
+            "feature_pipeline_version": self.package.spec_hash,
+            "loaded_at": self.loaded_at,
+            "capture": {
+                "sample_rate_hz": cap.sample_rate_hz,
+                "samples_per_receiver": cap.samples_per_receiver,
+                "min_receivers": cap.min_receivers,
+                "max_receivers": cap.max_receivers,
+                "receivers": [r.id for r in cap.receivers],
+            },
+            "inputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.inputs.items()},
+            "outputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.outputs.items()},
+            "metrics": spec.provenance.metrics,
+            "training_data": spec.provenance.training_data,
+            "live": self.stats.summary(),
+        }
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Weighted choice over versions, plus an optional shadow."""
+
+    weights: dict[str, float]
+    shadow: str | None = None
+    shadow_fraction: float = 0.0
+    revision: int = 0
+
+    def choose(self, request_id: str | None, sticky: bool) -> str:
+        """Pick a version: random by weight, or by a hash of ``request_id`` when sticky."""
+        versions = list(self.weights)
+        if len(versions) == 1:
+            return versions[0]
+        if sticky and request_id:
+            digest = hashlib.blake2b(request_id.encode(), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") / 2**64
+        else:
+            point = random.random()  # noqa: S311 - traffic split, not security
+        total = sum(self.weights.values())
+        acc = 0.0
+        for version in versions:
+            acc += self.weights[version] / total
+            if point < acc:
+                return version
+        return versions[-1]
+
+    def take_shadow(self) -> bool:
+        """Whether this request also runs on the shadow version."""
+        return self.shadow is not None and random.random() < self.shadow_fraction  # noqa: S311

@@ -1,0 +1,149 @@
+"""Applying a desired serving state as a rolling swap.
+
+resolve references in MLflow → download + verify → every worker loads, warms up and
+validates the new sessions → routing switches atomically → versions no longer routed are
+unloaded after their queued and in-flight work. Any failure leaves the replica serving what
+it served before and is recorded (``last_error``) for /v1/models, logs and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from app.models import Routing, VersionContext
+from app.service import InferenceService
+from workers.errors import ServiceError
+from workers.pool import WorkerPool
+from workers.registry import LocalPackage, ModelRegistry
+
+log = logging.getLogger("heimdall.rollout")
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What a replica should serve: weights over version references, optional shadow."""
+
+    weights: dict[str, float]
+    shadow: str | None = None
+    shadow_fraction: float = 0.0
+    revision: int = 0
+
+
+@dataclass
+class RolloutStatus:
+    """Outcome of the last apply, for /v1/models and the fleet status."""
+
+    applied_revision: int = -1
+    applied_at: float = 0.0
+    last_outcome: str = "pending"
+    last_error: str | None = None
+    attempts: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Rollout:
+    """Converges the pool and the service's routing on a :class:`DesiredState`."""
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        pool: WorkerPool,
+        service: InferenceService,
+        on_outcome: Callable[[str], None] | None = None,
+    ) -> None:
+        """Keep collaborators; nothing runs until :meth:`apply`."""
+        self.registry = registry
+        self.pool = pool
+        self.service = service
+        self.status = RolloutStatus()
+        self._lock = asyncio.Lock()
+        self._on_outcome = on_outcome
+        self._resolved: dict[str, str] = {}
+
+    async def apply(self, state: DesiredState) -> None:
+        """Apply ``state`` (serialised; a newer call waits for the running one).
+
+        Raises:
+            ServiceError: resolution, download, verification or loading failed; the previous
+                state keeps serving.
+        """
+        async with self._lock:
+            self.status.attempts += 1
+            try:
+                await self._apply(state)
+            except ServiceError as exc:
+                self._record("failed", state, exc.detail)
+                raise
+            except Exception as exc:
+                self._record("failed", state, f"{type(exc).__name__}: {exc}")
+                raise
+            self._record("applied", state, None)
+
+    def _record(self, outcome: str, state: DesiredState, error: str | None) -> None:
+        status = self.status
+        status.last_outcome = outcome
+        status.last_error = error
+        if outcome == "applied":
+            status.applied_revision = state.revision
+            status.applied_at = time.time()
+        status.history = [*status.history[-9:], {
+            "revision": state.revision, "outcome": outcome, "error": error, "at": time.time(),
+        }]
+        if error:
+            log.error("applying revision %d failed: %s", state.revision, error)
+        else:
+            log.info("applied revision %d: %s", state.revision, self.service.routing)
+        if self._on_outcome:
+            self._on_outcome(outcome)
+
+    async def _apply(self, state: DesiredState) -> None:
+        refs = list(state.weights) + ([state.shadow] if state.shadow else [])
+        versions: dict[str, str] = {}
+        packages: dict[str, LocalPackage] = {}
+        for ref in refs:
+            info = await asyncio.to_thread(self.registry.resolve, ref)
+            versions[ref] = info.version
+            if info.version not in self.service.contexts:
+                packages[info.version] = await asyncio.to_thread(self.registry.fetch, info)
+        loaded: list[str] = []
+        try:
+            for version, package in packages.items():
+                await self.pool.load(version, str(package.model_path), package.spec_raw)
+                loaded.append(version)
+        except BaseException:
+            for version in loaded:
+                await self.pool.unload(version)
+            raise
+        contexts = {v: VersionContext(p) for v, p in packages.items()}
+        weights: dict[str, float] = {}
+        for ref, weight in state.weights.items():
+            weights[versions[ref]] = weights.get(versions[ref], 0.0) + weight
+        routing = Routing(
+            weights={v: w for v, w in weights.items() if w > 0} or {versions[refs[0]]: 1.0},
+            shadow=versions[state.shadow] if state.shadow else None,
+            shadow_fraction=state.shadow_fraction if state.shadow else 0.0,
+            revision=state.revision,
+        )
+        previous = set(self.service.contexts)
+        self.service.install(contexts, routing)
+        self._resolved = versions
+        for version in previous - self.service.routed_versions():
+            await self.pool.unload(version)
+            self.service.retire(version)
+
+    def describe(self) -> dict[str, Any]:
+        """Status for /v1/models."""
+        s = self.status
+        return {
+            "applied_revision": s.applied_revision,
+            "applied_at": s.applied_at,
+            "last_outcome": s.last_outcome,
+            "last_error": s.last_error,
+            "resolved": self._resolved,
+            "history": s.history,
+        }

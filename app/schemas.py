@@ -1,0 +1,122 @@
+"""HTTP request and response bodies (msgspec), shared by JSON and MessagePack.
+
+Constraints live in the types; msgspec reports the failing field's path. ``iq`` is ``bytes``:
+base64 in JSON, raw binary in MessagePack.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, Struct
+
+from workers.messages import Ellipse
+
+Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="WGS84 latitude, degrees")]
+Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="WGS84 longitude, degrees")]
+Level = Annotated[float, Meta(gt=0.0, lt=1.0)]
+MAX_BATCH = 256
+
+
+class ReceiverCapture(Struct, frozen=True):
+    """One receiver's capture: where it is and what it heard."""
+
+    id: Annotated[str, Meta(min_length=1, max_length=64, description="Receiver identifier")]
+    latitude: Latitude
+    longitude: Longitude
+    iq: Annotated[bytes, Meta(description="Little-endian complex64 samples (interleaved "
+                                          "float32 I,Q); base64 in JSON")]
+    altitude_m: float | None = None
+
+
+class PredictRequest(Struct, frozen=True):
+    """``POST /v1/predict`` body."""
+
+    receivers: Annotated[list[ReceiverCapture], Meta(min_length=1, max_length=64)]
+    sample_rate_hz: Annotated[float, Meta(gt=0.0)]
+    center_frequency_hz: Annotated[float, Meta(gt=0.0)] | None = None
+    confidence: Annotated[list[Level], Meta(min_length=1, max_length=8)] = msgspec.field(
+        default_factory=lambda: [0.5, 0.9, 0.95]
+    )
+    geojson: bool = False
+    cache: bool = True
+    request_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    sticky: bool = False
+    """Route by a hash of ``request_id`` so the same id always reaches the same version."""
+
+
+class BatchRequest(Struct, frozen=True):
+    """``POST /v1/predict/batch`` body."""
+
+    items: Annotated[list[PredictRequest], Meta(min_length=1, max_length=MAX_BATCH)]
+
+
+class Position(Struct, frozen=True):
+    """Estimated transmitter position."""
+
+    latitude: float
+    longitude: float
+
+
+class Uncertainty(Struct, frozen=True):
+    """Bivariate Gaussian in the local east/north frame and its confidence ellipses."""
+
+    covariance_enu_m2: list[list[float]]
+    sigma_east_m: float
+    sigma_north_m: float
+    correlation: float
+    ellipses: list[Ellipse]
+
+
+class ModelRef(Struct, frozen=True):
+    """The model version that answered."""
+
+    name: str
+    version: str
+
+
+class Timing(Struct, frozen=True):
+    """Milliseconds spent per phase."""
+
+    queue: float
+    features: float
+    inference: float
+    total: float
+
+
+class PredictResponse(Struct, frozen=True, omit_defaults=True, tag_field="kind",
+                      tag="prediction"):
+    """One localization."""
+
+    request_id: str
+    position: Position
+    uncertainty: Uncertainty
+    model: ModelRef
+    cached: bool
+    timing_ms: Timing
+    geojson: dict[str, Any] | None = None
+
+
+class FieldError(Struct, frozen=True):
+    """One validation failure."""
+
+    field: str
+    message: str
+
+
+class Problem(Struct, frozen=True, omit_defaults=True, tag_field="kind", tag="problem"):
+    """RFC 9457 problem details (also a batch item's failure)."""
+
+    title: str
+    status: int
+    detail: str
+    type: str = "about:blank"
+    errors: list[FieldError] = []
+    request_id: str | None = None
+
+
+class BatchResponse(Struct, frozen=True):
+    """Results in request order: a prediction or a problem per item."""
+
+    results: list[PredictResponse | Problem]

@@ -1,0 +1,299 @@
+"""The transport-agnostic inference service: validate, route, cache, dispatch, assemble.
+
+HTTP handlers decode a body, call one method here and encode what it returns. Everything
+between — checks against the served model's capture contract, version routing, the
+prediction cache, dispatch to the worker pool, shadow traffic, per-version counters and
+spans — lives here, below HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import numpy as np
+from msgspec import Meta, Struct
+
+from app.cache import PredictionCache
+from app.models import Routing, VersionContext
+from app.schemas import (
+    FieldError,
+    ModelRef,
+    Position,
+    PredictRequest,
+    PredictResponse,
+    Problem,
+    Timing,
+    Uncertainty,
+)
+from workers.errors import InvalidInput, NotReady, ServiceError, from_code
+from workers.geo import distance_m
+from workers.messages import ItemError, Prediction, PredictItem
+from workers.pool import JobResult, WorkerPool
+
+log = logging.getLogger("heimdall.service")
+
+
+class ServiceSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Request handling settings (prefix ``HEIMDALL_``)."""
+
+    request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 10.0
+    """Deadline of a request from arrival; queued past it → 504 without computing."""
+
+
+@dataclass
+class Prepared:
+    """A validated request bound to the version that will answer it."""
+
+    request: PredictRequest
+    request_id: str
+    context: VersionContext
+    item: PredictItem
+
+
+def problem_from(error: ServiceError, request_id: str | None = None) -> Problem:
+    """Problem-details value for an error (batch items and HTTP errors alike)."""
+    errors = [FieldError(error.field, error.detail)] if error.field else []
+    return Problem(
+        title=error.title,
+        status=int(error.status),
+        detail=error.detail,
+        errors=errors,
+        request_id=request_id,
+    )
+
+
+class InferenceService:
+    """Serves predictions from the routed model versions through the worker pool."""
+
+    def __init__(self, pool: WorkerPool, settings: ServiceSettings) -> None:
+        """Keep collaborators; versions arrive through :meth:`install`."""
+        self.pool = pool
+        self.settings = settings
+        self.contexts: dict[str, VersionContext] = {}
+        self.routing: Routing | None = None
+        self.cache: PredictionCache | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ versions
+
+    def install(self, contexts: dict[str, VersionContext], routing: Routing) -> None:
+        """Switch routing atomically to versions that are already resident in the pool."""
+        for version, ctx in contexts.items():
+            self.contexts.setdefault(version, ctx)
+        self.routing = routing
+
+    def retire(self, version: str) -> None:
+        """Forget a version no longer routed (after the pool unloaded it)."""
+        self.contexts.pop(version, None)
+
+    def routed_versions(self) -> set[str]:
+        """Versions the routing table (and shadow) can send traffic to."""
+        if self.routing is None:
+            return set()
+        versions = set(self.routing.weights)
+        if self.routing.shadow:
+            versions.add(self.routing.shadow)
+        return versions
+
+    def ready(self) -> tuple[bool, dict[str, Any]]:
+        """Readiness: every routed version is served by at least one ready worker."""
+        routed = set(self.routing.weights) if self.routing else set()
+        served = self.pool.ready_versions()
+        ok = bool(routed) and routed <= served and not self.pool.closing
+        return ok, {"routed": sorted(routed), "served": sorted(served)}
+
+    # ------------------------------------------------------------------ validation
+
+    def prepare(self, request: PredictRequest, prefix: str = "$") -> Prepared:
+        """Route and validate one request against the answering version's contract.
+
+        Raises:
+            NotReady: nothing is routed yet.
+            InvalidInput: the captures do not fit the model (with the field path).
+        """
+        if self.routing is None:
+            raise NotReady("no model version is loaded yet", retry_after=2)
+        request_id = request.request_id or uuid.uuid4().hex
+        version = self.routing.choose(request_id, request.sticky)
+        ctx = self.contexts[version]
+        cap = ctx.package.spec.capture
+        if not math.isclose(request.sample_rate_hz, cap.sample_rate_hz, rel_tol=1e-9):
+            raise InvalidInput(
+                f"sample_rate_hz is {request.sample_rate_hz:g} but model {ctx.name} v{ctx.version}"
+                f" expects {cap.sample_rate_hz:g} Hz captures; resample or send matching captures",
+                field=f"{prefix}.sample_rate_hz",
+            )
+        count = len(request.receivers)
+        if not cap.min_receivers <= count <= cap.max_receivers:
+            raise InvalidInput(
+                f"{count} receivers sent; this model needs between {cap.min_receivers} and "
+                f"{cap.max_receivers}",
+                field=f"{prefix}.receivers",
+            )
+        expected = cap.samples_per_receiver * 8
+        seen: set[str] = set()
+        for i, rx in enumerate(request.receivers):
+            path = f"{prefix}.receivers[{i}]"
+            if rx.id in seen:
+                raise InvalidInput(f"receiver id {rx.id!r} appears more than once; "
+                                   "send each receiver once", field=f"{path}.id")
+            seen.add(rx.id)
+            size = len(rx.iq)
+            if size % 8:
+                raise InvalidInput(
+                    f"iq has {size} bytes, not a whole number of complex64 samples "
+                    "(8 bytes each: little-endian float32 I then Q)",
+                    field=f"{path}.iq",
+                )
+            if size != expected:
+                raise InvalidInput(
+                    f"iq holds {size // 8} samples; this model needs exactly "
+                    f"{cap.samples_per_receiver} complex64 samples per receiver",
+                    field=f"{path}.iq",
+                )
+        if ctx.known:
+            self._check_network(ctx, request, prefix)
+        iq = b"".join(rx.iq for rx in request.receivers)
+        item = PredictItem(
+            iq,
+            [rx.latitude for rx in request.receivers],
+            [rx.longitude for rx in request.receivers],
+            list(request.confidence),
+            request.geojson,
+        )
+        return Prepared(request, request_id, ctx, item)
+
+    @staticmethod
+    def _check_network(ctx: VersionContext, request: PredictRequest, prefix: str) -> None:
+        tolerance = ctx.package.spec.capture.position_tolerance_m
+        for i, rx in enumerate(request.receivers):
+            if rx.id not in ctx.known:
+                raise InvalidInput(
+                    f"receiver {rx.id!r} is not part of the network model {ctx.name} "
+                    f"v{ctx.version} was trained on (known: {', '.join(sorted(ctx.known))})",
+                    field=f"{prefix}.receivers[{i}].id",
+                )
+            lat, lon = ctx.known[rx.id]
+            off = float(distance_m(lat, lon, rx.latitude, rx.longitude)[0])
+            if off > tolerance:
+                raise InvalidInput(
+                    f"receiver {rx.id!r} is reported {off:.0f} m from its trained position "
+                    f"({lat:.5f}, {lon:.5f}); the tolerance is {tolerance:.0f} m",
+                    field=f"{prefix}.receivers[{i}]",
+                )
+
+    # ------------------------------------------------------------------ prediction
+
+    async def predict(self, request: PredictRequest) -> PredictResponse:
+        """Localise one capture set.
+
+        Raises:
+            ServiceError: invalid input (4xx), overload, deadline or readiness (5xx).
+        """
+        started = time.perf_counter()
+        prepared = self.prepare(request)
+        (future,) = self.pool.submit(prepared.context.version, [[prepared.item]],
+                                     self.settings.request_timeout_s)
+        result = await future
+        return self._respond(prepared, result, 0, started)
+
+    async def predict_batch(
+        self, requests: Sequence[PredictRequest]
+    ) -> list[PredictResponse | Problem]:
+        """Localise many capture sets; a bad item yields a problem, the rest still answer."""
+        started = time.perf_counter()
+        out: list[PredictResponse | Problem | None] = [None] * len(requests)
+        groups: dict[str, list[tuple[int, Prepared]]] = {}
+        for index, request in enumerate(requests):
+            try:
+                prepared = self.prepare(request, prefix=f"$.items[{index}]")
+            except ServiceError as exc:
+                out[index] = problem_from(exc, request.request_id)
+                continue
+            groups.setdefault(prepared.context.version, []).append((index, prepared))
+        chunk = self.pool.settings.max_batch
+        waits: list[tuple[list[tuple[int, Prepared]], asyncio.Future[JobResult]]] = []
+        for version, members in groups.items():
+            slices = [members[i : i + chunk] for i in range(0, len(members), chunk)]
+            futures = self.pool.submit(
+                version, [[p.item for _, p in s] for s in slices], self.settings.request_timeout_s
+            )
+            waits.extend(zip(slices, futures, strict=True))
+        for members, future in waits:
+            try:
+                result = await future
+            except ServiceError as exc:
+                for index, prepared in members:
+                    out[index] = problem_from(exc, prepared.request_id)
+                continue
+            for offset, (index, prepared) in enumerate(members):
+                try:
+                    out[index] = self._respond(prepared, result, offset, started,
+                                               prefix=f"$.items[{index}]")
+                except ServiceError as exc:
+                    out[index] = problem_from(exc, prepared.request_id)
+        return [o if o is not None else Problem("Internal error", 500, "no result") for o in out]
+
+    def _respond(
+        self,
+        prepared: Prepared,
+        result: JobResult,
+        offset: int,
+        started: float,
+        prefix: str = "$",
+    ) -> PredictResponse:
+        ctx = prepared.context
+        outcome = result.results[offset]
+        total_ms = (time.perf_counter() - started) * 1e3
+        ctx.stats.requests += 1
+        if isinstance(outcome, ItemError):
+            ctx.stats.errors += 1
+            field = outcome.field.replace("$", prefix, 1) if outcome.field else None
+            raise from_code(outcome.code, outcome.detail, field)
+        ctx.stats.latencies_ms.append(total_ms)
+        t = result.timings
+        return build_response(
+            prepared.request_id,
+            outcome,
+            ModelRef(ctx.name, ctx.version),
+            Timing(
+                queue=round(result.queue_s * 1e3, 3),
+                features=round((t.features_end_ns - t.features_start_ns) / 1e6, 3),
+                inference=round((t.inference_end_ns - t.inference_start_ns) / 1e6, 3),
+                total=round(total_ms, 3),
+            ),
+        )
+
+
+def build_response(
+    request_id: str, p: Prediction, model: ModelRef, timing: Timing, cached: bool = False
+) -> PredictResponse:
+    """Assemble the public response from a worker's prediction."""
+    return PredictResponse(
+        request_id=request_id,
+        position=Position(p.latitude, p.longitude),
+        uncertainty=Uncertainty(
+            covariance_enu_m2=p.covariance_enu_m2,
+            sigma_east_m=p.sigma_east_m,
+            sigma_north_m=p.sigma_north_m,
+            correlation=p.correlation,
+            ellipses=p.ellipses,
+        ),
+        model=model,
+        cached=cached,
+        timing_ms=timing,
+        geojson=p.geojson,
+    )
+
+
+def positions_distance_m(a: Prediction, b: Prediction) -> float:
+    """Geodesic distance between two predictions' positions."""
+    return float(distance_m(a.latitude, a.longitude, np.array([b.latitude]),
+                            np.array([b.longitude]))[0])

@@ -1,0 +1,146 @@
+"""All settings, loaded once from the environment at start-up and validated.
+
+Each component owns a frozen msgspec struct; this module maps environment variables onto
+them. Standard names win (``MLFLOW_TRACKING_URI``, ``REDIS_URL``, ``OTEL_*`` — the latter read
+by the OpenTelemetry SDK itself); ours carry the ``HEIMDALL_`` prefix.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+from app.cache import CacheSettings
+from app.control import ControlSettings
+from app.service import ServiceSettings
+from telemetry.setup import TelemetrySettings
+from workers.pool import PoolSettings
+from workers.registry import RegistrySettings
+
+
+class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """HTTP server settings (prefix ``HEIMDALL_``)."""
+
+    host: str = "127.0.0.1"
+    """Address Granian binds to."""
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    """TCP port Granian binds to."""
+    max_body_bytes: Annotated[int, Meta(ge=1024)] = 4 * 1024 * 1024
+    """Largest accepted body for single requests (413 above)."""
+    max_batch_body_bytes: Annotated[int, Meta(ge=1024)] = 128 * 1024 * 1024
+    """Largest accepted body for ``/v1/predict/batch``."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Log level of the server and its workers."""
+    replica_id: str = ""
+    """Name of this replica in fleet status and telemetry; defaults to host:port:pid."""
+    http_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
+    """Granian's header read timeout for slow clients."""
+    granian_backpressure: Annotated[int, Meta(ge=1)] = 1024
+    """Most requests Granian hands to the app concurrently."""
+
+
+# (struct, prefix, {field: standard variable name})
+SECTIONS: dict[str, tuple[type[Struct], str, dict[str, str]]] = {
+    "server": (ServerSettings, "HEIMDALL_", {}),
+    "service": (ServiceSettings, "HEIMDALL_", {}),
+    "registry": (RegistrySettings, "HEIMDALL_",
+                 {"tracking_uri": "MLFLOW_TRACKING_URI"}),
+    "pool": (PoolSettings, "HEIMDALL_POOL_", {}),
+    "cache": (CacheSettings, "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
+    "control": (ControlSettings, "HEIMDALL_CONTROL_", {}),
+    "telemetry": (TelemetrySettings, "HEIMDALL_TELEMETRY_", {}),
+}
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; the message names the variable and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every component's settings."""
+
+    server: ServerSettings
+    service: ServiceSettings
+    registry: RegistrySettings
+    pool: PoolSettings
+    cache: CacheSettings
+    control: ControlSettings
+    telemetry: TelemetrySettings
+
+
+def env_name(section: str, field: str) -> str:
+    """Environment variable of one setting."""
+    _, prefix, standard = SECTIONS[section]
+    return standard.get(field, prefix + field.upper())
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read and validate every setting from ``env`` (default: ``os.environ``).
+
+    ``overrides`` maps section names to dicts of field values (used by tests and the CLI).
+
+    Raises:
+        SettingsError: a variable does not parse or violates its constraint.
+    """
+    source = os.environ if env is None else env
+    parts: dict[str, Struct] = {}
+    for section, (cls, _, _) in SECTIONS.items():
+        values: dict[str, Any] = {}
+        for field in msgspec.structs.fields(cls):
+            name = env_name(section, field.name)
+            if name in source and source[name] != "":
+                values[field.name] = source[name]
+        values.update(overrides.get(section, {}))
+        try:
+            parts[section] = msgspec.convert(values, cls, strict=False)
+        except msgspec.ValidationError as exc:
+            message = str(exc)
+            for field in msgspec.structs.fields(cls):
+                message = message.replace(f"`$.{field.name}`", env_name(section, field.name))
+            raise SettingsError(f"invalid setting: {message}") from exc
+    return Settings(**parts)  # type: ignore[arg-type]
+
+
+def _docstrings(cls: type) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+        ):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def settings_table() -> str:
+    """Markdown table of every variable, its default and its meaning."""
+    rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
+    for section, (cls, _, _) in SECTIONS.items():
+        docs = _docstrings(cls)
+        for field in msgspec.structs.fields(cls):
+            default = field.default if field.default is not msgspec.NODEFAULT else ""
+            shown = f"`{default}`" if default not in ("", None) else "—"
+            rows.append(f"| `{env_name(section, field.name)}` | {shown} | "
+                        f"{docs.get(field.name, '')} |")
+    return "\n".join(rows)
+
+
+def all_env_names() -> set[str]:
+    """Every environment variable the service reads itself."""
+    return {
+        env_name(section, f.name)
+        for section, (cls, _, _) in SECTIONS.items()
+        for f in msgspec.structs.fields(cls)
+    }

@@ -1,0 +1,172 @@
+"""Typed IPC between the pool (parent) and its worker processes.
+
+Every message is a msgspec Struct in a tagged union, encoded as MessagePack; arrays travel as
+raw little-endian bytes. Nothing is pickled. Each request carries an ``id`` that the reply
+echoes, so the parent resolves exactly one future per message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from msgspec import Struct
+
+
+class PredictItem(Struct, array_like=True, frozen=True):
+    """One capture set: ``k`` receivers' IQ (complex64, concatenated) and their positions."""
+
+    iq: bytes
+    latitudes: list[float]
+    longitudes: list[float]
+    levels: list[float]
+    geojson: bool = False
+
+
+class Ellipse(Struct, frozen=True):
+    """One confidence ellipse."""
+
+    confidence: float
+    semi_major_m: float
+    semi_minor_m: float
+    azimuth_deg: float
+
+
+class Prediction(Struct, tag="ok", frozen=True):
+    """A decoded prediction for one item."""
+
+    latitude: float
+    longitude: float
+    covariance_enu_m2: list[list[float]]
+    sigma_east_m: float
+    sigma_north_m: float
+    correlation: float
+    ellipses: list[Ellipse]
+    geojson: dict[str, Any] | None = None
+
+
+class ItemError(Struct, tag="err", frozen=True):
+    """A per-item failure, as data (see :func:`workers.errors.from_code`)."""
+
+    code: str
+    detail: str
+    field: str | None = None
+
+
+class Timings(Struct, array_like=True, frozen=True):
+    """Worker-side phase boundaries, wall-clock nanoseconds (``time.time_ns``)."""
+
+    features_start_ns: int = 0
+    features_end_ns: int = 0
+    inference_start_ns: int = 0
+    inference_end_ns: int = 0
+
+
+# Parent → worker --------------------------------------------------------------------------
+
+
+class Load(Struct, tag="load", frozen=True):
+    """Build, warm up and validate a session for ``version``."""
+
+    id: int
+    version: str
+    model_path: str
+    spec: bytes
+
+
+class Unload(Struct, tag="unload", frozen=True):
+    """Drop the session of ``version``."""
+
+    id: int
+    version: str
+
+
+class Predict(Struct, tag="predict", frozen=True):
+    """Localise ``items`` with ``version`` as one ONNX batch."""
+
+    id: int
+    version: str
+    items: list[PredictItem]
+
+
+class Infer(Struct, tag="infer", frozen=True):
+    """Run ``version`` on ready-made input tensors (Open Inference Protocol path)."""
+
+    id: int
+    version: str
+    batch: int
+    features: bytes
+    receivers: bytes
+    mask: bytes
+
+
+class Ping(Struct, tag="ping", frozen=True):
+    """Liveness probe, answered by the worker's receive thread."""
+
+    id: int
+
+
+class Hang(Struct, tag="hang", frozen=True):
+    """Test hook: block the compute thread (accepted only when test hooks are enabled)."""
+
+    id: int
+    seconds: float
+
+
+class Stop(Struct, tag="stop", frozen=True):
+    """Finish queued work and exit."""
+
+    id: int
+
+
+Request = Load | Unload | Predict | Infer | Ping | Hang | Stop
+
+# Worker → parent --------------------------------------------------------------------------
+
+
+class Hello(Struct, tag="hello", frozen=True):
+    """Sent once when the worker is up and can take messages."""
+
+    pid: int
+
+
+class Ack(Struct, tag="ack", frozen=True):
+    """Outcome of Load/Unload/Hang."""
+
+    id: int
+    ok: bool
+    code: str = ""
+    detail: str = ""
+
+
+class Pong(Struct, tag="pong", frozen=True):
+    """Answer to Ping; ``busy_s`` is how long the current message has been computing."""
+
+    id: int
+    busy_s: float
+
+
+class PredictReply(Struct, tag="predicted", frozen=True):
+    """Results of a Predict, aligned with its items."""
+
+    id: int
+    results: list[Prediction | ItemError]
+    timings: Timings
+
+
+class InferReply(Struct, tag="inferred", frozen=True):
+    """Raw output tensors of an Infer, or an error."""
+
+    id: int
+    mean: bytes = b""
+    sigma: bytes = b""
+    rho: bytes = b""
+    error: ItemError | None = None
+    timings: Timings = Timings()
+
+
+Reply = Hello | Ack | Pong | PredictReply | InferReply
+
+request_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -1,0 +1,288 @@
+"""Model versions from an MLflow registry, cached locally and verified by sha256.
+
+MLflow is imported lazily (it is slow to import) and every call here blocks: the service
+runs them in a thread. A version's artifacts are downloaded once per replica into
+``<cache>/<name>/<version>/`` through a temporary directory and renamed into place only after
+``model.onnx`` matched the sha256 recorded in the version's tags, so a half-written or
+tampered package is never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from msgspec import Struct
+
+from workers.errors import ModelLoadError, NotFound
+from workers.spec import ModelSpec, SpecError, decode_spec, spec_hash
+
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
+
+SHA256_TAG = "heimdall.model_sha256"
+SPEC_HASH_TAG = "heimdall.spec_hash"
+MODEL_FILE = "model.onnx"
+SPEC_FILE = "model_spec.json"
+
+_REF = re.compile(r"^(?:models:/(?P<name>[^/@]+))?(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+
+
+class RegistrySettings(Struct, frozen=True, forbid_unknown_fields=True):
+    """Where models come from (``MLFLOW_TRACKING_URI``, ``HEIMDALL_MODEL_URI``, ...)."""
+
+    tracking_uri: str = "sqlite:///.local/mlflow.db"
+    """MLflow tracking/registry URI (``MLFLOW_TRACKING_URI``); relative sqlite paths are
+    resolved against the working directory."""
+    model_uri: str = "models:/rf-localizer@production"
+    """Model served at start: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
+    artifact_cache: str = ".local/artifacts"
+    """Local directory for downloaded, verified model packages."""
+
+    def model_name(self) -> str:
+        """The registered model name in ``model_uri``."""
+        return parse_ref(self.model_uri, "")[0]
+
+
+def parse_ref(ref: str, default_name: str) -> tuple[str, str | None, str | None]:
+    """Split ``models:/NAME@ALIAS``, ``models:/NAME/3``, ``@ALIAS`` or ``3``.
+
+    Returns:
+        ``(name, version, alias)`` with exactly one of version/alias set.
+
+    Raises:
+        ValueError: the reference has none of these forms.
+    """
+    text = ref.strip()
+    if text.isdigit():
+        return default_name, text, None
+    if text.startswith("@"):
+        text = text[1:]
+        if not re.fullmatch(r"[\w.-]+", text):
+            raise ValueError(f"invalid alias {ref!r}")
+        return default_name, None, text
+    match = _REF.match(text)
+    if not match or not match.group("name"):
+        raise ValueError(
+            f"model reference {ref!r} is not models:/NAME@ALIAS, models:/NAME/VERSION, "
+            "@ALIAS or a version number"
+        )
+    return match.group("name"), match.group("version"), match.group("alias")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """Registry metadata of one model version."""
+
+    name: str
+    version: str
+    source: str
+    run_id: str
+    created_ms: int
+    sha256: str
+    spec_hash: str
+    aliases: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LocalPackage:
+    """A verified model package on local disk."""
+
+    info: VersionInfo
+    model_path: Path
+    spec_raw: bytes
+    spec: ModelSpec
+    spec_hash: str
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """Make a relative ``sqlite:///`` path absolute so every process sees the same file."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        path = Path(uri[len(prefix) :]).resolve()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return f"{prefix}{path}"
+    return uri
+
+
+class ModelRegistry:
+    """Resolve, download and verify model versions (blocking calls)."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        """Remember the settings; the MLflow client is created on first use."""
+        self.settings = settings
+        self.tracking_uri = absolute_tracking_uri(settings.tracking_uri)
+        self.cache_dir = Path(settings.artifact_cache).resolve()
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        """The MLflow client (imports MLflow on first use)."""
+        if self._client is None:
+            from mlflow.tracking import MlflowClient
+
+            self._client = MlflowClient(
+                tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri
+            )
+        return self._client
+
+    def resolve(self, ref: str) -> VersionInfo:
+        """Resolve a reference to a concrete version with its tags.
+
+        Raises:
+            NotFound: the model, alias or version does not exist.
+        """
+        from mlflow.exceptions import MlflowException
+
+        name, version, alias = parse_ref(ref, self.settings.model_name())
+        try:
+            if alias is not None:
+                mv = self.client.get_model_version_by_alias(name, alias)
+            else:
+                mv = self.client.get_model_version(name, str(version))
+        except MlflowException as exc:
+            raise NotFound(f"{ref!r} is not in the registry: {exc.message}") from exc
+        return self._info(mv)
+
+    def _info(self, mv: Any) -> VersionInfo:
+        tags = dict(mv.tags or {})
+        return VersionInfo(
+            name=mv.name,
+            version=str(mv.version),
+            source=str(mv.source),
+            run_id=str(mv.run_id or ""),
+            created_ms=int(mv.creation_timestamp or 0),
+            sha256=tags.get(SHA256_TAG, ""),
+            spec_hash=tags.get(SPEC_HASH_TAG, ""),
+            aliases=list(getattr(mv, "aliases", []) or []),
+        )
+
+    def fetch(self, info: VersionInfo) -> LocalPackage:
+        """Download (once) and verify a version's package.
+
+        Raises:
+            ModelLoadError: no sha256 tag, a missing file, a digest mismatch, a bad spec, or
+                the cache directory cannot be written.
+        """
+        if not info.sha256:
+            raise ModelLoadError(f"version {info.version} has no {SHA256_TAG} tag; refusing it")
+        target = self.cache_dir / info.name / info.version
+        if not (target / MODEL_FILE).exists() or sha256_file(target / MODEL_FILE) != info.sha256:
+            self._download(info, target)
+        return self._verify(info, target)
+
+    def _download(self, info: VersionInfo, target: Path) -> None:
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
+                got = Path(download_artifacts(artifact_uri=info.source, dst_path=tmp,
+                                              tracking_uri=self.tracking_uri))
+                if not (got / MODEL_FILE).exists():
+                    found = next(got.rglob(MODEL_FILE), None)
+                    if found is None:
+                        raise ModelLoadError(f"version {info.version} has no {MODEL_FILE}")
+                    got = found.parent
+                self._verify(info, got)
+                if target.exists():
+                    shutil.rmtree(target)
+                got.rename(target)
+        except MlflowException as exc:
+            raise ModelLoadError(f"cannot download version {info.version}: {exc.message}") from exc
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot write the artifact cache {self.cache_dir}: {exc.strerror or exc}"
+            ) from exc
+
+    def _verify(self, info: VersionInfo, folder: Path) -> LocalPackage:
+        model = folder / MODEL_FILE
+        digest = sha256_file(model)
+        if digest != info.sha256:
+            raise ModelLoadError(
+                f"version {info.version}: {MODEL_FILE} sha256 {digest[:12]}… does not match the "
+                f"registry tag {info.sha256[:12]}…"
+            )
+        try:
+            raw = (folder / SPEC_FILE).read_bytes()
+            spec = decode_spec(raw)
+        except (OSError, SpecError) as exc:
+            raise ModelLoadError(f"version {info.version}: {exc}") from exc
+        return LocalPackage(info, model, raw, spec, spec_hash(raw))
+
+    # ------------------------------------------------------------------ publishing
+
+    def register(self, package_dir: Path, name: str, alias: str | None = "production") -> str:
+        """Register a package directory as a new version (idempotent by sha256).
+
+        A version whose sha256 tag equals the package's is reused; ``alias`` is pointed at it.
+        Returns the version number.
+        """
+        model = package_dir / MODEL_FILE
+        digest = sha256_file(model)
+        raw = (package_dir / SPEC_FILE).read_bytes()
+        feature_version = spec_hash(raw)
+        client = self.client
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.get_registered_model(name)
+        except MlflowException:
+            client.create_registered_model(name, description="Radio-transmitter localizer")
+        existing = [
+            mv for mv in client.search_model_versions(f"name='{name}'")
+            if (mv.tags or {}).get(SHA256_TAG) == digest
+        ]
+        if existing:
+            version = str(min(int(mv.version) for mv in existing))
+        else:
+            experiment = client.get_experiment_by_name("heimdall-packages")
+            experiment_id = (
+                experiment.experiment_id
+                if experiment
+                else client.create_experiment("heimdall-packages",
+                                              artifact_location=self._artifact_root())
+            )
+            run = client.create_run(experiment_id, run_name=f"package-{digest[:12]}")
+            client.log_artifacts(run.info.run_id, str(package_dir), artifact_path="package")
+            client.set_terminated(run.info.run_id)
+            mv = client.create_model_version(
+                name,
+                source=f"{run.info.artifact_uri}/package",
+                run_id=run.info.run_id,
+                tags={SHA256_TAG: digest, SPEC_HASH_TAG: feature_version},
+            )
+            version = str(mv.version)
+        if alias:
+            client.set_registered_model_alias(name, alias, version)
+        return version
+
+    def _artifact_root(self) -> str | None:
+        if self.tracking_uri.startswith("sqlite:///"):
+            root = Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
+            root.mkdir(parents=True, exist_ok=True)
+            return root.as_uri()
+        return None  # a tracking server decides (proxied artifacts)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        """Point ``alias`` at ``version``."""
+        self.client.set_registered_model_alias(name, alias, version)
+
+    def list_versions(self, name: str) -> list[VersionInfo]:
+        """Every version of ``name``."""
+        return [self._info(mv) for mv in self.client.search_model_versions(f"name='{name}'")]

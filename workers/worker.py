@@ -1,0 +1,182 @@
+"""The worker process: owns ONNX Runtime sessions and does features, inference and decoding.
+
+A receive thread drains the pipe continuously (so the parent never blocks on a busy worker)
+and answers pings itself, reporting how long the compute thread has been busy; the main
+thread processes messages one at a time. The worker ignores SIGINT/SIGTERM: the parent
+orders shutdown with a Stop message and, past a timeout, kills it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from multiprocessing.connection import Connection
+
+import msgspec
+import numpy as np
+
+from workers.errors import ServiceError
+from workers.messages import (
+    Ack,
+    Hang,
+    Hello,
+    Infer,
+    InferReply,
+    ItemError,
+    Load,
+    Ping,
+    Pong,
+    Predict,
+    PredictReply,
+    Request,
+    Stop,
+    Timings,
+    Unload,
+    request_decoder,
+)
+from workers.runtime import LoadedModel
+
+log = logging.getLogger("heimdall.worker")
+
+
+class WorkerConfig(msgspec.Struct, frozen=True):
+    """What a worker needs to start (sent as MessagePack, not pickled)."""
+
+    worker_id: int
+    intra_op_threads: int = 1
+    test_hooks: bool = False
+    log_level: str = "INFO"
+
+
+class Worker:
+    """Message loop of one worker process."""
+
+    def __init__(self, conn: Connection, config: WorkerConfig) -> None:
+        """Keep the pipe and configuration; nothing is loaded until a Load message."""
+        self.conn = conn
+        self.config = config
+        self.models: dict[str, LoadedModel] = {}
+        self.inbox: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self.busy_since = 0.0
+        self.send_lock = threading.Lock()
+        self.encoder = msgspec.msgpack.Encoder()
+
+    def send(self, reply: msgspec.Struct) -> None:
+        """Send one reply; the lock keeps pongs and results from interleaving."""
+        data = self.encoder.encode(reply)
+        with self.send_lock:
+            self.conn.send_bytes(data)
+
+    def receive_loop(self) -> None:
+        """Drain the pipe into the inbox; answer pings directly."""
+        while True:
+            try:
+                data = self.conn.recv_bytes()
+            except (EOFError, OSError):
+                self.inbox.put(None)  # parent gone: exit
+                return
+            try:
+                message = request_decoder.decode(data)
+            except msgspec.DecodeError:
+                log.error("worker %d: undecodable message dropped", self.config.worker_id)
+                continue
+            if isinstance(message, Ping):
+                busy = time.monotonic() - self.busy_since if self.busy_since else 0.0
+                self.send(Pong(message.id, busy))
+            else:
+                self.inbox.put(message)
+
+    def serve(self) -> None:
+        """Process messages until Stop or the parent disappears."""
+        threading.Thread(target=self.receive_loop, name="receive", daemon=True).start()
+        self.send(Hello(os.getpid()))
+        while True:
+            message = self.inbox.get()
+            if message is None or isinstance(message, Stop):
+                return
+            self.busy_since = time.monotonic()
+            try:
+                self.handle(message)
+            finally:
+                self.busy_since = 0.0
+
+    def handle(self, message: Request) -> None:
+        """Act on one message and reply."""
+        if isinstance(message, Predict):
+            model = self.models.get(message.version)
+            if model is None:
+                error = ItemError("not_ready", f"version {message.version} is not loaded")
+                self.send(PredictReply(message.id, [error] * len(message.items), Timings()))
+                return
+            results, timings = model.predict(message.items)
+            self.send(PredictReply(message.id, results, timings))
+        elif isinstance(message, Infer):
+            self.send(self.infer(message))
+        elif isinstance(message, Load):
+            self.load(message)
+        elif isinstance(message, Unload):
+            self.models.pop(message.version, None)
+            self.send(Ack(message.id, True))
+        elif isinstance(message, Hang):
+            if not self.config.test_hooks:
+                self.send(Ack(message.id, False, "forbidden", "test hooks are disabled"))
+                return
+            time.sleep(message.seconds)
+            self.send(Ack(message.id, True))
+
+    def load(self, message: Load) -> None:
+        """Build, warm up and validate a session; keep the old one until told to unload."""
+        try:
+            model = LoadedModel(message.model_path, message.spec, self.config.intra_op_threads)
+        except ServiceError as exc:
+            self.send(Ack(message.id, False, exc.code, exc.detail))
+            return
+        except Exception as exc:  # any other loader failure must not kill the worker
+            self.send(Ack(message.id, False, "model_load", f"{type(exc).__name__}: {exc}"))
+            return
+        self.models[message.version] = model
+        self.send(Ack(message.id, True))
+
+    def infer(self, message: Infer) -> InferReply:
+        """Run ready-made tensors through a session (no preprocessing)."""
+        model = self.models.get(message.version)
+        if model is None:
+            return InferReply(
+                message.id, error=ItemError("not_ready", f"{message.version} not loaded")
+            )
+        cap, feat = model.spec.capture, model.spec.features
+        shape = (message.batch, cap.max_receivers)
+        try:
+            features = np.frombuffer(message.features, "<f4").reshape(
+                *shape, feat.n_frames, feat.n_bands
+            )
+            receivers = np.frombuffer(message.receivers, "<f4").reshape(*shape, 2)
+            mask = np.frombuffer(message.mask, "<f4").reshape(shape)
+        except ValueError as exc:
+            return InferReply(message.id, error=ItemError("invalid_input", str(exc)))
+        t0 = time.time_ns()
+        mean, sigma, rho = model.run(features, receivers, mask)
+        t1 = time.time_ns()
+        return InferReply(
+            message.id,
+            mean.astype("<f4").tobytes(),
+            sigma.astype("<f4").tobytes(),
+            rho.astype("<f4").tobytes(),
+            timings=Timings(t0, t0, t0, t1),
+        )
+
+
+def worker_main(conn: Connection, config_raw: bytes) -> None:
+    """Entry point of a spawned worker process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    config = msgspec.msgpack.decode(config_raw, type=WorkerConfig)
+    logging.basicConfig(
+        level=config.log_level,
+        format=f"%(asctime)s %(levelname)s worker-{config.worker_id} %(name)s: %(message)s",
+    )
+    Worker(conn, config).serve()
