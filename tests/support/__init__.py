@@ -1,0 +1,1 @@
+"""Real-process test helpers: a private Redis, a bootstrapped registry, a Granian server."""
