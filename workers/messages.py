@@ -87,6 +87,8 @@ class Predict(Struct, tag="predict", frozen=True):
     id: int
     version: str
     items: list[PredictItem]
+    deadlines_ns: list[int] = []
+    """Per item: wall-clock time (``time.time_ns``) after which it is not computed."""
 
 
 class Infer(Struct, tag="infer", frozen=True):

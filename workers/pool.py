@@ -154,6 +154,7 @@ class _Worker:
     outgoing: dict[int, _Outgoing] = field(default_factory=dict)
     loaded: set[str] = field(default_factory=set)
     last_pong: float = 0.0
+    served: int = 0
     hello: asyncio.Future[int] | None = None
 
     @property
@@ -414,10 +415,16 @@ class WorkerPool:
     def _resolve(self, worker: _Worker, out: _Outgoing, reply: PredictReply) -> None:
         offset = 0
         batch = len(reply.results)
+        worker.served += batch
         for job in out.jobs:
             n = len(job.items)
             part = reply.results[offset : offset + n]
             offset += n
+            if part and all(isinstance(r, ItemError) and r.code == "deadline" for r in part):
+                first = part[0]
+                assert isinstance(first, ItemError)
+                self._fail(job, DeadlineExceeded(first.detail))
+                continue
             self._finish(
                 job,
                 JobResult(part, reply.timings, job.dispatched_at - job.enqueued_at,
@@ -473,8 +480,12 @@ class WorkerPool:
                     self._queued_items -= job.size
                     jobs.append(job)
                     items += len(job.items)
+                wall = time.time_ns() - int(now * 1e9)
                 message: Any = Predict(
-                    next(self._ids), first.version, [i for j in jobs for i in j.items]
+                    next(self._ids),
+                    first.version,
+                    [i for j in jobs for i in j.items],
+                    [wall + int(j.deadline * 1e9) for j in jobs for _ in j.items],
                 )
             else:
                 infer = first.infer
@@ -623,6 +634,7 @@ class WorkerPool:
             states[state] = states.get(state, 0) + 1
             workers.append({"slot": slot, "state": state, "pid": w.pid if w else 0,
                             "in_flight": w.load if w else 0,
+                            "served": w.served if w else 0,
                             "versions": sorted(w.loaded) if w else []})
         return {
             "workers": workers,

@@ -112,8 +112,7 @@ class Worker:
                 error = ItemError("not_ready", f"version {message.version} is not loaded")
                 self.send(PredictReply(message.id, [error] * len(message.items), Timings()))
                 return
-            results, timings = model.predict(message.items)
-            self.send(PredictReply(message.id, results, timings))
+            self.send(self.predict(model, message))
         elif isinstance(message, Infer):
             self.send(self.infer(message))
         elif isinstance(message, Load):
@@ -127,6 +126,23 @@ class Worker:
                 return
             time.sleep(message.seconds)
             self.send(Ack(message.id, True))
+
+    @staticmethod
+    def predict(model: LoadedModel, message: Predict) -> PredictReply:
+        """Compute the items whose deadline has not passed; the others are not computed."""
+        now = time.time_ns()
+        late = [bool(message.deadlines_ns) and message.deadlines_ns[i] < now
+                for i in range(len(message.items))]
+        if not any(late):
+            results, timings = model.predict(message.items)
+            return PredictReply(message.id, results, timings)
+        expired = ItemError("deadline", "the request's deadline passed while it waited for a "
+                            "worker; it was not computed")
+        live = [item for item, gone in zip(message.items, late, strict=True) if not gone]
+        computed, timings = model.predict(live) if live else ([], Timings())
+        it = iter(computed)
+        merged = [expired if gone else next(it) for gone in late]
+        return PredictReply(message.id, merged, timings)
 
     def load(self, message: Load) -> None:
         """Build, warm up and validate a session; keep the old one until told to unload."""

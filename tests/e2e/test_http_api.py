@@ -1,0 +1,208 @@
+"""The HTTP API through a real Granian server, real workers and the reference model."""
+
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import httpx
+import msgspec
+import numpy as np
+import pytest
+
+from tests.support.procs import ROOT, Server
+from tests.support.reference import reference_predict
+from training.simulate import iter_batches, request_payload
+from workers.geo import distance_m
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def payloads(n: int, seed: int) -> list[dict[str, Any]]:
+    batch = next(iter_batches(n, seed, chunk=n))
+    return [request_payload(batch, i, cache=False) for i in range(n)]
+
+
+def post(server: Server, path: str, body: Any, **kw: Any) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, timeout=60.0, **kw)
+
+
+def assert_matches(got: dict[str, Any], want: dict[str, float]) -> None:
+    assert got["position"]["latitude"] == pytest.approx(want["latitude"], abs=1e-4)
+    assert got["position"]["longitude"] == pytest.approx(want["longitude"], abs=1e-4)
+    unc = got["uncertainty"]
+    assert unc["sigma_east_m"] == pytest.approx(want["sigma_east_m"], rel=1e-4)
+    assert unc["sigma_north_m"] == pytest.approx(want["sigma_north_m"], rel=1e-4)
+    assert unc["correlation"] == pytest.approx(want["correlation"], abs=1e-4)
+
+
+def test_single_prediction_matches_in_process_onnx_runtime(shared_server: Server) -> None:
+    body = payloads(1, 101)[0]
+    response = post(shared_server, "/v1/predict", {**body, "request_id": "abc-1"})
+    assert response.status_code == 200, response.text
+    got = response.json()
+    assert_matches(got, reference_predict([body])[0])
+    assert got["request_id"] == "abc-1"
+    assert got["model"] == {"name": "rf-localizer", "version": "1"}
+    assert got["cached"] is False
+    levels = [e["confidence"] for e in got["uncertainty"]["ellipses"]]
+    assert levels == [0.5, 0.9, 0.95]
+    majors = [e["semi_major_m"] for e in got["uncertainty"]["ellipses"]]
+    assert majors == sorted(majors) and majors[0] > 0
+    assert all(0 <= e["azimuth_deg"] < 180 for e in got["uncertainty"]["ellipses"])
+    assert set(got["timing_ms"]) == {"queue", "features", "inference", "total"}
+
+
+def test_messagepack_request_and_response(shared_server: Server) -> None:
+    body = payloads(1, 102)[0]
+    raw = {**body, "receivers": [{**r, "iq": base64.b64decode(r["iq"])}
+                                 for r in body["receivers"]]}
+    response = httpx.post(
+        shared_server.url + "/v1/predict",
+        content=msgspec.msgpack.encode(raw),
+        headers={"content-type": "application/msgpack", "accept": "application/msgpack"},
+        timeout=30.0,
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/msgpack")
+    assert_matches(msgspec.msgpack.decode(response.content), reference_predict([body])[0])
+
+
+def test_batch_of_256_matches_reference_and_uses_every_worker(shared_server: Server) -> None:
+    items = payloads(256, 103)
+    before = [w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()
+              ["pool"]["workers"]]
+    response = post(shared_server, "/v1/predict/batch", {"items": items})
+    assert response.status_code == 200, response.text[:500]
+    results = response.json()["results"]
+    assert len(results) == 256
+    for got, want in zip(results, reference_predict(items), strict=True):
+        assert got["kind"] == "prediction"
+        assert_matches(got, want)
+    after = [w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()
+             ["pool"]["workers"]]
+    assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
+    assert sum(after) - sum(before) == 256
+
+
+def test_batch_item_errors_do_not_fail_the_others(shared_server: Server) -> None:
+    items = payloads(3, 104)
+    items[1] = {**items[1], "sample_rate_hz": 96000.0}
+    results = post(shared_server, "/v1/predict/batch", {"items": items}).json()["results"]
+    assert [r["kind"] for r in results] == ["prediction", "problem", "prediction"]
+    assert results[1]["status"] == 422
+    assert results[1]["errors"][0]["field"] == "$.items[1].sample_rate_hz"
+
+
+def test_geojson_feature_collection(shared_server: Server) -> None:
+    body = {**payloads(1, 105)[0], "geojson": True, "confidence": [0.9]}
+    got = post(shared_server, "/v1/predict", body).json()
+    fc = got["geojson"]
+    assert fc["type"] == "FeatureCollection"
+    point, polygon = fc["features"]
+    assert point["geometry"]["coordinates"] == [got["position"]["longitude"],
+                                                got["position"]["latitude"]]
+    ring = polygon["geometry"]["coordinates"][0]
+    assert len(ring) >= 65 and ring[0] == ring[-1]
+
+
+def test_readme_example_is_answered_near_the_truth(shared_server: Server) -> None:
+    body = json.loads((ROOT / "examples" / "request.json").read_text())
+    truth = json.loads((ROOT / "examples" / "request.truth.json").read_text())
+    got = post(shared_server, "/v1/predict", body).json()
+    err = distance_m(truth["latitude"], truth["longitude"], got["position"]["latitude"],
+                     got["position"]["longitude"])[0]
+    outer = max(e["semi_major_m"] for e in got["uncertainty"]["ellipses"])
+    assert err <= outer, f"error {err:.0f} m outside the 95 % ellipse ({outer:.0f} m)"
+
+
+def test_models_endpoints(shared_server: Server) -> None:
+    state = httpx.get(shared_server.url + "/v1/models").json()
+    assert state["routing"]["weights"] == {"1": 1.0}
+    assert state["rollout"]["last_outcome"] == "applied"
+    assert "1" in state["versions"]
+    one = httpx.get(shared_server.url + "/v1/models/1").json()
+    assert one["capture"]["samples_per_receiver"] == 4096
+    assert one["sha256"] and one["feature_pipeline_version"]
+    assert one["live"]["requests"] >= 0
+    missing = httpx.get(shared_server.url + "/v1/models/999")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == "application/problem+json"
+    assert httpx.get(shared_server.url + "/schema/openapi.json").status_code == 200
+    assert httpx.get(shared_server.url + "/health/live").status_code == 200
+    nowhere = httpx.get(shared_server.url + "/v1/nowhere")
+    assert nowhere.status_code == 404 and nowhere.json()["status"] == 404
+
+
+def _iq(samples: int, fill: float | None = None) -> str:
+    data = np.full(samples * 2, 1e-6 if fill is None else fill, dtype="<f4")
+    return base64.b64encode(data.tobytes()).decode()
+
+
+def _variant(**changes: Any) -> dict[str, Any]:
+    body = payloads(1, 106)[0]
+    rx = [dict(r) for r in body["receivers"]]
+    if "rx0" in changes:
+        rx[0].update(changes.pop("rx0"))
+    if "receivers" in changes:
+        rx = changes.pop("receivers")(rx)
+    return {**body, "receivers": rx, **changes}
+
+
+BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str]] = [
+    ("malformed JSON", b'{"receivers": [', {}, 400, "not valid JSON"),
+    ("wrong media type", b"receivers=1", {"content-type": "text/plain"}, 415, "Content-Type"),
+    ("undecodable base64", _variant(rx0={"iq": "%%%not-base64%%%"}), {}, 400, "base64"),
+    ("wrong sample count", _variant(rx0={"iq": _iq(1000)}), {}, 422, "4096"),
+    ("odd byte length", _variant(rx0={"iq": base64.b64encode(b"\0" * 32771).decode()}), {},
+     422, "8 bytes"),
+    ("NaN samples", _variant(rx0={"iq": _iq(4096, float("nan"))}), {}, 422, "NaN"),
+    ("Inf samples", _variant(rx0={"iq": _iq(4096, float("inf"))}), {}, 422, "Inf"),
+    ("too few receivers", _variant(receivers=lambda rx: rx[:2]), {}, 422, "between"),
+    ("too many receivers", _variant(receivers=lambda rx: rx * 3), {}, 422, "between"),
+    ("duplicate receiver ids", _variant(receivers=lambda rx: [rx[0], dict(rx[0]), *rx[1:3]]),
+     {}, 422, "more than once"),
+    ("latitude 91", _variant(rx0={"latitude": 91.0}), {}, 400, "<= 90"),
+    ("unknown receiver", _variant(rx0={"id": "XYZ"}), {}, 422, "not part of the network"),
+    ("receiver moved", _variant(rx0={"latitude": 44.0}), {}, 422, "tolerance"),
+    ("sample rate mismatch", _variant(sample_rate_hz=44100.0), {}, 422, "48000"),
+    ("confidence out of range", _variant(confidence=[1.5]), {}, 400, "< 1"),
+    ("body over the limit", b"{" + b" " * (5 * 1024 * 1024) + b"}", {}, 413, "size limit"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "headers", "status", "needle"), BAD_INPUTS,
+                         ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_gets_a_clear_4xx_problem(
+    shared_server: Server, case: str, body: Any, headers: dict[str, str], status: int,
+    needle: str,
+) -> None:
+    if isinstance(body, bytes):
+        response = httpx.post(shared_server.url + "/v1/predict", content=body,
+                              headers={"content-type": "application/json", **headers},
+                              timeout=30.0)
+    else:
+        response = post(shared_server, "/v1/predict", body, headers=headers)
+    assert response.status_code == status, (case, response.text[:300])
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    text = problem["detail"] + " ".join(e["message"] for e in problem.get("errors", []))
+    assert needle in text, (case, problem)
+
+
+def test_batch_over_256_is_refused(shared_server: Server) -> None:
+    body = payloads(1, 107)[0]
+    response = post(shared_server, "/v1/predict/batch", {"items": [body] * 257})
+    assert response.status_code == 400
+    assert "256" in response.json()["detail"]
+
+
+def test_pool_is_healthy_after_all_bad_inputs(shared_server: Server) -> None:
+    ready = httpx.get(shared_server.url + "/health/ready")
+    assert ready.status_code == 200
+    assert ready.json()["pool"]["ready"] == 2
+    state = httpx.get(shared_server.url + "/v1/models").json()
+    assert state["pool"]["restarts"] == 0
+    good = post(shared_server, "/v1/predict", payloads(1, 108)[0])
+    assert good.status_code == 200

@@ -1,0 +1,188 @@
+"""The worker pool with real spawned processes and the reference model."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from tests.support.procs import REFERENCE
+from tests.support.reference import payload_item, reference_predict
+from training.simulate import iter_batches, request_payload
+from workers.errors import DeadlineExceeded, ModelLoadError, NotReady, Overloaded
+from workers.messages import Prediction
+from workers.pool import PoolSettings, WorkerPool
+
+pytestmark = pytest.mark.slow
+SPEC = (REFERENCE / "model_spec.json").read_bytes()
+MODEL = str(REFERENCE / "model.onnx")
+
+
+def payloads(n: int, seed: int = 11) -> list[dict]:
+    batch = next(iter_batches(n, seed, chunk=n))
+    return [request_payload(batch, i) for i in range(n)]
+
+
+PAYLOADS = payloads(24)
+
+
+async def make_pool(**overrides: object) -> WorkerPool:
+    settings = PoolSettings(**{"workers": 2, "ping_interval_s": 0.2, "hang_timeout_s": 2.0,
+                               "test_hooks": True, **overrides})  # type: ignore[arg-type]
+    pool = WorkerPool(settings, log_level="WARNING")
+    await pool.start()
+    await pool.load("1", MODEL, SPEC)
+    return pool
+
+
+@pytest.fixture
+async def pool() -> AsyncIterator[WorkerPool]:
+    p = await make_pool()
+    yield p
+    await p.stop()
+
+
+async def predict_all(pool: WorkerPool, items: list, timeout: float = 10.0) -> list:
+    futures = pool.submit("1", [[i] for i in items], timeout)
+    return [(await f).results[0] for f in futures]
+
+
+async def test_predictions_match_in_process_onnx_runtime(pool: WorkerPool) -> None:
+    results = await predict_all(pool, [payload_item(p) for p in PAYLOADS])
+    expected = reference_predict(PAYLOADS)
+    for got, want in zip(results, expected, strict=True):
+        assert isinstance(got, Prediction)
+        assert got.latitude == pytest.approx(want["latitude"], abs=1e-4)
+        assert got.longitude == pytest.approx(want["longitude"], abs=1e-4)
+        assert got.sigma_east_m == pytest.approx(want["sigma_east_m"], rel=1e-4)
+        assert got.correlation == pytest.approx(want["correlation"], abs=1e-4)
+
+
+async def stream(pool: WorkerPool, seconds: float) -> tuple[int, list[BaseException]]:
+    """Keep 8 requests in flight for ``seconds``; count successes and collect failures."""
+    items = [payload_item(p) for p in PAYLOADS]
+    ok, failures = 0, []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        futures = pool.submit("1", [[items[i % len(items)]] for i in range(8)], 10.0)
+        for f in futures:
+            try:
+                result = await f
+                assert isinstance(result.results[0], Prediction)
+                ok += 1
+            except Exception as exc:
+                failures.append(exc)
+    return ok, failures
+
+
+async def wait_ready_count(pool: WorkerPool, count: int, timeout: float) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if len(pool.pids()) == count and all("1" in w["versions"]
+                                             for w in pool.stats()["workers"]):
+            return time.monotonic() - start
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"pool did not get back to {count} ready workers: {pool.stats()}")
+
+
+async def test_sigkill_during_stream_loses_nothing_and_worker_returns(pool: WorkerPool) -> None:
+    victim = pool.pids()[0]
+    task = asyncio.create_task(stream(pool, 4.0))
+    await asyncio.sleep(1.0)
+    os.kill(victim, signal.SIGKILL)
+    await asyncio.sleep(0.05)
+    replaced_in = await wait_ready_count(pool, 2, 10.0)
+    ok, failures = await task
+    assert failures == [] and ok > 50
+    assert victim not in pool.pids()
+    assert replaced_in < 2.0, f"replacement took {replaced_in:.2f}s"
+    assert pool.stats()["restarts"] == 1
+
+
+async def test_hung_worker_is_detected_and_replaced(pool: WorkerPool) -> None:
+    victim = pool.pids()[0]
+    task = asyncio.create_task(stream(pool, 5.0))
+    await asyncio.sleep(0.5)
+    await pool.hang_worker(0, 60.0)
+    ok, failures = await task
+    assert failures == [] and ok > 20
+    await wait_ready_count(pool, 2, 10.0)
+    assert victim not in pool.pids()
+
+
+async def test_crash_loop_stops_respawning_and_pool_is_not_ready() -> None:
+    pool = await make_pool(workers=1, max_restarts=2, restart_window_s=60.0)
+    try:
+        for _ in range(3):
+            await wait_ready_count(pool, 1, 30.0)
+            os.kill(pool.pids()[0], signal.SIGKILL)
+            await asyncio.sleep(0.3)
+        await asyncio.sleep(0.5)
+        assert pool.stats()["states"]["failed"] == 1
+        assert pool.ready_versions() == set()
+        with pytest.raises(NotReady):
+            pool.submit("1", [[payload_item(PAYLOADS[0])]], 1.0)
+    finally:
+        await pool.stop()
+
+
+async def test_queued_request_past_deadline_is_not_computed(pool: WorkerPool) -> None:
+    await pool.hang_worker(0, 1.5)
+    await pool.hang_worker(1, 1.5)
+    await asyncio.sleep(0.1)
+    futures = pool.submit("1", [[payload_item(PAYLOADS[0])]], 0.3)
+    with pytest.raises(DeadlineExceeded):
+        await futures[0]
+    assert pool.stats()["queue_depth"] == 0
+
+
+async def test_full_queue_answers_overloaded_with_retry_after() -> None:
+    pool = await make_pool(workers=1, queue_size=4, max_batch=1)
+    try:
+        await pool.hang_worker(0, 1.0)
+        item = payload_item(PAYLOADS[0])
+        futures = pool.submit("1", [[item]] * 5, 10.0)  # one goes to the free slot
+        with pytest.raises(Overloaded) as err:
+            pool.submit("1", [[item]], 10.0)
+        assert err.value.retry_after
+        results = await asyncio.gather(*futures)
+        assert all(isinstance(r.results[0], Prediction) for r in results)
+    finally:
+        await pool.stop()
+
+
+async def test_broken_model_fails_to_load_and_old_version_keeps_serving(
+    pool: WorkerPool, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "model.onnx"
+    corrupt.write_bytes(b"\x08\x01garbage")
+    with pytest.raises(ModelLoadError):
+        await pool.load("2", str(corrupt), SPEC)
+    assert pool.resident() == ["1"]
+    results = await predict_all(pool, [payload_item(PAYLOADS[0])])
+    assert isinstance(results[0], Prediction)
+
+
+async def test_new_version_rolls_in_and_old_one_unloads(pool: WorkerPool) -> None:
+    await pool.load("2", MODEL, SPEC)
+    assert sorted(pool.ready_versions()) == ["1", "2"]
+    await pool.unload("1")
+    assert pool.resident() == ["2"]
+    futures = pool.submit("2", [[payload_item(PAYLOADS[0])]], 5.0)
+    assert isinstance((await futures[0]).results[0], Prediction)
+    with pytest.raises(NotReady):
+        pool.submit("1", [[payload_item(PAYLOADS[0])]], 5.0)
+
+
+async def test_stop_drains_in_flight_work() -> None:
+    pool = await make_pool()
+    futures = pool.submit("1", [[payload_item(p)] for p in PAYLOADS], 10.0)
+    await pool.stop()
+    assert all(isinstance(f.result().results[0], Prediction) for f in futures)
+    with pytest.raises(NotReady):
+        pool.submit("1", [[payload_item(PAYLOADS[0])]], 1.0)
