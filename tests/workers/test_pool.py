@@ -146,7 +146,8 @@ async def test_full_queue_answers_overloaded_with_retry_after() -> None:
     try:
         await pool.hang_worker(0, 1.0)
         item = payload_item(PAYLOADS[0])
-        futures = pool.submit("1", [[item]] * 5, 10.0)  # one goes to the free slot
+        futures = pool.submit("1", [[item]] * 4, 10.0)  # one goes to the free slot
+        futures += pool.submit("1", [[item]], 10.0)  # the queue now holds 4: full
         with pytest.raises(Overloaded) as err:
             pool.submit("1", [[item]], 10.0)
         assert err.value.retry_after
