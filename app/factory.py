@@ -26,6 +26,7 @@ from app.http import (
     internal_error_handler,
     service_error_handler,
 )
+from app.oip import build_oip_routes
 from app.rollout import DesiredState, Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
@@ -145,6 +146,7 @@ def create_app(settings: Settings) -> Litestar:
         max_body=settings.server.max_body_bytes,
         max_batch_body=settings.server.max_batch_body_bytes,
     )
+    routes += build_oip_routes(components)
     app = Litestar(
         route_handlers=routes,
         lifespan=[lifespan],
