@@ -20,7 +20,7 @@ from typing import Annotated, Any
 import numpy as np
 from msgspec import Meta, Struct
 
-from app.cache import PredictionCache
+from app.cache import PredictionCache, input_digest
 from app.models import Routing, VersionContext
 from app.schemas import (
     FieldError,
@@ -199,10 +199,56 @@ class InferenceService:
         """
         started = time.perf_counter()
         prepared = self.prepare(request)
+        key = self.cache_key(prepared)
+        if key is not None:
+            cached = await self.cache_lookup(prepared, key, started)
+            if cached is not None:
+                return cached
         (future,) = self.pool.submit(prepared.context.version, [[prepared.item]],
                                      self.settings.request_timeout_s)
         result = await future
-        return self._respond(prepared, result, 0, started)
+        response = self._respond(prepared, result, 0, started)
+        if key is not None and self.cache is not None:
+            outcome = result.results[0]
+            if isinstance(outcome, Prediction):
+                self.cache.put(key, outcome)
+        return response
+
+    def cache_key(self, prepared: Prepared) -> str | None:
+        """Cache key of a prepared request, or None when the cache is not to be used."""
+        cache = self.cache
+        if cache is None or not prepared.request.cache or not cache.usable:
+            return None
+        request, ctx = prepared.request, prepared.context
+        digest = input_digest(
+            [(rx.id, rx.latitude, rx.longitude, rx.iq) for rx in request.receivers],
+            request.sample_rate_hz,
+            list(request.confidence),
+            request.geojson,
+        )
+        return cache.key(ctx.name, ctx.version, ctx.package.spec_hash, digest)
+
+    async def cache_lookup(
+        self, prepared: Prepared, key: str, started: float
+    ) -> PredictResponse | None:
+        """A response built from the cache, or None on a miss (counted per version)."""
+        assert self.cache is not None
+        ctx = prepared.context
+        hit = await self.cache.get(key)
+        if hit is None:
+            ctx.stats.cache_misses += 1
+            return None
+        ctx.stats.cache_hits += 1
+        ctx.stats.requests += 1
+        total_ms = (time.perf_counter() - started) * 1e3
+        ctx.stats.latencies_ms.append(total_ms)
+        return build_response(
+            prepared.request_id,
+            hit,
+            ModelRef(ctx.name, ctx.version),
+            Timing(queue=0.0, features=0.0, inference=0.0, total=round(total_ms, 3)),
+            cached=True,
+        )
 
     async def predict_batch(
         self, requests: Sequence[PredictRequest]

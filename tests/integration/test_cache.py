@@ -1,0 +1,93 @@
+"""The prediction cache against a real Redis and a real server."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+import redis
+
+from tests.support.procs import RedisServer, Server
+from training.simulate import iter_batches, request_payload
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def payload(seed: int, **options: object) -> dict:
+    batch = next(iter_batches(1, seed, chunk=1))
+    return request_payload(batch, 0, **options)
+
+
+def predict(server: Server, body: dict, timeout: float = 30.0) -> httpx.Response:
+    return httpx.post(server.url + "/v1/predict", json=body, timeout=timeout)
+
+
+def without_volatile(body: dict) -> dict:
+    return {k: v for k, v in body.items() if k not in ("cached", "timing_ms", "request_id")}
+
+
+def test_second_identical_request_is_a_cache_hit(shared_server: Server) -> None:
+    body = payload(501)
+    first = predict(shared_server, body).json()
+    second = predict(shared_server, body).json()
+    assert first["cached"] is False and second["cached"] is True
+    assert without_volatile(first) == without_volatile(second)
+    assert second["timing_ms"]["inference"] == 0.0
+    other_levels = predict(shared_server, {**body, "confidence": [0.99]}).json()
+    assert other_levels["cached"] is False
+    opted_out = predict(shared_server, {**body, "cache": False}).json()
+    assert opted_out["cached"] is False
+    live = httpx.get(shared_server.url + "/v1/models/1").json()["live"]
+    assert 0 < live["cache_hit_rate"] < 1
+
+
+def test_undecodable_value_is_a_miss(shared_server: Server, redis_url: str) -> None:
+    body = payload(502)
+    predict(shared_server, body)
+    client = redis.Redis.from_url(redis_url)
+    time.sleep(0.2)
+    keys = [k for k in client.scan_iter(match="heimdall:test:*") if b":1:" in k]
+    assert keys, "the prediction was not stored"
+    for key in keys:
+        client.set(key, b"\xc1 not msgpack")
+    again = predict(shared_server, body)
+    assert again.status_code == 200 and again.json()["cached"] is False
+
+
+@pytest.fixture
+def own_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_redis_killed_mid_stream_loses_no_prediction(
+    start_server: Callable[..., Server], own_redis: RedisServer
+) -> None:
+    server = start_server(REDIS_URL=own_redis.url, HEIMDALL_CACHE_TIMEOUT_S="0.05")
+    bodies = [payload(600 + i) for i in range(6)]
+    for body in bodies:
+        assert predict(server, body).status_code == 200
+    assert predict(server, bodies[0]).json()["cached"] is True
+    own_redis.stop()
+    slowest = 0.0
+    for i in range(40):
+        t0 = time.perf_counter()
+        response = predict(server, bodies[i % len(bodies)], timeout=5.0)
+        slowest = max(slowest, time.perf_counter() - t0)
+        assert response.status_code == 200, response.text
+        assert response.json()["cached"] is False
+    assert slowest < 1.0, f"a request waited {slowest:.2f}s with Redis down"
+    ready = httpx.get(server.url + "/health/ready").json()
+    assert ready["cache"]["last_error"]
+    own_redis.start()
+    deadline = time.monotonic() + 15
+    cached = False
+    while time.monotonic() < deadline and not cached:
+        predict(server, bodies[1])
+        cached = predict(server, bodies[1]).json()["cached"]
+        time.sleep(0.3)
+    assert cached, "the cache did not resume after Redis came back"
