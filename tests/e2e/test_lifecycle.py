@@ -1,0 +1,80 @@
+"""Server lifecycle: readiness before the model loads, graceful SIGTERM drain."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from tests.support.procs import ROOT, Server
+from training.simulate import iter_batches, request_payload
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+def test_not_ready_until_the_model_exists_then_ready(
+    start_server: Callable[..., Server], registry_env: dict[str, str]
+) -> None:
+    server = start_server(wait_ready=False, HEIMDALL_MODEL_URI="models:/rf-localizer@canary")
+    deadline = time.monotonic() + 60
+    while True:
+        ready = httpx.get(server.url + "/health/ready")
+        assert ready.status_code == 503
+        if ready.json()["rollout"]["last_error"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert "canary" in ready.json()["rollout"]["last_error"]
+    body = request_payload(next(iter_batches(1, 900, chunk=1)), 0)
+    refused = httpx.post(server.url + "/v1/predict", json=body, timeout=10)
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    subprocess.run(
+        [sys.executable, "-c",
+         "from app.settings import load_settings; from workers.registry import ModelRegistry;"
+         "ModelRegistry(load_settings().registry).set_alias('rf-localizer', 'canary', '1')"],
+        env={**server.env}, cwd=ROOT, check=True,
+    )
+    server.wait("/health/ready", 30.0)
+    assert httpx.post(server.url + "/v1/predict", json=body, timeout=10).status_code == 200
+
+
+def test_sigterm_drains_in_flight_requests(start_server: Callable[..., Server]) -> None:
+    server = start_server(HEIMDALL_POOL_WORKERS="1")
+    batch = next(iter_batches(64, 901, chunk=64))
+    content = json.dumps(
+        {"items": [request_payload(batch, i, cache=False) for i in range(64)]}
+    ).encode()
+
+    def call(_: int) -> int | str:
+        try:
+            return httpx.post(server.url + "/v1/predict/batch", content=content,
+                              headers={"content-type": "application/json"},
+                              timeout=60).status_code
+        except httpx.ConnectError:
+            return "refused"
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(call, i) for i in range(6)]
+        deadline = time.monotonic() + 20
+        in_flight = 0
+        while time.monotonic() < deadline and in_flight == 0:
+            stats = httpx.get(server.url + "/v1/models", timeout=5).json()["pool"]
+            in_flight = stats["queue_depth"] + sum(w["in_flight"] for w in stats["workers"])
+        assert in_flight > 0, "no request was in flight"
+        started = time.monotonic()
+        server.signal(signal.SIGTERM)
+        codes = [f.result() for f in futures]
+    assert server.proc is not None
+    server.proc.wait(40)
+    answered = [c for c in codes if c != "refused"]
+    assert answered and all(c == 200 for c in answered), codes
+    assert time.monotonic() - started < 40
+    assert server.proc.returncode == 0
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health/live", timeout=2)
