@@ -56,6 +56,7 @@ train: setup
 
 lock: setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 -c requirements.lock -o requirements-runtime.lock
 
 settings-table: setup
 	$(BIN)/heimdall-inference settings

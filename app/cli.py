@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,8 +22,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
 
+    class HeimdallServer(Granian):  # type: ignore[misc,valid-type]
+        """Granian whose SIGHUP re-resolves model aliases instead of restarting workers."""
+
+        def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
+            for worker in list(self.wrks):
+                pid = getattr(worker.inner, "pid", None)
+                if pid:
+                    os.kill(pid, signal.SIGHUP)
+
     server = settings.server
-    Granian(
+    HeimdallServer(
         "app.factory:create_app_from_env",
         factory=True,
         address=args.host or server.host,

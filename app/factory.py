@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,7 +28,8 @@ from app.http import (
     service_error_handler,
 )
 from app.oip import build_oip_routes
-from app.rollout import DesiredState, Rollout
+from app.control_plane import ControlPlane
+from app.rollout import Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
 from workers.errors import ServiceError
@@ -66,34 +68,25 @@ class Components:
             )
         self.cache = PredictionCache(settings.cache, self.redis)
         self.service.cache = self.cache
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self.control = ControlPlane(
+            settings.control,
+            self.redis,
+            settings.registry.model_name(),
+            settings.registry.model_uri,
+            self.rollout,
+            self.replica,
+        )
 
     async def start(self) -> None:
-        """Start the pool, then converge on the initial model state in the background."""
+        """Start the pool, then converge on the desired state in the background."""
         await self.pool.start()
-        self._spawn(self._initial_load())
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _initial_load(self) -> None:
-        delay = 1.0
-        state = DesiredState({self.settings.registry.model_uri: 1.0})
-        while self.service.routing is None:
-            try:
-                await self.rollout.apply(state)
-            except ServiceError as exc:
-                log.error("initial model %s not loaded (%s); retrying in %.0fs",
-                          self.settings.registry.model_uri, exc.detail, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self.settings.control.retry_max_s)
+        self.control.start()
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.control.reresolve)
 
     async def stop(self) -> None:
         """Drain and stop everything."""
-        for task in list(self._tasks):
-            task.cancel()
+        await self.control.stop()
         await self.pool.stop()
         await self.cache.close()
         if self.redis is not None:
@@ -107,6 +100,7 @@ class Components:
         details["cache"] = self.cache.state()
         details["rollout"] = {"last_outcome": self.rollout.status.last_outcome,
                               "last_error": self.rollout.status.last_error}
+        details["control"] = self.control.state()
         return ok, details
 
     def models_state(self) -> dict[str, Any]:
@@ -122,6 +116,7 @@ class Components:
                 "revision": routing.revision if routing else None,
             },
             "rollout": self.rollout.describe(),
+            "control": self.control.state(),
             "versions": {v: c.describe() for v, c in self.service.contexts.items()},
             "pool": self.pool.stats(),
         }

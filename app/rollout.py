@@ -84,6 +84,10 @@ class Rollout:
                 raise
             self._record("applied", state, None)
 
+    def record_failure(self, state: DesiredState, error: str) -> None:
+        """Record a failure that happened before :meth:`apply` could start (e.g. resolving)."""
+        self._record("failed", state, error)
+
     def _record(self, outcome: str, state: DesiredState, error: str | None) -> None:
         status = self.status
         status.last_outcome = outcome
