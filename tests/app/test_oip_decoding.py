@@ -1,0 +1,75 @@
+"""Decoding and validation of /v2 infer bodies against the reference model's spec (no server)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from app.oip import decode_body, prepare
+from tests.support.reference import reference_spec
+from workers.errors import MalformedRequest
+
+
+def header_and_data(batch: int) -> tuple[bytes, bytes, dict[str, np.ndarray]]:
+    spec = reference_spec()
+    rng = np.random.default_rng(batch)
+    arrays = {t.name: rng.standard_normal([batch, *t.shape[1:]]).astype("<f4")
+              for t in spec.inputs.values()}
+    header = json.dumps({"inputs": [
+        {"name": n, "datatype": "FP32", "shape": list(a.shape),
+         "parameters": {"binary_data_size": a.nbytes}} for n, a in arrays.items()]}).encode()
+    return header, b"".join(a.tobytes() for a in arrays.values()), arrays
+
+
+def test_binary_inputs_are_split_by_header_length_and_sizes() -> None:
+    header, data, arrays = header_and_data(3)
+    request, binary = decode_body(header + data, str(len(header)))
+    prepared = prepare(request, binary, reference_spec())
+    assert prepared.batch == 3
+    for role, array in prepared.tensors.items():
+        np.testing.assert_array_equal(array, arrays[reference_spec().inputs[role].name])
+    assert [r for r, _ in prepared.outputs] == ["mean", "sigma", "rho"]
+    assert not any(b for _, b in prepared.outputs)
+
+
+def test_flat_and_nested_json_give_the_same_tensors() -> None:
+    _, _, arrays = header_and_data(2)
+    flat = {"inputs": [{"name": n, "datatype": "FP32", "shape": list(a.shape),
+                        "data": a.reshape(-1).tolist()} for n, a in arrays.items()]}
+    nested = {"inputs": [{**i, "data": arrays[i["name"]].tolist()} for i in flat["inputs"]],
+              "parameters": {"binary_data_output": True}}
+    a = prepare(*decode_body(json.dumps(flat).encode(), None), reference_spec())
+    b = prepare(*decode_body(json.dumps(nested).encode(), None), reference_spec())
+    for role in a.tensors:
+        np.testing.assert_array_equal(a.tensors[role], b.tensors[role])
+    assert all(binary for _, binary in b.outputs)
+
+
+def test_nested_data_must_match_the_shape() -> None:
+    _, _, arrays = header_and_data(2)
+    body = {"inputs": [{"name": n, "datatype": "FP32", "shape": list(a.shape),
+                        "data": a.tolist()} for n, a in arrays.items()]}
+    body["inputs"][1]["data"] = np.swapaxes(arrays["receivers"], 1, 2).tolist()
+    with pytest.raises(MalformedRequest, match="nested data has shape"):
+        prepare(*decode_body(json.dumps(body).encode(), None), reference_spec())
+
+
+def test_per_output_binary_flag_overrides_the_request_flag() -> None:
+    header, data, _ = header_and_data(1)
+    doc = json.loads(header)
+    doc["parameters"] = {"binary_data_output": True}
+    doc["outputs"] = [{"name": "rho", "parameters": {"binary_data": False}}, {"name": "mean"}]
+    header = json.dumps(doc).encode()
+    prepared = prepare(*decode_body(header + data, str(len(header))), reference_spec())
+    assert prepared.outputs == [("rho", False), ("mean", True)]
+
+
+def test_non_boolean_binary_flag_is_rejected() -> None:
+    header, data, _ = header_and_data(1)
+    doc = json.loads(header)
+    doc["parameters"] = {"binary_data_output": "yes"}
+    header = json.dumps(doc).encode()
+    with pytest.raises(MalformedRequest, match="binary_data_output"):
+        prepare(*decode_body(header + data, str(len(header))), reference_spec())
