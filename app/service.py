@@ -208,11 +208,42 @@ class InferenceService:
                                      self.settings.request_timeout_s)
         result = await future
         response = self._respond(prepared, result, 0, started)
-        if key is not None and self.cache is not None:
-            outcome = result.results[0]
-            if isinstance(outcome, Prediction):
+        outcome = result.results[0]
+        if isinstance(outcome, Prediction):
+            if key is not None and self.cache is not None:
                 self.cache.put(key, outcome)
+            self._maybe_shadow(prepared, outcome)
         return response
+
+    def _maybe_shadow(self, prepared: Prepared, primary: Prediction) -> None:
+        """Run a sampled request on the shadow version after the answer; never fails it."""
+        routing = self.routing
+        if routing is None or not routing.take_shadow():
+            return
+        shadow = routing.shadow
+        if shadow is None or shadow == prepared.context.version or shadow not in self.contexts:
+            return
+        task = asyncio.create_task(self._shadow(shadow, prepared, primary))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _shadow(self, version: str, prepared: Prepared, primary: Prediction) -> None:
+        ctx = self.contexts.get(version)
+        if ctx is None:
+            return
+        try:
+            (future,) = self.pool.submit(version, [[prepared.item]],
+                                         self.settings.request_timeout_s)
+            result = await future
+        except ServiceError as exc:
+            log.debug("shadow request on %s skipped: %s", version, exc.detail)
+            return
+        outcome = result.results[0]
+        ctx.stats.requests += 1
+        if isinstance(outcome, Prediction):
+            ctx.stats.shadow_distance_m.append(positions_distance_m(primary, outcome))
+        else:
+            ctx.stats.errors += 1
 
     def cache_key(self, prepared: Prepared) -> str | None:
         """Cache key of a prepared request, or None when the cache is not to be used."""

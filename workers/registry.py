@@ -228,9 +228,9 @@ class ModelRegistry:
     # ------------------------------------------------------------------ publishing
 
     def register(self, package_dir: Path, name: str, alias: str | None = "production") -> str:
-        """Register a package directory as a new version (idempotent by sha256).
+        """Register a package directory as a new version (idempotent).
 
-        A version whose sha256 tag equals the package's is reused; ``alias`` is pointed at it.
+        A version whose sha256 and spec-hash tags equal the package's is reused; ``alias`` is pointed at it.
         Returns the version number.
         """
         model = package_dir / MODEL_FILE
@@ -247,6 +247,7 @@ class ModelRegistry:
         existing = [
             mv for mv in client.search_model_versions(f"name='{name}'")
             if (mv.tags or {}).get(SHA256_TAG) == digest
+            and (mv.tags or {}).get(SPEC_HASH_TAG) == feature_version
         ]
         if existing:
             version = str(min(int(mv.version) for mv in existing))
