@@ -2,15 +2,15 @@
 
 Seven fixed receivers in Piedmont, north-west Italy, cover a region of about 122 km × 122 km
 (latitude 44.55–45.65°N, longitude 7.00–8.55°E). A transmitter is drawn uniformly in the
-region with a random power (20–50 dBm), a VHF carrier near 145 MHz with one of three
+region with a random power (35–45 dBm), a VHF carrier near 145 MHz with one of three
 modulations (CW, FM, noise-like) and a random frequency offset (±6 kHz). Each receiver sees
-log-distance path loss (exponent 3.0, free-space reference at 1 km) with log-normal shadowing
-(σ = 5 dB), plus its own thermal noise (−121 dBm in 48 kHz, with 0–3 dB of receiver-to-receiver
+log-distance path loss (exponent 3.5, free-space reference at 1 km) with log-normal shadowing
+(σ = 4 dB), plus its own thermal noise (−121 dBm in 48 kHz, with 0–3 dB of receiver-to-receiver
 variation). 0–3 receivers are absent from each capture. A capture is 4096 complex64 samples at
 48 kHz per present receiver; sample power 1.0 corresponds to 0 dBm.
 
 Distances for the path loss use the haversine on the mean Earth radius: enough for a
-propagation model with 5 dB shadowing (the service's own geodesy uses pyproj).
+propagation model with 4 dB shadowing (the service's own geodesy uses pyproj).
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ RECEIVERS: tuple[tuple[str, str, float, float], ...] = (
     ("CAS", "Casale Monferrato", 45.1335, 8.4530),
 )
 
-PATH_LOSS_EXPONENT = 3.0
+PATH_LOSS_EXPONENT = 3.5
 REFERENCE_LOSS_DB = 75.7  # free-space loss at 1 km and 145 MHz
-SHADOWING_DB = 5.0
+SHADOWING_DB = 4.0
 NOISE_FLOOR_DBM = -121.0
-TX_POWER_DBM = (20.0, 50.0)
+TX_POWER_DBM = (35.0, 45.0)
 FREQ_OFFSET_HZ = 6_000.0
 MODULATIONS = ("cw", "fm", "noise")
 EARTH_RADIUS_M = 6_371_008.8
