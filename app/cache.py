@@ -16,7 +16,6 @@ import hashlib
 import logging
 import struct
 import time
-from collections.abc import Callable
 from typing import Annotated, Any
 
 import msgspec
@@ -75,14 +74,12 @@ class PredictionCache:
         self,
         settings: CacheSettings,
         client: Any | None,
-        on_result: Callable[[str], None] | None = None,
     ) -> None:
         """Wrap a ``redis.asyncio.Redis`` client (``None``: cache disabled)."""
         self.settings = settings
         self.client = client if settings.enabled else None
         self._failures = 0
         self._open_until = 0.0
-        self._on_result = on_result
         self._stores: set[asyncio.Task[None]] = set()
         self.last_error: str | None = None
 
@@ -106,10 +103,6 @@ class PredictionCache:
             "last_error": self.last_error,
         }
 
-    def _count(self, result: str) -> None:
-        if self._on_result:
-            self._on_result(result)
-
     def _failed(self, exc: BaseException) -> None:
         self._failures += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -118,39 +111,41 @@ class PredictionCache:
             log.warning("cache circuit breaker open for %.1fs: %s",
                         self.settings.breaker_cooldown_s, self.last_error)
 
-    async def get(self, key: str) -> Prediction | None:
-        """The cached prediction, or ``None`` on a miss, an error or an undecodable value."""
+    async def get(self, key: str) -> tuple[Prediction | None, str]:
+        """``(prediction, "hit")``, or ``(None, "miss" | "error")``.
+
+        An undecodable value is a miss; a slow or failing Redis is an error (and feeds the
+        circuit breaker).
+        """
         if not self.usable:
-            self._count("error")
-            return None
+            return None, "error"
+        assert self.client is not None
         try:
             raw = await asyncio.wait_for(self.client.get(key), self.settings.timeout_s * 2)
         except Exception as exc:  # redis raises many error types; all mean "no cache"
             self._failed(exc)
-            self._count("error")
-            return None
+            return None, "error"
         self._failures = 0
         if raw is None:
-            self._count("miss")
-            return None
+            return None, "miss"
         try:
             value = _value_decoder.decode(raw)
         except msgspec.DecodeError:
             log.warning("undecodable cache value under %s treated as a miss", key)
-            self._count("miss")
-            return None
-        self._count("hit")
-        return value
+            return None, "miss"
+        return value, "hit"
 
     def put(self, key: str, value: Prediction) -> None:
         """Store in the background; never delays the response, never raises."""
         if not self.usable:
             return
+        assert self.client is not None
         task = asyncio.create_task(self._store(key, _value_encoder.encode(value)))
         self._stores.add(task)
         task.add_done_callback(self._stores.discard)
 
     async def _store(self, key: str, data: bytes) -> None:
+        assert self.client is not None
         try:
             await asyncio.wait_for(
                 self.client.set(key, data, ex=self.settings.ttl_s), self.settings.timeout_s * 2

@@ -19,10 +19,12 @@ from litestar import Litestar
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
+from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
 from app.cache import PredictionCache
 from app.http import (
     build_routes,
+    metrics_route,
     http_error_handler,
     internal_error_handler,
     service_error_handler,
@@ -32,6 +34,7 @@ from app.control_plane import ControlPlane
 from app.rollout import Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
+from telemetry.setup import Telemetry, build_telemetry
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
 from workers.registry import ModelRegistry
@@ -49,14 +52,21 @@ def replica_name(settings: Settings) -> str:
 class Components:
     """The collaborators of one replica, built by :func:`create_app`."""
 
-    def __init__(self, settings: Settings) -> None:
-        """Build (not start) every component."""
+    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
+        """Build (not start) every component; ``telemetry`` replaces the default providers."""
         self.settings = settings
         self.replica = replica_name(settings)
         self.pool = WorkerPool(settings.pool, log_level=settings.server.log_level)
         self.registry = ModelRegistry(settings.registry)
         self.service = InferenceService(self.pool, settings.service)
-        self.rollout = Rollout(self.registry, self.pool, self.service)
+        self.telemetry: Telemetry | None = telemetry
+        if telemetry is None and settings.telemetry.enabled:
+            self.telemetry = build_telemetry(settings.telemetry, self.replica)
+        if self.telemetry is not None:
+            self.telemetry.observe_pool(self.pool.stats)
+        self.service.telemetry = self.telemetry
+        self.rollout = Rollout(self.registry, self.pool, self.service,
+                               on_outcome=self.telemetry.reload if self.telemetry else None)
         self.redis: Any | None = None
         if settings.cache.redis_url:
             import redis.asyncio as aioredis
@@ -88,6 +98,8 @@ class Components:
         """Drain and stop everything."""
         await self.control.stop()
         await self.pool.stop()
+        if self.telemetry is not None:
+            self.telemetry.shutdown()
         await self.cache.close()
         if self.redis is not None:
             with contextlib.suppress(Exception):
@@ -103,9 +115,14 @@ class Components:
         details["control"] = self.control.state()
         return ok, details
 
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Per-version live figures from the telemetry instruments."""
+        return self.telemetry.live() if self.telemetry else {}
+
     def models_state(self) -> dict[str, Any]:
         """/v1/models: resident versions, routing, rollout outcome, per-version counters."""
         routing = self.service.routing
+        live = self.live()
         return {
             "replica": self.replica,
             "model": self.settings.registry.model_name(),
@@ -117,14 +134,18 @@ class Components:
             },
             "rollout": self.rollout.describe(),
             "control": self.control.state(),
-            "versions": {v: c.describe() for v, c in self.service.contexts.items()},
+            "versions": {v: c.describe(live.get(v)) for v, c in self.service.contexts.items()},
             "pool": self.pool.stats(),
         }
 
 
-def create_app(settings: Settings) -> Litestar:
-    """Build the Litestar application and its collaborators for ``settings``."""
-    components = Components(settings)
+def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litestar:
+    """Build the Litestar application and its collaborators for ``settings``.
+
+    ``telemetry`` injects providers (tests pass in-memory exporters); by default they are
+    built from the ``OTEL_*`` environment.
+    """
+    components = Components(settings, telemetry)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -137,13 +158,23 @@ def create_app(settings: Settings) -> Litestar:
     routes = build_routes(
         components.service,
         models_state=components.models_state,
+        live=components.live,
         readiness=components.readiness,
         max_body=settings.server.max_body_bytes,
         max_batch_body=settings.server.max_batch_body_bytes,
     )
     routes += build_oip_routes(components)
+    plugins = []
+    if components.telemetry is not None:
+        routes.append(metrics_route())
+        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(
+            tracer_provider=components.telemetry.tracer_provider,
+            meter_provider=components.telemetry.meter_provider,
+            exclude=["/health", "/metrics", "/v2/health"],
+        )))
     app = Litestar(
         route_handlers=routes,
+        plugins=plugins,
         lifespan=[lifespan],
         exception_handlers={
             ServiceError: service_error_handler,

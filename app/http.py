@@ -14,6 +14,7 @@ import msgspec
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException
 from litestar.handlers import HTTPRouteHandler
+from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from app.schemas import BatchRequest, BatchResponse, FieldError, PredictRequest, Problem
@@ -151,10 +152,22 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
                                     "an unexpected error occurred; it has been logged"))
 
 
+def metrics_route() -> HTTPRouteHandler:
+    """``GET /metrics``: Prometheus exposition of the OpenTelemetry metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+    @get("/metrics", summary="Prometheus metrics", include_in_schema=False, sync_to_thread=False)
+    def metrics() -> Response[bytes]:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics
+
+
 def build_routes(
     service: InferenceService,
     *,
     models_state: Callable[[], dict[str, Any]],
+    live: Callable[[], dict[str, dict[str, Any]]],
     readiness: Callable[[], tuple[bool, dict[str, Any]]],
     max_body: int,
     max_batch_body: int,
@@ -180,26 +193,26 @@ def build_routes(
         return encode(request, models_state())
 
     @get("/v1/models/{version:str}", summary="One model version")
-    async def model_version(request: Request[Any, Any, Any], version: str) -> Response[bytes]:
+    async def model_version(request: Request[Any, Any, Any], version: FromPath[str]) -> Response[bytes]:
         ctx = service.contexts.get(version)
         if ctx is None:
             raise NotFound(f"version {version} is not resident on this replica "
                            f"(resident: {', '.join(sorted(service.contexts)) or 'none'})")
-        return encode(request, ctx.describe())
+        return encode(request, ctx.describe(live().get(version)))
 
     @get("/health/live", summary="Liveness")
-    async def live() -> Response[bytes]:
+    async def health_live() -> Response[bytes]:
         return Response(b'{"status":"live"}', media_type=JSON)
 
     @get("/health/ready", summary="Readiness")
-    async def ready() -> Response[bytes]:
+    async def health_ready() -> Response[bytes]:
         ok, details = readiness()
         details["status"] = "ready" if ok else "not ready"
         return Response(_json_encoder.encode(details), media_type=JSON,
                         status_code=200 if ok else 503,
                         headers=None if ok else {"Retry-After": "2"})
 
-    return [predict, predict_batch, models, model_version, live, ready]
+    return [predict, predict_batch, models, model_version, health_live, health_ready]
 
 
 __all__ = [

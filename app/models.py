@@ -9,45 +9,10 @@ from __future__ import annotations
 import hashlib
 import random
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from workers.registry import LocalPackage
-
-
-@dataclass
-class VersionStats:
-    """Live counters of one version on this replica."""
-
-    requests: int = 0
-    errors: int = 0
-    cache_hits: int = 0
-    cache_misses: int = 0
-    latencies_ms: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-    shadow_distance_m: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
-
-    def summary(self) -> dict[str, Any]:
-        """Counters and latency percentiles for /v1/models."""
-        lat = np.asarray(self.latencies_ms, dtype=np.float64)
-        lookups = self.cache_hits + self.cache_misses
-        out: dict[str, Any] = {
-            "requests": self.requests,
-            "errors": self.errors,
-            "cache_hit_rate": round(self.cache_hits / lookups, 4) if lookups else None,
-            "latency_ms_p50": round(float(np.percentile(lat, 50)), 3) if lat.size else None,
-            "latency_ms_p95": round(float(np.percentile(lat, 95)), 3) if lat.size else None,
-        }
-        if self.shadow_distance_m:
-            dist = np.asarray(self.shadow_distance_m, dtype=np.float64)
-            out["shadow_distance_m"] = {
-                "count": int(dist.size),
-                "p50": round(float(np.percentile(dist, 50)), 1),
-                "p95": round(float(np.percentile(dist, 95)), 1),
-            }
-        return out
 
 
 @dataclass
@@ -56,7 +21,6 @@ class VersionContext:
 
     package: LocalPackage
     loaded_at: float = field(default_factory=time.time)
-    stats: VersionStats = field(default_factory=VersionStats)
     known: dict[str, tuple[float, float]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -73,7 +37,7 @@ class VersionContext:
         """Registered model name."""
         return self.package.info.name
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, live: dict[str, Any] | None = None) -> dict[str, Any]:
         """Spec summary, registry metadata, figures, load time and live counters."""
         spec, info = self.package.spec, self.package.info
         cap = spec.capture
@@ -97,7 +61,8 @@ class VersionContext:
             "outputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.outputs.items()},
             "metrics": spec.provenance.metrics,
             "training_data": spec.provenance.training_data,
-            "live": self.stats.summary(),
+            "live": live or {"requests": 0, "errors": 0, "cache_hit_rate": None,
+                             "latency_ms_p50": None, "latency_ms_p95": None},
         }
 
 

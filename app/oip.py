@@ -29,6 +29,7 @@ import numpy as np
 import numpy.typing as npt
 from litestar import Request, Response, get, post
 from litestar.exceptions import HTTPException
+from litestar.params import FromPath
 from msgspec import Meta, Struct
 
 from workers.errors import (
@@ -506,8 +507,8 @@ class OipProtocol:
             t["receivers"].astype("<f4", copy=False).tobytes(),
             t["mask"].astype("<f4", copy=False).tobytes(),
         )
-        settings = self.components.service.settings
-        ctx.stats.requests += 1
+        service = self.components.service
+        settings = service.settings
         try:
             (future,) = self.components.pool.submit(
                 ctx.version, [], settings.request_timeout_s, infer=[job]
@@ -519,13 +520,13 @@ class OipProtocol:
             if reply.error is not None:
                 error = from_code(reply.error.code, reply.error.detail, reply.error.field)
                 raise MalformedRequest(error.detail) if isinstance(error, InvalidInput) else error
-        except ServiceError:
-            ctx.stats.errors += 1
+        except ServiceError as exc:
+            service.count(ctx.version, exc.code, started)
             raise
         response = encode_answer(
             prepared, {"mean": reply.mean, "sigma": reply.sigma, "rho": reply.rho}, spec, ctx
         )
-        ctx.stats.latencies_ms.append((time.perf_counter() - started) * 1e3)
+        service.count(ctx.version, "ok", started)
         return response
 
 
@@ -581,7 +582,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         return _json({"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS})
 
     @get("/v2/models/{name:str}", summary="Model metadata (OIP)", **common)
-    async def model_metadata(name: str) -> Response[bytes]:
+    async def model_metadata(name: FromPath[str]) -> Response[bytes]:
         return _json(oip.metadata(name, None))
 
     @get(
@@ -589,7 +590,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         summary="Model version metadata (OIP)",
         **common,
     )
-    async def version_metadata(name: str, version: str) -> Response[bytes]:
+    async def version_metadata(name: FromPath[str], version: FromPath[str]) -> Response[bytes]:
         return _json(oip.metadata(name, version))
 
     def readiness(name: str, version: str | None) -> Response[bytes]:
@@ -598,7 +599,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         return _json(body, 200 if ok else 503, None if ok else {"Retry-After": "2"})
 
     @get("/v2/models/{name:str}/ready", summary="Model ready (OIP)", **common)
-    async def model_ready(name: str) -> Response[bytes]:
+    async def model_ready(name: FromPath[str]) -> Response[bytes]:
         return readiness(name, None)
 
     @get(
@@ -606,7 +607,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         summary="Model version ready (OIP)",
         **common,
     )
-    async def version_ready(name: str, version: str) -> Response[bytes]:
+    async def version_ready(name: FromPath[str], version: FromPath[str]) -> Response[bytes]:
         return readiness(name, version)
 
     @post(
@@ -616,7 +617,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         request_max_body_size=limit,
         **common,
     )
-    async def infer(request: Request[Any, Any, Any], name: str) -> Response[bytes]:
+    async def infer(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
         body = await read_body(request, limit)
         return await oip.infer(name, None, body, request.headers.get(HEADER_LENGTH))
 
@@ -628,7 +629,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         **common,
     )
     async def infer_version(
-        request: Request[Any, Any, Any], name: str, version: str
+        request: Request[Any, Any, Any], name: FromPath[str], version: FromPath[str]
     ) -> Response[bytes]:
         body = await read_body(request, limit)
         return await oip.infer(name, version, body, request.headers.get(HEADER_LENGTH))

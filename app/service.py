@@ -32,6 +32,7 @@ from app.schemas import (
     Timing,
     Uncertainty,
 )
+from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
 from workers.geo import distance_m
 from workers.messages import ItemError, Prediction, PredictItem
@@ -79,6 +80,7 @@ class InferenceService:
         self.contexts: dict[str, VersionContext] = {}
         self.routing: Routing | None = None
         self.cache: PredictionCache | None = None
+        self.telemetry: Telemetry | None = None
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ versions
@@ -199,15 +201,24 @@ class InferenceService:
         """
         started = time.perf_counter()
         prepared = self.prepare(request)
+        try:
+            return await self._predict(prepared, started)
+        except ServiceError as exc:
+            self.count(prepared.context.version, exc.code, started)
+            raise
+
+    async def _predict(self, prepared: Prepared, started: float) -> PredictResponse:
         key = self.cache_key(prepared)
         if key is not None:
             cached = await self.cache_lookup(prepared, key, started)
             if cached is not None:
                 return cached
+        submitted_ns = time.time_ns()
         (future,) = self.pool.submit(prepared.context.version, [[prepared.item]],
                                      self.settings.request_timeout_s)
         result = await future
         response = self._respond(prepared, result, 0, started)
+        self._trace(prepared.context, result, submitted_ns)
         outcome = result.results[0]
         if isinstance(outcome, Prediction):
             if key is not None and self.cache is not None:
@@ -239,11 +250,43 @@ class InferenceService:
             log.debug("shadow request on %s skipped: %s", version, exc.detail)
             return
         outcome = result.results[0]
-        ctx.stats.requests += 1
-        if isinstance(outcome, Prediction):
-            ctx.stats.shadow_distance_m.append(positions_distance_m(primary, outcome))
-        else:
-            ctx.stats.errors += 1
+        if self.telemetry is not None:
+            self.telemetry.request(version, "ok" if isinstance(outcome, Prediction)
+                                   else outcome.code)
+            if isinstance(outcome, Prediction):
+                self.telemetry.shadow_distance(version, positions_distance_m(primary, outcome))
+
+    def count(self, version: str, outcome: str, started: float) -> None:
+        """Count one answer (or failure) of ``version`` and its total duration."""
+        if self.telemetry is not None:
+            self.telemetry.request(version, outcome)
+            self.telemetry.duration(version, "total", time.perf_counter() - started)
+
+    def _trace(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
+        """Queue, features and inference spans (worker-side times) and phase metrics."""
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        t = result.timings
+        version = ctx.version
+        queue_ns = int(result.queue_s * 1e9)
+        telemetry.duration(version, "queue", result.queue_s)
+        telemetry.duration(version, "features", (t.features_end_ns - t.features_start_ns) / 1e9)
+        telemetry.duration(version, "inference",
+                           (t.inference_end_ns - t.inference_start_ns) / 1e9)
+        if not telemetry.traces:
+            return
+        attrs = {"model.name": ctx.name, "model.version": version,
+                 "worker.id": result.worker_id, "batch.size": result.batch_size}
+        tracer = telemetry.tracer
+        for name, start_ns, end_ns in (
+            ("queue", submitted_ns, submitted_ns + queue_ns),
+            ("features", t.features_start_ns, t.features_end_ns),
+            ("inference", t.inference_start_ns, t.inference_end_ns),
+        ):
+            if end_ns:
+                span = tracer.start_span(name, start_time=start_ns, attributes=attrs)
+                span.end(end_time=max(end_ns, start_ns))
 
     def cache_key(self, prepared: Prepared) -> str | None:
         """Cache key of a prepared request, or None when the cache is not to be used."""
@@ -265,14 +308,20 @@ class InferenceService:
         """A response built from the cache, or None on a miss (counted per version)."""
         assert self.cache is not None
         ctx = prepared.context
-        hit = await self.cache.get(key)
+        telemetry = self.telemetry
+        if telemetry is not None and telemetry.traces:
+            with telemetry.tracer.start_as_current_span("cache.lookup") as span:
+                hit, result = await self.cache.get(key)
+                span.set_attribute("cache.result", result)
+                span.set_attribute("model.version", ctx.version)
+        else:
+            hit, result = await self.cache.get(key)
+        if telemetry is not None:
+            telemetry.cache(result, ctx.version)
         if hit is None:
-            ctx.stats.cache_misses += 1
             return None
-        ctx.stats.cache_hits += 1
-        ctx.stats.requests += 1
         total_ms = (time.perf_counter() - started) * 1e3
-        ctx.stats.latencies_ms.append(total_ms)
+        self.count(ctx.version, "ok", started)
         return build_response(
             prepared.request_id,
             hit,
@@ -309,6 +358,7 @@ class InferenceService:
             except ServiceError as exc:
                 for index, prepared in members:
                     out[index] = problem_from(exc, prepared.request_id)
+                    self.count(prepared.context.version, exc.code, started)
                 continue
             for offset, (index, prepared) in enumerate(members):
                 try:
@@ -316,6 +366,7 @@ class InferenceService:
                                                prefix=f"$.items[{index}]")
                 except ServiceError as exc:
                     out[index] = problem_from(exc, prepared.request_id)
+                    self.count(prepared.context.version, exc.code, started)
         return [o if o is not None else Problem("Internal error", 500, "no result") for o in out]
 
     def _respond(
@@ -329,12 +380,10 @@ class InferenceService:
         ctx = prepared.context
         outcome = result.results[offset]
         total_ms = (time.perf_counter() - started) * 1e3
-        ctx.stats.requests += 1
         if isinstance(outcome, ItemError):
-            ctx.stats.errors += 1
             field = outcome.field.replace("$", prefix, 1) if outcome.field else None
             raise from_code(outcome.code, outcome.detail, field)
-        ctx.stats.latencies_ms.append(total_ms)
+        self.count(ctx.version, "ok", started)
         t = result.timings
         return build_response(
             prepared.request_id,

@@ -1,8 +1,41 @@
-"""OpenTelemetry providers and the service's instruments (no web framework here)."""
+"""OpenTelemetry providers and the service's instruments (no web framework here).
+
+Providers are built from the standard ``OTEL_*`` variables (service name, resource
+attributes, OTLP endpoint and protocol, sampler — read by the SDK itself) and injected into
+whoever records; nothing patches the global providers. Metrics go to a Prometheus reader
+(for ``/metrics``), to an OTLP exporter when an endpoint is configured, and to an in-memory
+reader from which ``/v1/models`` computes its live figures, so there is one bookkeeping.
+"""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
 from msgspec import Struct
+from opentelemetry.metrics import CallbackOptions, Observation
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    MetricReader,
+    NumberDataPoint,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace import Tracer
+
+# Sub-millisecond to seconds, for phases that range from 50 µs (features) to a 5 s deadline.
+DURATION_BUCKETS_S = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+DISTANCE_BUCKETS_M = (0.1, 1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 
 class TelemetrySettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -11,4 +44,204 @@ class TelemetrySettings(Struct, frozen=True, forbid_unknown_fields=True):
     enabled: bool = True
     """Record traces and metrics at all (``/metrics`` answers 404 when off)."""
     traces: bool = True
-    """Create spans (exported only when ``OTEL_EXPORTER_OTLP_*`` endpoints are set)."""
+    """Create spans (exported only when an ``OTEL_EXPORTER_OTLP_*`` endpoint is set)."""
+    metrics_export_interval_s: float = 15.0
+    """Period of the OTLP metric export (when an endpoint is set)."""
+
+
+def _otlp_endpoint(kind: str) -> bool:
+    return bool(os.environ.get(f"OTEL_EXPORTER_OTLP_{kind}_ENDPOINT")
+                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+
+
+@dataclass
+class Telemetry:
+    """Providers and instruments of one replica."""
+
+    tracer_provider: TracerProvider
+    meter_provider: MeterProvider
+    live_reader: InMemoryMetricReader
+    tracer: Tracer
+    instruments: dict[str, Any] = field(default_factory=dict)
+    traces: bool = True
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters."""
+        self.tracer_provider.shutdown()
+        self.meter_provider.shutdown()
+
+    # ------------------------------------------------------------------ recording
+
+    def request(self, version: str, outcome: str) -> None:
+        """Count one answered (or failed) prediction."""
+        self.instruments["requests"].add(1, {"model_version": version, "outcome": outcome})
+
+    def duration(self, version: str, phase: str, seconds: float) -> None:
+        """Record one phase duration."""
+        self.instruments["duration"].record(seconds, {"model_version": version,
+                                                      "phase": phase})
+
+    def cache(self, result: str, version: str = "") -> None:
+        """Count one cache lookup by result (hit, miss, error)."""
+        attrs = {"result": result, "model_version": version} if version else {"result": result}
+        self.instruments["cache"].add(1, attrs)
+
+    def reload(self, outcome: str) -> None:
+        """Count one rollout apply by outcome."""
+        self.instruments["reloads"].add(1, {"outcome": outcome})
+
+    def shadow_distance(self, version: str, metres: float) -> None:
+        """Record the distance between primary and shadow positions."""
+        self.instruments["shadow"].record(metres, {"model_version": version})
+
+    def observe_pool(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """Register pool gauges (workers by state, queue depth, restarts) read from ``stats``."""
+        meter = self.meter_provider.get_meter("heimdall.pool")
+
+        def workers(_: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(n, {"state": s}) for s, n in stats()["states"].items()]
+
+        def depth(_: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(stats()["queue_depth"])]
+
+        def restarts(_: CallbackOptions) -> Iterable[Observation]:
+            return [Observation(stats()["restarts"])]
+
+        meter.create_observable_gauge("heimdall.pool.workers", [workers], unit="1",
+                                      description="Worker processes by state")
+        meter.create_observable_gauge("heimdall.pool.queue_depth", [depth], unit="1",
+                                      description="Items waiting for a worker")
+        meter.create_observable_counter("heimdall.pool.worker_restarts", [restarts], unit="1",
+                                        description="Worker processes respawned")
+
+    # ------------------------------------------------------------------ live figures
+
+    def live(self) -> dict[str, dict[str, Any]]:
+        """Per-version figures from the instruments: requests, errors, p50/p95, hit rate."""
+        data = self.live_reader.get_metrics_data()
+        out: dict[str, dict[str, Any]] = {}
+
+        def entry(version: str) -> dict[str, Any]:
+            return out.setdefault(version, {"requests": 0, "errors": 0, "cache_hits": 0,
+                                            "cache_lookups": 0, "latency_ms_p50": None,
+                                            "latency_ms_p95": None})
+
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        attrs = dict(point.attributes or {})
+                        version = str(attrs.get("model_version", ""))
+                        if not version:
+                            continue
+                        _accumulate(metric.name, attrs, point, entry(version))
+        for figures in out.values():
+            lookups = figures.pop("cache_lookups")
+            hits = figures.pop("cache_hits")
+            figures["cache_hit_rate"] = round(hits / lookups, 4) if lookups else None
+        return out
+
+
+def _accumulate(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
+    if name == "heimdall.inference.requests" and isinstance(point, NumberDataPoint):
+        figures["requests"] += int(point.value)
+        if attrs.get("outcome") != "ok":
+            figures["errors"] += int(point.value)
+    elif name == "heimdall.cache.requests" and isinstance(point, NumberDataPoint):
+        figures["cache_lookups"] += int(point.value)
+        if attrs.get("result") == "hit":
+            figures["cache_hits"] += int(point.value)
+    elif (name == "heimdall.inference.duration" and attrs.get("phase") == "total"
+          and isinstance(point, HistogramDataPoint) and point.count):
+        figures["latency_ms_p50"] = round(quantile(point, 0.5) * 1e3, 3)
+        figures["latency_ms_p95"] = round(quantile(point, 0.95) * 1e3, 3)
+    elif name == "heimdall.shadow.distance" and isinstance(point, HistogramDataPoint):
+        figures["shadow_distance_m"] = {"count": point.count,
+                                        "p50": round(quantile(point, 0.5), 1),
+                                        "p95": round(quantile(point, 0.95), 1)}
+
+
+def quantile(point: HistogramDataPoint, q: float) -> float:
+    """Quantile estimated from explicit buckets by linear interpolation within a bucket."""
+    target = q * point.count
+    seen = 0
+    lower = point.min if point.min is not None else 0.0
+    for bound, count in zip([*point.explicit_bounds, point.max], point.bucket_counts,
+                            strict=False):
+        if count and seen + count >= target:
+            upper = min(bound, point.max)
+            low = max(lower, point.min)
+            return float(low + (upper - low) * (target - seen) / count)
+        seen += count
+        lower = bound
+    return float(point.max)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("heimdall-inference")
+    except PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "0+unknown"
+
+
+def build_telemetry(
+    settings: TelemetrySettings,
+    replica: str,
+    *,
+    prometheus: bool = True,
+    extra_span_processors: Iterable[SpanProcessor] = (),
+    extra_metric_readers: Iterable[MetricReader] = (),
+) -> Telemetry:
+    """Providers and instruments for one replica (``OTEL_*`` configure exporters)."""
+    attributes: dict[str, str] = {"service.instance.id": replica,
+                                  "service.version": _version()}
+    if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    ):
+        attributes["service.name"] = "heimdall-inference"
+    resource = Resource.create(attributes)
+    tracer_provider = TracerProvider(resource=resource)
+    if settings.traces and _otlp_endpoint("TRACES"):
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    for processor in extra_span_processors:
+        tracer_provider.add_span_processor(processor)
+    live_reader = InMemoryMetricReader()
+    readers: list[MetricReader] = [live_reader, *extra_metric_readers]
+    if prometheus:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        readers.append(PrometheusMetricReader())
+    if _otlp_endpoint("METRICS"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(
+            OTLPMetricExporter(), export_interval_millis=settings.metrics_export_interval_s * 1e3))
+    views = [
+        View(instrument_name="heimdall.inference.duration",
+             aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)),
+        View(instrument_name="http.server.request.duration",
+             aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)),
+        View(instrument_name="heimdall.shadow.distance",
+             aggregation=ExplicitBucketHistogramAggregation(DISTANCE_BUCKETS_M)),
+    ]
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
+    meter = meter_provider.get_meter("heimdall.inference")
+    instruments = {
+        "requests": meter.create_counter("heimdall.inference.requests", unit="1",
+                                         description="Predictions by version and outcome"),
+        "duration": meter.create_histogram("heimdall.inference.duration", unit="s",
+                                           description="Time per phase of a prediction"),
+        "cache": meter.create_counter("heimdall.cache.requests", unit="1",
+                                      description="Prediction cache lookups by result"),
+        "reloads": meter.create_counter("heimdall.model.reloads", unit="1",
+                                        description="Rollout applies by outcome"),
+        "shadow": meter.create_histogram("heimdall.shadow.distance", unit="m",
+                                         description="Primary-to-shadow position distance"),
+    }
+    return Telemetry(tracer_provider, meter_provider, live_reader,
+                     tracer_provider.get_tracer("heimdall.inference"), instruments,
+                     traces=settings.traces)

@@ -197,6 +197,7 @@ class WorkerPool:
         self._respawns: set[asyncio.Task[None]] = set()
         self._on_restart = on_restart
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._turn = 0
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -225,6 +226,7 @@ class WorkerPool:
         self._queue.clear()
         for worker in self._workers:
             if worker and worker.state in ("ready", "starting"):
+                worker.state = "stopping"
                 with contextlib.suppress(OSError):
                     worker.conn.send_bytes(request_encoder.encode(Stop(next(self._ids))))
         for worker in self._workers:
@@ -294,7 +296,8 @@ class WorkerPool:
             self._loop.remove_reader(worker.process.sentinel)
 
     def _on_exit(self, worker: _Worker) -> None:
-        if worker.state in ("dead", "stopped", "failed"):
+        if worker.state in ("dead", "stopped", "failed", "stopping"):
+            self._detach(worker)
             return
         self._detach(worker)
         was = worker.state
@@ -463,7 +466,9 @@ class WorkerPool:
             candidates = [w for w in self._ready() if w.load < limit]
             if not candidates:
                 return
-            worker = min(candidates, key=lambda w: w.load)
+            # Least loaded; ties go round-robin so idle workers share the traffic.
+            self._turn = (self._turn + 1) % self.size
+            worker = min(candidates, key=lambda w: (w.load, (w.slot - self._turn) % self.size))
             first = self._queue.popleft()
             self._queued_items -= first.size
             jobs = [first]

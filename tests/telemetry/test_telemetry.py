@@ -1,0 +1,184 @@
+"""Traces and metrics: in-memory exporters in process, OTLP/HTTP and /metrics end to end."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import httpx
+import pytest
+from litestar.testing import AsyncTestClient
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from app.factory import create_app
+from app.settings import load_settings
+from telemetry.setup import TelemetrySettings, build_telemetry
+from tests.support.procs import Server, free_port
+from training.simulate import iter_batches, request_payload
+
+pytestmark = pytest.mark.slow
+BATCH = next(iter_batches(8, 4242, chunk=8))
+
+
+async def test_one_prediction_is_one_trace_covering_every_phase(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    exporter = InMemorySpanExporter()
+    telemetry = build_telemetry(TelemetrySettings(), "test-replica", prometheus=False,
+                                extra_span_processors=[SimpleSpanProcessor(exporter)])
+    settings = load_settings({**registry_env, "REDIS_URL": redis_url, "HEIMDALL_POOL_WORKERS": "1",
+                              "HEIMDALL_CONTROL_ENABLED": "false",
+                              "HEIMDALL_CACHE_PREFIX": "heimdall:traces:"})
+    app = create_app(settings, telemetry)
+    async with AsyncTestClient(app, timeout=60) as client:
+        for _ in range(600):
+            if (await client.get("/health/ready")).status_code == 200:
+                break
+            time.sleep(0.1)
+        exporter.clear()
+        body = request_payload(BATCH, 0, request_id="trace-me")
+        response = await client.post("/v1/predict", json=body)
+        assert response.status_code == 200
+        spans = exporter.get_finished_spans()
+        names = {s.name for s in spans}
+        assert {"cache.lookup", "queue", "features", "inference"} <= names, names
+        assert len({s.context.trace_id for s in spans}) == 1
+        server = [s for s in spans if s.parent is None]
+        assert len(server) == 1 and "POST" in server[0].name
+        for span in spans:
+            if span.name in ("queue", "features", "inference", "cache.lookup"):
+                assert span.parent is not None
+                assert span.parent.span_id == server[0].context.span_id
+                assert span.attributes["model.version"] == "1"
+        inference = next(s for s in spans if s.name == "inference")
+        assert inference.attributes["batch.size"] >= 1
+        assert inference.end_time > inference.start_time
+        # An incoming W3C traceparent continues that trace.
+        exporter.clear()
+        trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+        traceparent = f"00-{trace_id}-00f067aa0ba902b7-01"
+        body = request_payload(BATCH, 1)
+        await client.post("/v1/predict", json=body, headers={"traceparent": traceparent})
+        spans = exporter.get_finished_spans()
+        assert spans and {format(s.context.trace_id, "032x") for s in spans} == {trace_id}
+        # Health checks are not traced.
+        exporter.clear()
+        await client.get("/health/ready")
+        assert exporter.get_finished_spans() == ()
+    telemetry.shutdown()
+
+
+def scrape(server: Server) -> str:
+    return httpx.get(server.url + "/metrics", timeout=10).text
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        if all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_metrics_count_every_request_across_workers(shared_server: Server) -> None:
+    before = scrape(shared_server)
+    n = 24
+    with httpx.Client(timeout=30) as client:
+        for i in range(n):
+            body = request_payload(BATCH, i % 8, cache=False)
+            assert client.post(shared_server.url + "/v1/predict", json=body).status_code == 200
+    after = scrape(shared_server)
+    name = "heimdall_inference_requests_total"
+    assert metric_sum(after, name, outcome="ok") - metric_sum(before, name, outcome="ok") == n
+    for phase in ("queue", "features", "inference", "total"):
+        count = "heimdall_inference_duration_seconds_count"
+        grew = metric_sum(after, count, phase=phase) - metric_sum(before, count, phase=phase)
+        assert grew == n, phase
+    assert 'le="0.0005"' in after  # sub-millisecond buckets
+    assert metric_sum(after, "heimdall_pool_workers", state="ready") == 2
+    assert "heimdall_pool_queue_depth" in after
+    assert "heimdall_pool_worker_restarts_total" in after
+    assert "heimdall_model_reloads_total" in after
+    served = [w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()
+              ["pool"]["workers"]]
+    assert all(s > 0 for s in served), "both workers should have answered"
+    live = httpx.get(shared_server.url + "/v1/models/1").json()["live"]
+    assert live["requests"] >= n and live["latency_ms_p50"] > 0
+
+
+class _Collector(BaseHTTPRequestHandler):
+    received: dict[str, list[bytes]] = {"traces": [], "metrics": []}
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server API
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        kind = "traces" if self.path.endswith("/v1/traces") else "metrics"
+        self.received[kind].append(body)
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-protobuf")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def collector() -> Iterator[tuple[str, dict[str, list[bytes]]]]:
+    port = free_port()
+    _Collector.received = {"traces": [], "metrics": []}
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), _Collector)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{port}", _Collector.received
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_otlp_http_export_reaches_a_collector(
+    start_server: Callable[..., Server], collector: tuple[str, dict[str, list[bytes]]]
+) -> None:
+    endpoint, received = collector
+    server = start_server(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_SERVICE_NAME="heimdall-e2e",
+                          OTEL_BSP_SCHEDULE_DELAY="200",
+                          HEIMDALL_TELEMETRY_METRICS_EXPORT_INTERVAL_S="1")
+    for i in range(3):
+        body = request_payload(BATCH, i, cache=False)
+        assert httpx.post(server.url + "/v1/predict", json=body, timeout=30).status_code == 200
+    deadline = time.monotonic() + 20
+    spans: list[Any] = []
+    metric_names: set[str] = set()
+    service_names: set[str] = set()
+    while time.monotonic() < deadline and not (spans and "heimdall.inference.requests"
+                                               in metric_names):
+        time.sleep(0.5)
+        for raw in received["traces"]:
+            req = ExportTraceServiceRequest.FromString(raw)
+            for rs in req.resource_spans:
+                service_names |= {a.value.string_value for a in rs.resource.attributes
+                                  if a.key == "service.name"}
+                spans += [s for ss in rs.scope_spans for s in ss.spans]
+        for raw in received["metrics"]:
+            req_m = ExportMetricsServiceRequest.FromString(raw)
+            for rm in req_m.resource_metrics:
+                metric_names |= {m.name for sm in rm.scope_metrics for m in sm.metrics}
+    assert service_names == {"heimdall-e2e"}
+    inference = [s for s in spans if s.name == "inference"]
+    assert len(inference) >= 3
+    versions = {a.value.string_value for s in inference for a in s.attributes
+                if a.key == "model.version"}
+    assert versions == {"1"}
+    assert {"heimdall.inference.requests", "heimdall.inference.duration"} <= metric_names
+    assert re.search(r"heimdall\.pool\.workers", " ".join(metric_names))
