@@ -1,0 +1,1 @@
+"""HTTP layer, service, cache, control plane and CLI of heimdall-inference."""

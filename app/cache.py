@@ -108,8 +108,11 @@ class PredictionCache:
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self._failures >= self.settings.breaker_failures:
             self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
-            log.warning("cache circuit breaker open for %.1fs: %s",
-                        self.settings.breaker_cooldown_s, self.last_error)
+            log.warning(
+                "cache circuit breaker open for %.1fs: %s",
+                self.settings.breaker_cooldown_s,
+                self.last_error,
+            )
 
     async def get(self, key: str) -> tuple[Prediction | None, str]:
         """``(prediction, "hit")``, or ``(None, "miss" | "error")``.

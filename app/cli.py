@@ -18,11 +18,12 @@ REFERENCE_PACKAGE = Path(__file__).resolve().parent.parent / "training" / "refer
 def cmd_serve(args: argparse.Namespace) -> int:
     """Validate settings, then run Granian with the app factory (one HTTP process)."""
     settings = load_settings()
-    from granian import Granian
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
+    from granian.log import LogLevels
+    from granian.server.mp import MPServer
 
-    class HeimdallServer(Granian):  # type: ignore[misc,valid-type]
+    class HeimdallServer(MPServer):
         """Granian whose SIGHUP re-resolves model aliases instead of restarting workers."""
 
         def signal_handler_reload(self, *args: object, **kwargs: object) -> None:
@@ -42,7 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop=Loops.asyncio,
         backpressure=server.granian_backpressure,
         http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
-        log_level=server.log_level.lower(),  # type: ignore[arg-type]
+        log_level=LogLevels(server.log_level.lower()),
         websockets=False,
         workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
     ).serve()
@@ -70,7 +71,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     written = 0
     for batch in iter_batches(args.count, args.seed, chunk=min(args.count, 256)):
         for i in range(len(batch)):
-            payload: dict[str, Any] = request_payload(batch, i, request_id=f"sim-{args.seed}-{written}")
+            payload: dict[str, Any] = request_payload(
+                batch, i, request_id=f"sim-{args.seed}-{written}"
+            )
             (out / f"capture-{written:05d}.json").write_text(json.dumps(payload))
             (out / f"capture-{written:05d}.truth.json").write_text(json.dumps(truth_of(batch, i)))
             written += 1

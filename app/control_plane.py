@@ -189,9 +189,12 @@ class ControlPlane:
 
     def state(self) -> dict[str, Any]:
         """For /health/ready and /v1/models."""
-        return {"enabled": self.settings.enabled and self.client is not None,
-                "connected": self.connected, "last_error": self.last_error,
-                "rejected_messages": self.rejected}
+        return {
+            "enabled": self.settings.enabled and self.client is not None,
+            "connected": self.connected,
+            "last_error": self.last_error,
+            "rejected_messages": self.rejected,
+        }
 
     def _status_key(self) -> str:
         return keys(self.settings.namespace, self.model)[3] + self.replica
@@ -210,8 +213,7 @@ class ControlPlane:
                 delay = 0.5
                 self._wake.set()  # (re)connected: re-read the desired state
                 while True:
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=1.0)
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None:
                         self._on_message(message.get("data"))
             except asyncio.CancelledError:
@@ -235,8 +237,9 @@ class ControlPlane:
             return
         if not verified(message, self.settings.hmac_secret):
             self.rejected += 1
-            log.warning("rejecting control message revision %d: bad or missing HMAC",
-                        message.revision)
+            log.warning(
+                "rejecting control message revision %d: bad or missing HMAC", message.revision
+            )
             return
         if message.revision < self.rollout.status.applied_revision:
             self.rejected += 1
@@ -271,14 +274,14 @@ class ControlPlane:
         if self.client is None or not self.settings.enabled:
             return self.default
         try:
-            doc = await asyncio.wait_for(read_desired(self.client, self.settings, self.model),
-                                         2.0)
+            doc = await asyncio.wait_for(read_desired(self.client, self.settings, self.model), 2.0)
         except (TimeoutError, OSError, ConnectionError) as exc:
             self.connected = False
             self.last_error = f"redis unreachable: {exc or type(exc).__name__}"
             if self._applied is None:
-                log.warning("%s; serving the default %s", self.last_error,
-                            list(self.default.weights))
+                log.warning(
+                    "%s; serving the default %s", self.last_error, list(self.default.weights)
+                )
                 return self.default
             raise
         except Exception as exc:  # redis-py errors
@@ -342,5 +345,6 @@ class ControlPlane:
             error=status.last_error,
             updated_at=time.time(),
         )
-        await self.client.set(self._status_key(), msgspec.json.encode(report),
-                              ex=self.settings.heartbeat_ttl_s)
+        await self.client.set(
+            self._status_key(), msgspec.json.encode(report), ex=self.settings.heartbeat_ttl_s
+        )

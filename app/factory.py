@@ -22,15 +22,15 @@ from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
 
 from app.cache import PredictionCache
+from app.control_plane import ControlPlane
 from app.http import (
     build_routes,
-    metrics_route,
     http_error_handler,
     internal_error_handler,
+    metrics_route,
     service_error_handler,
 )
 from app.oip import build_oip_routes
-from app.control_plane import ControlPlane
 from app.rollout import Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
@@ -65,8 +65,12 @@ class Components:
         if self.telemetry is not None:
             self.telemetry.observe_pool(self.pool.stats)
         self.service.telemetry = self.telemetry
-        self.rollout = Rollout(self.registry, self.pool, self.service,
-                               on_outcome=self.telemetry.reload if self.telemetry else None)
+        self.rollout = Rollout(
+            self.registry,
+            self.pool,
+            self.service,
+            on_outcome=self.telemetry.reload if self.telemetry else None,
+        )
         self.redis: Any | None = None
         if settings.cache.redis_url:
             import redis.asyncio as aioredis
@@ -110,8 +114,10 @@ class Components:
         ok, details = self.service.ready()
         details["pool"] = self.pool.stats()["states"]
         details["cache"] = self.cache.state()
-        details["rollout"] = {"last_outcome": self.rollout.status.last_outcome,
-                              "last_error": self.rollout.status.last_error}
+        details["rollout"] = {
+            "last_outcome": self.rollout.status.last_outcome,
+            "last_error": self.rollout.status.last_error,
+        }
         details["control"] = self.control.state()
         return ok, details
 
@@ -167,11 +173,15 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
     plugins = []
     if components.telemetry is not None:
         routes.append(metrics_route())
-        plugins.append(OpenTelemetryPlugin(OpenTelemetryConfig(
-            tracer_provider=components.telemetry.tracer_provider,
-            meter_provider=components.telemetry.meter_provider,
-            exclude=["/health", "/metrics", "/v2/health"],
-        )))
+        plugins.append(
+            OpenTelemetryPlugin(
+                OpenTelemetryConfig(
+                    tracer_provider=components.telemetry.tracer_provider,
+                    meter_provider=components.telemetry.meter_provider,
+                    exclude=["/health", "/metrics", "/v2/health"],
+                )
+            )
+        )
     app = Litestar(
         route_handlers=routes,
         plugins=plugins,

@@ -43,8 +43,7 @@ _decoders: dict[tuple[type, bool], Any] = {}
 def _decoder(kind: type, msgpack: bool) -> Any:
     key = (kind, msgpack)
     if key not in _decoders:
-        _decoders[key] = (msgspec.msgpack.Decoder(kind) if msgpack
-                          else msgspec.json.Decoder(kind))
+        _decoders[key] = msgspec.msgpack.Decoder(kind) if msgpack else msgspec.json.Decoder(kind)
     return _decoders[key]
 
 
@@ -116,8 +115,12 @@ def encode(request: Request[Any, Any, Any], value: Any, status: int = 200) -> Re
 
 def problem_response(problem: Problem, headers: dict[str, str] | None = None) -> Response[bytes]:
     """Render a problem-details document."""
-    return Response(_json_encoder.encode(problem), status_code=problem.status,
-                    media_type=PROBLEM, headers=headers)
+    return Response(
+        _json_encoder.encode(problem),
+        status_code=problem.status,
+        media_type=PROBLEM,
+        headers=headers,
+    )
 
 
 def service_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -141,15 +144,21 @@ def http_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[by
             errors.append(FieldError(str(item.get("key", "")), str(item.get("message", ""))))
     headers = dict(exc.headers or {})
     title = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}.get(
-        status, "Bad request" if status < 500 else "Server error")
+        status, "Bad request" if status < 500 else "Server error"
+    )
     return problem_response(Problem(title, status, detail, errors=errors), headers or None)
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Anything unexpected: log it with the request path, answer a 500 problem."""
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(Problem("Internal error", HTTP_500_INTERNAL_SERVER_ERROR,
-                                    "an unexpected error occurred; it has been logged"))
+    return problem_response(
+        Problem(
+            "Internal error",
+            HTTP_500_INTERNAL_SERVER_ERROR,
+            "an unexpected error occurred; it has been logged",
+        )
+    )
 
 
 def metrics_route() -> HTTPRouteHandler:
@@ -174,15 +183,23 @@ def build_routes(
 ) -> list[HTTPRouteHandler]:
     """The /v1 and /health route handlers bound to ``service``."""
 
-    @post("/v1/predict", request_max_body_size=max_body, summary="Localise one transmitter",
-          status_code=200)
+    @post(
+        "/v1/predict",
+        request_max_body_size=max_body,
+        summary="Localise one transmitter",
+        status_code=200,
+    )
     async def predict(request: Request[Any, Any, Any]) -> Response[bytes]:
         wants_msgpack(request)
         body = await decode_body(request, PredictRequest)
         return encode(request, await service.predict(body))
 
-    @post("/v1/predict/batch", request_max_body_size=max_batch_body, status_code=200,
-          summary="Localise up to 256 transmitters")
+    @post(
+        "/v1/predict/batch",
+        request_max_body_size=max_batch_body,
+        status_code=200,
+        summary="Localise up to 256 transmitters",
+    )
     async def predict_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
         wants_msgpack(request)
         body = await decode_body(request, BatchRequest)
@@ -193,11 +210,15 @@ def build_routes(
         return encode(request, models_state())
 
     @get("/v1/models/{version:str}", summary="One model version")
-    async def model_version(request: Request[Any, Any, Any], version: FromPath[str]) -> Response[bytes]:
+    async def model_version(
+        request: Request[Any, Any, Any], version: FromPath[str]
+    ) -> Response[bytes]:
         ctx = service.contexts.get(version)
         if ctx is None:
-            raise NotFound(f"version {version} is not resident on this replica "
-                           f"(resident: {', '.join(sorted(service.contexts)) or 'none'})")
+            raise NotFound(
+                f"version {version} is not resident on this replica "
+                f"(resident: {', '.join(sorted(service.contexts)) or 'none'})"
+            )
         return encode(request, ctx.describe(live().get(version)))
 
     @get("/health/live", summary="Liveness")
@@ -208,17 +229,20 @@ def build_routes(
     async def health_ready() -> Response[bytes]:
         ok, details = readiness()
         details["status"] = "ready" if ok else "not ready"
-        return Response(_json_encoder.encode(details), media_type=JSON,
-                        status_code=200 if ok else 503,
-                        headers=None if ok else {"Retry-After": "2"})
+        return Response(
+            _json_encoder.encode(details),
+            media_type=JSON,
+            status_code=200 if ok else 503,
+            headers=None if ok else {"Retry-After": "2"},
+        )
 
     return [predict, predict_batch, models, model_version, health_live, health_ready]
 
 
 __all__ = [
+    "PayloadTooLarge",
     "build_routes",
     "http_error_handler",
     "internal_error_handler",
     "service_error_handler",
-    "PayloadTooLarge",
 ]

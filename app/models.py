@@ -61,8 +61,14 @@ class VersionContext:
             "outputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.outputs.items()},
             "metrics": spec.provenance.metrics,
             "training_data": spec.provenance.training_data,
-            "live": live or {"requests": 0, "errors": 0, "cache_hit_rate": None,
-                             "latency_ms_p50": None, "latency_ms_p95": None},
+            "live": live
+            or {
+                "requests": 0,
+                "errors": 0,
+                "cache_hit_rate": None,
+                "latency_ms_p50": None,
+                "latency_ms_p95": None,
+            },
         }
 
 

@@ -19,14 +19,19 @@ def _client(settings: Settings) -> Any:
     return aioredis.from_url(settings.cache.redis_url, socket_timeout=5)
 
 
-async def _publish(settings: Settings, weights: dict[str, float] | None,
-                   shadow: str | None | bool, fraction: float | None) -> None:
+async def _publish(
+    settings: Settings,
+    weights: dict[str, float] | None,
+    shadow: str | bool | None,
+    fraction: float | None,
+) -> None:
     client = _client(settings)
     model = settings.registry.model_name()
     try:
         current = await read_desired(client, settings.control, model)
-        new_weights = weights or (dict(current.weights) if current else
-                                  {settings.registry.model_uri: 1.0})
+        new_weights = weights or (
+            dict(current.weights) if current else {settings.registry.model_uri: 1.0}
+        )
         if shadow is False:
             new_shadow, new_fraction = None, 0.0
         elif shadow is None:
@@ -35,10 +40,11 @@ async def _publish(settings: Settings, weights: dict[str, float] | None,
         else:
             new_shadow = str(shadow)
             new_fraction = fraction if fraction is not None else 0.1
-        doc = await publish(client, settings.control, model, new_weights, new_shadow,
-                            new_fraction)
-        print(f"published revision {doc.revision}: weights {doc.weights}"
-              + (f", shadow {doc.shadow} at {doc.shadow_fraction:g}" if doc.shadow else ""))
+        doc = await publish(client, settings.control, model, new_weights, new_shadow, new_fraction)
+        print(
+            f"published revision {doc.revision}: weights {doc.weights}"
+            + (f", shadow {doc.shadow} at {doc.shadow_fraction:g}" if doc.shadow else "")
+        )
     finally:
         await client.aclose()
 
@@ -87,17 +93,24 @@ async def _status(settings: Settings) -> None:
     finally:
         await client.aclose()
     if desired:
-        print(f"desired revision {desired.revision}: weights {desired.weights}"
-              + (f", shadow {desired.shadow} at {desired.shadow_fraction:g}"
-                 if desired.shadow else ""))
+        print(
+            f"desired revision {desired.revision}: weights {desired.weights}"
+            + (
+                f", shadow {desired.shadow} at {desired.shadow_fraction:g}"
+                if desired.shadow
+                else ""
+            )
+        )
     else:
         print(f"no desired state published; replicas serve {settings.registry.model_uri}")
     print(f"{'replica':40} {'revision':>8}  {'versions':24} {'age':>5}  last error")
     now = time.time()
     for r in replicas:
         versions = ",".join(f"{v}={w:g}" for v, w in r.versions.items())
-        print(f"{r.replica:40} {r.revision:>8}  {versions:24} {now - r.updated_at:>4.0f}s  "
-              f"{r.error or '-'}")
+        print(
+            f"{r.replica:40} {r.revision:>8}  {versions:24} {now - r.updated_at:>4.0f}s  "
+            f"{r.error or '-'}"
+        )
 
 
 def cmd_status(_: argparse.Namespace) -> int:

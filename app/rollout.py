@@ -95,9 +95,15 @@ class Rollout:
         if outcome == "applied":
             status.applied_revision = state.revision
             status.applied_at = time.time()
-        status.history = [*status.history[-9:], {
-            "revision": state.revision, "outcome": outcome, "error": error, "at": time.time(),
-        }]
+        status.history = [
+            *status.history[-9:],
+            {
+                "revision": state.revision,
+                "outcome": outcome,
+                "error": error,
+                "at": time.time(),
+            },
+        ]
         if error:
             log.error("applying revision %d failed: %s", state.revision, error)
         else:

@@ -25,8 +25,12 @@ class ReceiverCapture(Struct, frozen=True):
     id: Annotated[str, Meta(min_length=1, max_length=64, description="Receiver identifier")]
     latitude: Latitude
     longitude: Longitude
-    iq: Annotated[bytes, Meta(description="Little-endian complex64 samples (interleaved "
-                                          "float32 I,Q); base64 in JSON")]
+    iq: Annotated[
+        bytes,
+        Meta(
+            description="Little-endian complex64 samples (interleaved float32 I,Q); base64 in JSON"
+        ),
+    ]
     altitude_m: float | None = None
 
 
@@ -85,8 +89,7 @@ class Timing(Struct, frozen=True):
     total: float
 
 
-class PredictResponse(Struct, frozen=True, omit_defaults=True, tag_field="kind",
-                      tag="prediction"):
+class PredictResponse(Struct, frozen=True, omit_defaults=True, tag_field="kind", tag="prediction"):
     """One localization."""
 
     request_id: str

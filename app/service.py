@@ -144,8 +144,10 @@ class InferenceService:
         for i, rx in enumerate(request.receivers):
             path = f"{prefix}.receivers[{i}]"
             if rx.id in seen:
-                raise InvalidInput(f"receiver id {rx.id!r} appears more than once; "
-                                   "send each receiver once", field=f"{path}.id")
+                raise InvalidInput(
+                    f"receiver id {rx.id!r} appears more than once; send each receiver once",
+                    field=f"{path}.id",
+                )
             seen.add(rx.id)
             size = len(rx.iq)
             if size % 8:
@@ -214,8 +216,9 @@ class InferenceService:
             if cached is not None:
                 return cached
         submitted_ns = time.time_ns()
-        (future,) = self.pool.submit(prepared.context.version, [[prepared.item]],
-                                     self.settings.request_timeout_s)
+        (future,) = self.pool.submit(
+            prepared.context.version, [[prepared.item]], self.settings.request_timeout_s
+        )
         result = await future
         response = self._respond(prepared, result, 0, started)
         self._trace(prepared.context, result, submitted_ns)
@@ -243,16 +246,18 @@ class InferenceService:
         if ctx is None:
             return
         try:
-            (future,) = self.pool.submit(version, [[prepared.item]],
-                                         self.settings.request_timeout_s)
+            (future,) = self.pool.submit(
+                version, [[prepared.item]], self.settings.request_timeout_s
+            )
             result = await future
         except ServiceError as exc:
             log.debug("shadow request on %s skipped: %s", version, exc.detail)
             return
         outcome = result.results[0]
         if self.telemetry is not None:
-            self.telemetry.request(version, "ok" if isinstance(outcome, Prediction)
-                                   else outcome.code)
+            self.telemetry.request(
+                version, "ok" if isinstance(outcome, Prediction) else outcome.code
+            )
             if isinstance(outcome, Prediction):
                 self.telemetry.shadow_distance(version, positions_distance_m(primary, outcome))
 
@@ -272,12 +277,15 @@ class InferenceService:
         queue_ns = int(result.queue_s * 1e9)
         telemetry.duration(version, "queue", result.queue_s)
         telemetry.duration(version, "features", (t.features_end_ns - t.features_start_ns) / 1e9)
-        telemetry.duration(version, "inference",
-                           (t.inference_end_ns - t.inference_start_ns) / 1e9)
+        telemetry.duration(version, "inference", (t.inference_end_ns - t.inference_start_ns) / 1e9)
         if not telemetry.traces:
             return
-        attrs = {"model.name": ctx.name, "model.version": version,
-                 "worker.id": result.worker_id, "batch.size": result.batch_size}
+        attrs: dict[str, str | int] = {
+            "model.name": ctx.name,
+            "model.version": version,
+            "worker.id": result.worker_id,
+            "batch.size": result.batch_size,
+        }
         tracer = telemetry.tracer
         for name, start_ns, end_ns in (
             ("queue", submitted_ns, submitted_ns + queue_ns),
@@ -362,8 +370,9 @@ class InferenceService:
                 continue
             for offset, (index, prepared) in enumerate(members):
                 try:
-                    out[index] = self._respond(prepared, result, offset, started,
-                                               prefix=f"$.items[{index}]")
+                    out[index] = self._respond(
+                        prepared, result, offset, started, prefix=f"$.items[{index}]"
+                    )
                 except ServiceError as exc:
                     out[index] = problem_from(exc, prepared.request_id)
                     self.count(prepared.context.version, exc.code, started)
@@ -421,5 +430,6 @@ def build_response(
 
 def positions_distance_m(a: Prediction, b: Prediction) -> float:
     """Geodesic distance between two predictions' positions."""
-    return float(distance_m(a.latitude, a.longitude, np.array([b.latitude]),
-                            np.array([b.longitude]))[0])
+    return float(
+        distance_m(a.latitude, a.longitude, np.array([b.latitude]), np.array([b.longitude]))[0]
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,8 +51,7 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
 SECTIONS: dict[str, tuple[type[Struct], str, dict[str, str]]] = {
     "server": (ServerSettings, "HEIMDALL_", {}),
     "service": (ServiceSettings, "HEIMDALL_", {}),
-    "registry": (RegistrySettings, "HEIMDALL_",
-                 {"tracking_uri": "MLFLOW_TRACKING_URI"}),
+    "registry": (RegistrySettings, "HEIMDALL_", {"tracking_uri": "MLFLOW_TRACKING_URI"}),
     "pool": (PoolSettings, "HEIMDALL_POOL_", {}),
     "cache": (CacheSettings, "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
     "control": (ControlSettings, "HEIMDALL_CONTROL_", {}),
@@ -113,7 +113,7 @@ def _docstrings(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs: dict[str, str] = {}
-    for node, after in zip(body, body[1:], strict=False):
+    for node, after in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)
@@ -132,8 +132,9 @@ def settings_table() -> str:
         for field in msgspec.structs.fields(cls):
             default = field.default if field.default is not msgspec.NODEFAULT else ""
             shown = f"`{default}`" if default not in ("", None) else "—"
-            rows.append(f"| `{env_name(section, field.name)}` | {shown} | "
-                        f"{docs.get(field.name, '')} |")
+            rows.append(
+                f"| `{env_name(section, field.name)}` | {shown} | {docs.get(field.name, '')} |"
+            )
     return "\n".join(rows)
 
 

@@ -1,0 +1,1 @@
+"""OpenTelemetry providers and instruments (neither Litestar nor workers)."""

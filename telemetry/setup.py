@@ -32,8 +32,25 @@ from opentelemetry.trace import Tracer
 
 # Sub-millisecond to seconds, for phases that range from 50 µs (features) to a 5 s deadline.
 DURATION_BUCKETS_S = (
-    0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025,
-    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
 )
 DISTANCE_BUCKETS_M = (0.1, 1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
@@ -50,8 +67,10 @@ class TelemetrySettings(Struct, frozen=True, forbid_unknown_fields=True):
 
 
 def _otlp_endpoint(kind: str) -> bool:
-    return bool(os.environ.get(f"OTEL_EXPORTER_OTLP_{kind}_ENDPOINT")
-                or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    return bool(
+        os.environ.get(f"OTEL_EXPORTER_OTLP_{kind}_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
 
 
 @dataclass
@@ -78,8 +97,7 @@ class Telemetry:
 
     def duration(self, version: str, phase: str, seconds: float) -> None:
         """Record one phase duration."""
-        self.instruments["duration"].record(seconds, {"model_version": version,
-                                                      "phase": phase})
+        self.instruments["duration"].record(seconds, {"model_version": version, "phase": phase})
 
     def cache(self, result: str, version: str = "") -> None:
         """Count one cache lookup by result (hit, miss, error)."""
@@ -107,12 +125,18 @@ class Telemetry:
         def restarts(_: CallbackOptions) -> Iterable[Observation]:
             return [Observation(stats()["restarts"])]
 
-        meter.create_observable_gauge("heimdall.pool.workers", [workers], unit="1",
-                                      description="Worker processes by state")
-        meter.create_observable_gauge("heimdall.pool.queue_depth", [depth], unit="1",
-                                      description="Items waiting for a worker")
-        meter.create_observable_counter("heimdall.pool.worker_restarts", [restarts], unit="1",
-                                        description="Worker processes respawned")
+        meter.create_observable_gauge(
+            "heimdall.pool.workers", [workers], unit="1", description="Worker processes by state"
+        )
+        meter.create_observable_gauge(
+            "heimdall.pool.queue_depth", [depth], unit="1", description="Items waiting for a worker"
+        )
+        meter.create_observable_counter(
+            "heimdall.pool.worker_restarts",
+            [restarts],
+            unit="1",
+            description="Worker processes respawned",
+        )
 
     # ------------------------------------------------------------------ live figures
 
@@ -122,9 +146,17 @@ class Telemetry:
         out: dict[str, dict[str, Any]] = {}
 
         def entry(version: str) -> dict[str, Any]:
-            return out.setdefault(version, {"requests": 0, "errors": 0, "cache_hits": 0,
-                                            "cache_lookups": 0, "latency_ms_p50": None,
-                                            "latency_ms_p95": None})
+            return out.setdefault(
+                version,
+                {
+                    "requests": 0,
+                    "errors": 0,
+                    "cache_hits": 0,
+                    "cache_lookups": 0,
+                    "latency_ms_p50": None,
+                    "latency_ms_p95": None,
+                },
+            )
 
         for rm in data.resource_metrics if data else []:
             for sm in rm.scope_metrics:
@@ -151,14 +183,20 @@ def _accumulate(name: str, attrs: dict[str, Any], point: Any, figures: dict[str,
         figures["cache_lookups"] += int(point.value)
         if attrs.get("result") == "hit":
             figures["cache_hits"] += int(point.value)
-    elif (name == "heimdall.inference.duration" and attrs.get("phase") == "total"
-          and isinstance(point, HistogramDataPoint) and point.count):
+    elif (
+        name == "heimdall.inference.duration"
+        and attrs.get("phase") == "total"
+        and isinstance(point, HistogramDataPoint)
+        and point.count
+    ):
         figures["latency_ms_p50"] = round(quantile(point, 0.5) * 1e3, 3)
         figures["latency_ms_p95"] = round(quantile(point, 0.95) * 1e3, 3)
     elif name == "heimdall.shadow.distance" and isinstance(point, HistogramDataPoint):
-        figures["shadow_distance_m"] = {"count": point.count,
-                                        "p50": round(quantile(point, 0.5), 1),
-                                        "p95": round(quantile(point, 0.95), 1)}
+        figures["shadow_distance_m"] = {
+            "count": point.count,
+            "p50": round(quantile(point, 0.5), 1),
+            "p95": round(quantile(point, 0.95), 1),
+        }
 
 
 def quantile(point: HistogramDataPoint, q: float) -> float:
@@ -166,8 +204,7 @@ def quantile(point: HistogramDataPoint, q: float) -> float:
     target = q * point.count
     seen = 0
     lower = point.min if point.min is not None else 0.0
-    for bound, count in zip([*point.explicit_bounds, point.max], point.bucket_counts,
-                            strict=False):
+    for bound, count in zip([*point.explicit_bounds, point.max], point.bucket_counts, strict=False):
         if count and seen + count >= target:
             upper = min(bound, point.max)
             low = max(lower, point.min)
@@ -195,8 +232,7 @@ def build_telemetry(
     extra_metric_readers: Iterable[MetricReader] = (),
 ) -> Telemetry:
     """Providers and instruments for one replica (``OTEL_*`` configure exporters)."""
-    attributes: dict[str, str] = {"service.instance.id": replica,
-                                  "service.version": _version()}
+    attributes: dict[str, str] = {"service.instance.id": replica, "service.version": _version()}
     if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""
     ):
@@ -218,30 +254,52 @@ def build_telemetry(
     if _otlp_endpoint("METRICS"):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
-        readers.append(PeriodicExportingMetricReader(
-            OTLPMetricExporter(), export_interval_millis=settings.metrics_export_interval_s * 1e3))
+        readers.append(
+            PeriodicExportingMetricReader(
+                OTLPMetricExporter(),
+                export_interval_millis=settings.metrics_export_interval_s * 1e3,
+            )
+        )
     views = [
-        View(instrument_name="heimdall.inference.duration",
-             aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)),
-        View(instrument_name="http.server.request.duration",
-             aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S)),
-        View(instrument_name="heimdall.shadow.distance",
-             aggregation=ExplicitBucketHistogramAggregation(DISTANCE_BUCKETS_M)),
+        View(
+            instrument_name="heimdall.inference.duration",
+            aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
+        ),
+        View(
+            instrument_name="http.server.request.duration",
+            aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
+        ),
+        View(
+            instrument_name="heimdall.shadow.distance",
+            aggregation=ExplicitBucketHistogramAggregation(DISTANCE_BUCKETS_M),
+        ),
     ]
     meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
     meter = meter_provider.get_meter("heimdall.inference")
     instruments = {
-        "requests": meter.create_counter("heimdall.inference.requests", unit="1",
-                                         description="Predictions by version and outcome"),
-        "duration": meter.create_histogram("heimdall.inference.duration", unit="s",
-                                           description="Time per phase of a prediction"),
-        "cache": meter.create_counter("heimdall.cache.requests", unit="1",
-                                      description="Prediction cache lookups by result"),
-        "reloads": meter.create_counter("heimdall.model.reloads", unit="1",
-                                        description="Rollout applies by outcome"),
-        "shadow": meter.create_histogram("heimdall.shadow.distance", unit="m",
-                                         description="Primary-to-shadow position distance"),
+        "requests": meter.create_counter(
+            "heimdall.inference.requests",
+            unit="1",
+            description="Predictions by version and outcome",
+        ),
+        "duration": meter.create_histogram(
+            "heimdall.inference.duration", unit="s", description="Time per phase of a prediction"
+        ),
+        "cache": meter.create_counter(
+            "heimdall.cache.requests", unit="1", description="Prediction cache lookups by result"
+        ),
+        "reloads": meter.create_counter(
+            "heimdall.model.reloads", unit="1", description="Rollout applies by outcome"
+        ),
+        "shadow": meter.create_histogram(
+            "heimdall.shadow.distance", unit="m", description="Primary-to-shadow position distance"
+        ),
     }
-    return Telemetry(tracer_provider, meter_provider, live_reader,
-                     tracer_provider.get_tracer("heimdall.inference"), instruments,
-                     traces=settings.traces)
+    return Telemetry(
+        tracer_provider,
+        meter_provider,
+        live_reader,
+        tracer_provider.get_tracer("heimdall.inference"),
+        instruments,
+        traces=settings.traces,
+    )

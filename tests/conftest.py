@@ -68,8 +68,12 @@ def shared_server(
     tmp_path_factory: pytest.TempPathFactory, registry_env: dict[str, str], redis_url: str
 ) -> Iterator[Server]:
     """One server per module for read-mostly tests."""
-    env = {**registry_env, "REDIS_URL": redis_url, "HEIMDALL_POOL_WORKERS": "2",
-           "HEIMDALL_CACHE_PREFIX": f"heimdall:test:{os.getpid()}:"}
+    env = {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_POOL_WORKERS": "2",
+        "HEIMDALL_CACHE_PREFIX": f"heimdall:test:{os.getpid()}:",
+    }
     server = Server(env, tmp_path_factory.mktemp("srv") / "server.log").start()
     yield server
     server.stop()

@@ -1,0 +1,1 @@
+"""Simulator, trainer and the committed reference model package."""

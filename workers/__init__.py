@@ -1,0 +1,1 @@
+"""Worker processes, features, ONNX sessions and the model registry (no web framework)."""

@@ -20,7 +20,8 @@ from workers.spec import FeatureSpec
 def _window(n_fft: int) -> npt.NDArray[np.float32]:
     """Hann window scaled so that a bin's power is the signal power in that bin."""
     win = np.hanning(n_fft + 1)[:-1]  # periodic Hann
-    return (win / np.sqrt(np.sum(win**2))).astype(np.float32)
+    scaled: npt.NDArray[np.float32] = (win / np.sqrt(np.sum(win**2))).astype(np.float32)
+    return scaled
 
 
 def band_power_db(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.NDArray[np.float32]:
@@ -46,7 +47,8 @@ def band_power_db(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.NDArr
     power = np.fft.fftshift(power, axes=-1)
     bands = power.reshape(*power.shape[:-1], spec.n_bands, spec.n_fft // spec.n_bands).sum(-1)
     floor = np.float32(10.0 ** (spec.db_floor / 10.0))
-    return (10.0 * np.log10(np.maximum(bands, floor))).astype(np.float32)
+    db: npt.NDArray[np.float32] = (10.0 * np.log10(np.maximum(bands, floor))).astype(np.float32)
+    return db
 
 
 def extract_features(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.NDArray[np.float32]:

@@ -25,7 +25,9 @@ def wgs84() -> Geod:
 
 def centroid(latitudes: npt.ArrayLike, longitudes: npt.ArrayLike) -> tuple[float, float]:
     """Origin of the local frame: the arithmetic mean latitude and longitude of the receivers."""
-    return float(np.mean(latitudes)), float(np.mean(longitudes))
+    lat = np.asarray(latitudes, dtype=np.float64)
+    lon = np.asarray(longitudes, dtype=np.float64)
+    return float(lat.mean()), float(lon.mean())
 
 
 def to_local(

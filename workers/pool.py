@@ -49,9 +49,9 @@ from workers.messages import (
     Ping,
     Pong,
     Predict,
+    Prediction,
     PredictItem,
     PredictReply,
-    Prediction,
     Stop,
     Timings,
     Unload,
@@ -211,10 +211,10 @@ class WorkerPool:
         """Stop intake, let queued and in-flight work finish (bounded), then end workers."""
         self._closing = True
         deadline = time.monotonic() + self.settings.drain_timeout_s
-        while (self._queue or any(w and w.outgoing for w in self._workers)) and (
-            time.monotonic() < deadline
-        ):
+        busy = self._queue or any(w and w.outgoing for w in self._workers)
+        while busy and time.monotonic() < deadline:  # polls two conditions with a deadline
             await asyncio.sleep(0.02)
+            busy = self._queue or any(w and w.outgoing for w in self._workers)
         if self._supervisor:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -365,8 +365,12 @@ class WorkerPool:
                 if now - oldest > self.settings.hang_timeout_s or silent > max(
                     self.settings.hang_timeout_s, 5 * interval
                 ):
-                    log.error("worker %d hung (busy %.1fs, silent %.1fs); killing it",
-                              worker.slot, now - oldest, silent)
+                    log.error(
+                        "worker %d hung (busy %.1fs, silent %.1fs); killing it",
+                        worker.slot,
+                        now - oldest,
+                        silent,
+                    )
                     worker.process.kill()
                     continue
                 self._send(worker, Ping(next(self._ids)))
@@ -411,8 +415,17 @@ class WorkerPool:
             self._resolve(worker, out, reply)
         elif isinstance(reply, InferReply):
             job = out.jobs[0]
-            self._finish(job, JobResult([], reply.timings, job.dispatched_at - job.enqueued_at,
-                                        worker.slot, job.infer.batch if job.infer else 0, reply))
+            self._finish(
+                job,
+                JobResult(
+                    [],
+                    reply.timings,
+                    job.dispatched_at - job.enqueued_at,
+                    worker.slot,
+                    job.infer.batch if job.infer else 0,
+                    reply,
+                ),
+            )
         self._pump()
 
     def _resolve(self, worker: _Worker, out: _Outgoing, reply: PredictReply) -> None:
@@ -430,8 +443,9 @@ class WorkerPool:
                 continue
             self._finish(
                 job,
-                JobResult(part, reply.timings, job.dispatched_at - job.enqueued_at,
-                          worker.slot, batch),
+                JobResult(
+                    part, reply.timings, job.dispatched_at - job.enqueued_at, worker.slot, batch
+                ),
             )
 
     def _finish(self, job: Job, result: JobResult) -> None:
@@ -494,8 +508,14 @@ class WorkerPool:
                 )
             else:
                 infer = first.infer
-                message = Infer(next(self._ids), infer.version, infer.batch, infer.features,
-                                infer.receivers, infer.mask)
+                message = Infer(
+                    next(self._ids),
+                    infer.version,
+                    infer.batch,
+                    infer.features,
+                    infer.receivers,
+                    infer.mask,
+                )
             for job in jobs:
                 job.dispatched_at = now
                 job.attempts += 1
@@ -513,9 +533,13 @@ class WorkerPool:
         if job.dispatched_at == 0.0 and job in self._queue:
             self._queue.remove(job)
             self._queued_items -= job.size
-            self._fail(job, DeadlineExceeded(
-                f"the request waited {time.monotonic() - job.enqueued_at:.2f}s in the queue "
-                "past its deadline and was not computed"))
+            self._fail(
+                job,
+                DeadlineExceeded(
+                    f"the request waited {time.monotonic() - job.enqueued_at:.2f}s in the queue "
+                    "past its deadline and was not computed"
+                ),
+            )
 
     def submit(
         self,
@@ -531,11 +555,9 @@ class WorkerPool:
             Overloaded: the queue cannot take these items.
         """
         if self._closing:
-            raise NotReady("the service is shutting down; retry on another replica",
-                           retry_after=1)
+            raise NotReady("the service is shutting down; retry on another replica", retry_after=1)
         if version not in self._resident:
-            raise NotReady(f"model version {version} is not loaded on this replica",
-                           retry_after=1)
+            raise NotReady(f"model version {version} is not loaded on this replica", retry_after=1)
         if not self._ready():
             raise NotReady("no worker is ready", retry_after=1)
         groups: list[tuple[list[PredictItem], Infer | None]] = (
@@ -573,8 +595,7 @@ class WorkerPool:
         return await asyncio.wait_for(future, self.settings.start_timeout_s)
 
     async def _load_on(self, worker: _Worker, version: str, res: _Resident) -> None:
-        ack = await self._control(worker, Load(next(self._ids), version, res.model_path,
-                                               res.spec))
+        ack = await self._control(worker, Load(next(self._ids), version, res.model_path, res.spec))
         if not isinstance(ack, Ack) or not ack.ok:
             detail = ack.detail if isinstance(ack, Ack) else "unexpected reply"
             raise ModelLoadError(f"worker {worker.slot} could not load {version}: {detail}")
@@ -637,10 +658,16 @@ class WorkerPool:
         for slot, w in enumerate(self._workers):
             state = w.state if w else "dead"
             states[state] = states.get(state, 0) + 1
-            workers.append({"slot": slot, "state": state, "pid": w.pid if w else 0,
-                            "in_flight": w.load if w else 0,
-                            "served": w.served if w else 0,
-                            "versions": sorted(w.loaded) if w else []})
+            workers.append(
+                {
+                    "slot": slot,
+                    "state": state,
+                    "pid": w.pid if w else 0,
+                    "in_flight": w.load if w else 0,
+                    "served": w.served if w else 0,
+                    "versions": sorted(w.loaded) if w else [],
+                }
+            )
         return {
             "workers": workers,
             "states": states,

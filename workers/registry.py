@@ -192,8 +192,11 @@ class ModelRegistry:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
-                got = Path(download_artifacts(artifact_uri=info.source, dst_path=tmp,
-                                              tracking_uri=self.tracking_uri))
+                got = Path(
+                    download_artifacts(
+                        artifact_uri=info.source, dst_path=tmp, tracking_uri=self.tracking_uri
+                    )
+                )
                 if not (got / MODEL_FILE).exists():
                     found = next(got.rglob(MODEL_FILE), None)
                     if found is None:
@@ -230,8 +233,8 @@ class ModelRegistry:
     def register(self, package_dir: Path, name: str, alias: str | None = "production") -> str:
         """Register a package directory as a new version (idempotent).
 
-        A version whose sha256 and spec-hash tags equal the package's is reused; ``alias`` is pointed at it.
-        Returns the version number.
+        A version whose sha256 and spec-hash tags equal the package's is reused; ``alias`` is
+        pointed at it. Returns the version number.
         """
         model = package_dir / MODEL_FILE
         digest = sha256_file(model)
@@ -245,7 +248,8 @@ class ModelRegistry:
         except MlflowException:
             client.create_registered_model(name, description="Radio-transmitter localizer")
         existing = [
-            mv for mv in client.search_model_versions(f"name='{name}'")
+            mv
+            for mv in client.search_model_versions(f"name='{name}'")
             if (mv.tags or {}).get(SHA256_TAG) == digest
             and (mv.tags or {}).get(SPEC_HASH_TAG) == feature_version
         ]
@@ -256,8 +260,9 @@ class ModelRegistry:
             experiment_id = (
                 experiment.experiment_id
                 if experiment
-                else client.create_experiment("heimdall-packages",
-                                              artifact_location=self._artifact_root())
+                else client.create_experiment(
+                    "heimdall-packages", artifact_location=self._artifact_root()
+                )
             )
             run = client.create_run(experiment_id, run_name=f"package-{digest[:12]}")
             client.log_artifacts(run.info.run_id, str(package_dir), artifact_path="package")
@@ -275,7 +280,7 @@ class ModelRegistry:
 
     def _artifact_root(self) -> str | None:
         if self.tracking_uri.startswith("sqlite:///"):
-            root = Path(self.tracking_uri[len("sqlite:///"):]).parent / "mlartifacts"
+            root = Path(self.tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
             root.mkdir(parents=True, exist_ok=True)
             return root.as_uri()
         return None  # a tracking server decides (proxied artifacts)

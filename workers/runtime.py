@@ -10,8 +10,8 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from workers.geo import from_local
 from workers.errors import InvalidInput, ModelLoadError, ServiceError
+from workers.geo import from_local
 from workers.inputs import pack_capture
 from workers.messages import Ellipse, ItemError, Prediction, PredictItem, Timings
 from workers.spec import ModelSpec, decode_spec
@@ -130,9 +130,7 @@ class LoadedModel:
                         "IQ samples contain NaN or Inf; send finite float32 values",
                         field=f"$.receivers[{first}].iq",
                     )
-                packed.append(
-                    (index, pack_capture(iq, item.latitudes, item.longitudes, self.spec))
-                )
+                packed.append((index, pack_capture(iq, item.latitudes, item.longitudes, self.spec)))
             except ServiceError as exc:
                 results[index] = ItemError(exc.code, exc.detail, exc.field)
             except ValueError as exc:
@@ -148,7 +146,11 @@ class LoadedModel:
             t3 = time.time_ns()
             for row, (index, inputs) in enumerate(packed):
                 results[index] = self.decode(
-                    mean[row], sigma[row], float(rho[row]), inputs.origin_lat, inputs.origin_lon,
+                    mean[row],
+                    sigma[row],
+                    float(rho[row]),
+                    inputs.origin_lat,
+                    inputs.origin_lon,
                     items[index],
                 )
         done = [r if r is not None else ItemError("internal", "no result") for r in results]

@@ -131,13 +131,17 @@ class Worker:
     def predict(model: LoadedModel, message: Predict) -> PredictReply:
         """Compute the items whose deadline has not passed; the others are not computed."""
         now = time.time_ns()
-        late = [bool(message.deadlines_ns) and message.deadlines_ns[i] < now
-                for i in range(len(message.items))]
+        late = [
+            bool(message.deadlines_ns) and message.deadlines_ns[i] < now
+            for i in range(len(message.items))
+        ]
         if not any(late):
             results, timings = model.predict(message.items)
             return PredictReply(message.id, results, timings)
-        expired = ItemError("deadline", "the request's deadline passed while it waited for a "
-                            "worker; it was not computed")
+        expired = ItemError(
+            "deadline",
+            "the request's deadline passed while it waited for a worker; it was not computed",
+        )
         live = [item for item, gone in zip(message.items, late, strict=True) if not gone]
         computed, timings = model.predict(live) if live else ([], Timings())
         it = iter(computed)

@@ -15,11 +15,23 @@ from workers.errors import MalformedRequest
 def header_and_data(batch: int) -> tuple[bytes, bytes, dict[str, np.ndarray]]:
     spec = reference_spec()
     rng = np.random.default_rng(batch)
-    arrays = {t.name: rng.standard_normal([batch, *t.shape[1:]]).astype("<f4")
-              for t in spec.inputs.values()}
-    header = json.dumps({"inputs": [
-        {"name": n, "datatype": "FP32", "shape": list(a.shape),
-         "parameters": {"binary_data_size": a.nbytes}} for n, a in arrays.items()]}).encode()
+    arrays = {
+        t.name: rng.standard_normal([batch, *t.shape[1:]]).astype("<f4")
+        for t in spec.inputs.values()
+    }
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": "FP32",
+                    "shape": list(a.shape),
+                    "parameters": {"binary_data_size": a.nbytes},
+                }
+                for n, a in arrays.items()
+            ]
+        }
+    ).encode()
     return header, b"".join(a.tobytes() for a in arrays.values()), arrays
 
 
@@ -36,10 +48,16 @@ def test_binary_inputs_are_split_by_header_length_and_sizes() -> None:
 
 def test_flat_and_nested_json_give_the_same_tensors() -> None:
     _, _, arrays = header_and_data(2)
-    flat = {"inputs": [{"name": n, "datatype": "FP32", "shape": list(a.shape),
-                        "data": a.reshape(-1).tolist()} for n, a in arrays.items()]}
-    nested = {"inputs": [{**i, "data": arrays[i["name"]].tolist()} for i in flat["inputs"]],
-              "parameters": {"binary_data_output": True}}
+    flat = {
+        "inputs": [
+            {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+            for n, a in arrays.items()
+        ]
+    }
+    nested = {
+        "inputs": [{**i, "data": arrays[i["name"]].tolist()} for i in flat["inputs"]],
+        "parameters": {"binary_data_output": True},
+    }
     a = prepare(*decode_body(json.dumps(flat).encode(), None), reference_spec())
     b = prepare(*decode_body(json.dumps(nested).encode(), None), reference_spec())
     for role in a.tensors:
@@ -49,8 +67,12 @@ def test_flat_and_nested_json_give_the_same_tensors() -> None:
 
 def test_nested_data_must_match_the_shape() -> None:
     _, _, arrays = header_and_data(2)
-    body = {"inputs": [{"name": n, "datatype": "FP32", "shape": list(a.shape),
-                        "data": a.tolist()} for n, a in arrays.items()]}
+    body = {
+        "inputs": [
+            {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.tolist()}
+            for n, a in arrays.items()
+        ]
+    }
     body["inputs"][1]["data"] = np.swapaxes(arrays["receivers"], 1, 2).tolist()
     with pytest.raises(MalformedRequest, match="nested data has shape"):
         prepare(*decode_body(json.dumps(body).encode(), None), reference_spec())

@@ -56,8 +56,7 @@ def test_single_prediction_matches_in_process_onnx_runtime(shared_server: Server
 
 def test_messagepack_request_and_response(shared_server: Server) -> None:
     body = payloads(1, 102)[0]
-    raw = {**body, "receivers": [{**r, "iq": base64.b64decode(r["iq"])}
-                                 for r in body["receivers"]]}
+    raw = {**body, "receivers": [{**r, "iq": base64.b64decode(r["iq"])} for r in body["receivers"]]}
     response = httpx.post(
         shared_server.url + "/v1/predict",
         content=msgspec.msgpack.encode(raw),
@@ -71,8 +70,9 @@ def test_messagepack_request_and_response(shared_server: Server) -> None:
 
 def test_batch_of_256_matches_reference_and_uses_every_worker(shared_server: Server) -> None:
     items = payloads(256, 103)
-    before = [w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()
-              ["pool"]["workers"]]
+    before = [
+        w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()["pool"]["workers"]
+    ]
     response = post(shared_server, "/v1/predict/batch", {"items": items})
     assert response.status_code == 200, response.text[:500]
     results = response.json()["results"]
@@ -80,8 +80,9 @@ def test_batch_of_256_matches_reference_and_uses_every_worker(shared_server: Ser
     for got, want in zip(results, reference_predict(items), strict=True):
         assert got["kind"] == "prediction"
         assert_matches(got, want)
-    after = [w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()
-             ["pool"]["workers"]]
+    after = [
+        w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()["pool"]["workers"]
+    ]
     assert all(a > b for a, b in zip(after, before, strict=True)), (before, after)
     assert sum(after) - sum(before) == 256
 
@@ -101,8 +102,10 @@ def test_geojson_feature_collection(shared_server: Server) -> None:
     fc = got["geojson"]
     assert fc["type"] == "FeatureCollection"
     point, polygon = fc["features"]
-    assert point["geometry"]["coordinates"] == [got["position"]["longitude"],
-                                                got["position"]["latitude"]]
+    assert point["geometry"]["coordinates"] == [
+        got["position"]["longitude"],
+        got["position"]["latitude"],
+    ]
     ring = polygon["geometry"]["coordinates"][0]
     assert len(ring) >= 65 and ring[0] == ring[-1]
 
@@ -111,8 +114,12 @@ def test_readme_example_is_answered_near_the_truth(shared_server: Server) -> Non
     body = json.loads((ROOT / "examples" / "request.json").read_text())
     truth = json.loads((ROOT / "examples" / "request.truth.json").read_text())
     got = post(shared_server, "/v1/predict", body).json()
-    err = distance_m(truth["latitude"], truth["longitude"], got["position"]["latitude"],
-                     got["position"]["longitude"])[0]
+    err = distance_m(
+        truth["latitude"],
+        truth["longitude"],
+        got["position"]["latitude"],
+        got["position"]["longitude"],
+    )[0]
     outer = max(e["semi_major_m"] for e in got["uncertainty"]["ellipses"])
     assert err <= outer, f"error {err:.0f} m outside the 95 % ellipse ({outer:.0f} m)"
 
@@ -155,14 +162,24 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str]] = [
     ("wrong media type", b"receivers=1", {"content-type": "text/plain"}, 415, "Content-Type"),
     ("undecodable base64", _variant(rx0={"iq": "%%%not-base64%%%"}), {}, 400, "base64"),
     ("wrong sample count", _variant(rx0={"iq": _iq(1000)}), {}, 422, "4096"),
-    ("odd byte length", _variant(rx0={"iq": base64.b64encode(b"\0" * 32771).decode()}), {},
-     422, "8 bytes"),
+    (
+        "odd byte length",
+        _variant(rx0={"iq": base64.b64encode(b"\0" * 32771).decode()}),
+        {},
+        422,
+        "8 bytes",
+    ),
     ("NaN samples", _variant(rx0={"iq": _iq(4096, float("nan"))}), {}, 422, "NaN"),
     ("Inf samples", _variant(rx0={"iq": _iq(4096, float("inf"))}), {}, 422, "Inf"),
     ("too few receivers", _variant(receivers=lambda rx: rx[:2]), {}, 422, "between"),
     ("too many receivers", _variant(receivers=lambda rx: rx * 3), {}, 422, "between"),
-    ("duplicate receiver ids", _variant(receivers=lambda rx: [rx[0], dict(rx[0]), *rx[1:3]]),
-     {}, 422, "more than once"),
+    (
+        "duplicate receiver ids",
+        _variant(receivers=lambda rx: [rx[0], dict(rx[0]), *rx[1:3]]),
+        {},
+        422,
+        "more than once",
+    ),
     ("latitude 91", _variant(rx0={"latitude": 91.0}), {}, 400, "<= 90"),
     ("unknown receiver", _variant(rx0={"id": "XYZ"}), {}, 422, "not part of the network"),
     ("receiver moved", _variant(rx0={"latitude": 44.0}), {}, 422, "tolerance"),
@@ -172,16 +189,24 @@ BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str]] = [
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "headers", "status", "needle"), BAD_INPUTS,
-                         ids=[c[0] for c in BAD_INPUTS])
+@pytest.mark.parametrize(
+    ("case", "body", "headers", "status", "needle"), BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS]
+)
 def test_bad_input_gets_a_clear_4xx_problem(
-    shared_server: Server, case: str, body: Any, headers: dict[str, str], status: int,
+    shared_server: Server,
+    case: str,
+    body: Any,
+    headers: dict[str, str],
+    status: int,
     needle: str,
 ) -> None:
     if isinstance(body, bytes):
-        response = httpx.post(shared_server.url + "/v1/predict", content=body,
-                              headers={"content-type": "application/json", **headers},
-                              timeout=30.0)
+        response = httpx.post(
+            shared_server.url + "/v1/predict",
+            content=body,
+            headers={"content-type": "application/json", **headers},
+            timeout=30.0,
+        )
     else:
         response = post(shared_server, "/v1/predict", body, headers=headers)
     assert response.status_code == status, (case, response.text[:300])

@@ -35,10 +35,15 @@ def test_not_ready_until_the_model_exists_then_ready(
     refused = httpx.post(server.url + "/v1/predict", json=body, timeout=10)
     assert refused.status_code == 503 and refused.headers["retry-after"]
     subprocess.run(
-        [sys.executable, "-c",
-         "from app.settings import load_settings; from workers.registry import ModelRegistry;"
-         "ModelRegistry(load_settings().registry).set_alias('rf-localizer', 'canary', '1')"],
-        env={**server.env}, cwd=ROOT, check=True,
+        [
+            sys.executable,
+            "-c",
+            "from app.settings import load_settings; from workers.registry import ModelRegistry;"
+            "ModelRegistry(load_settings().registry).set_alias('rf-localizer', 'canary', '1')",
+        ],
+        env={**server.env},
+        cwd=ROOT,
+        check=True,
     )
     server.wait("/health/ready", 30.0)
     assert httpx.post(server.url + "/v1/predict", json=body, timeout=10).status_code == 200
@@ -53,9 +58,12 @@ def test_sigterm_drains_in_flight_requests(start_server: Callable[..., Server]) 
 
     def call(_: int) -> int | str:
         try:
-            return httpx.post(server.url + "/v1/predict/batch", content=content,
-                              headers={"content-type": "application/json"},
-                              timeout=60).status_code
+            return httpx.post(
+                server.url + "/v1/predict/batch",
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=60,
+            ).status_code
         except httpx.ConnectError:
             return "refused"
 

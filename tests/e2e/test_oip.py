@@ -64,8 +64,10 @@ def v2_post(server: Server, path: str, **kw: Any) -> httpx.Response:
 
 
 def json_body(feeds: dict[str, np.ndarray], **extra: Any) -> dict[str, Any]:
-    inputs = [{"name": n, "datatype": "FP32", "shape": list(a.shape),
-               "data": a.reshape(-1).tolist()} for n, a in feeds.items()]
+    inputs = [
+        {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.reshape(-1).tolist()}
+        for n, a in feeds.items()
+    ]
     return {"inputs": inputs, **extra}
 
 
@@ -92,8 +94,10 @@ def test_server_health_and_metadata(client: triton.InferenceServerClient) -> Non
 
 def test_model_metadata_comes_from_the_served_spec(client: triton.InferenceServerClient) -> None:
     spec = reference_spec()
-    for meta in (client.get_model_metadata(MODEL),
-                 client.get_model_metadata(MODEL, model_version="1")):
+    for meta in (
+        client.get_model_metadata(MODEL),
+        client.get_model_metadata(MODEL, model_version="1"),
+    ):
         assert meta["name"] == MODEL
         assert meta["versions"] == ["1"]
         assert meta["platform"] == "onnxruntime_onnx"
@@ -121,13 +125,18 @@ def test_unknown_model_and_version_are_404(
     with pytest.raises(InferenceServerException) as info:
         client.get_model_metadata("no-such-model")
     assert info.value.status() == "404"
-    assert_error(httpx.get(shared_server.url + "/v2/models/rf-localizer/versions/99", timeout=10),
-                 404, "99")
+    assert_error(
+        httpx.get(shared_server.url + "/v2/models/rf-localizer/versions/99", timeout=10), 404, "99"
+    )
     feeds = model_inputs(1, 7)
-    assert_error(v2_post(shared_server, "/v2/models/other/infer", json=json_body(feeds)),
-                 404, "other", MODEL)
-    assert_error(v2_post(shared_server, f"/v2/models/{MODEL}/versions/42/infer",
-                         json=json_body(feeds)), 404, "42")
+    assert_error(
+        v2_post(shared_server, "/v2/models/other/infer", json=json_body(feeds)), 404, "other", MODEL
+    )
+    assert_error(
+        v2_post(shared_server, f"/v2/models/{MODEL}/versions/42/infer", json=json_body(feeds)),
+        404,
+        "42",
+    )
 
 
 # ----------------------------------------------------------------------------- inference
@@ -155,10 +164,17 @@ def test_json_infer_with_output_selection_on_a_version(
     client: triton.InferenceServerClient,
 ) -> None:
     feeds = model_inputs(3, 202)
-    outputs = [triton.InferRequestedOutput("rho", binary_data=False),
-               triton.InferRequestedOutput("mean", binary_data=False)]
-    result = client.infer(MODEL, triton_inputs(feeds, binary=False), model_version="1",
-                          outputs=outputs, request_id="json-1")
+    outputs = [
+        triton.InferRequestedOutput("rho", binary_data=False),
+        triton.InferRequestedOutput("mean", binary_data=False),
+    ]
+    result = client.infer(
+        MODEL,
+        triton_inputs(feeds, binary=False),
+        model_version="1",
+        outputs=outputs,
+        request_id="json-1",
+    )
     response = result.get_response()
     assert [o["name"] for o in response["outputs"]] == ["rho", "mean"]
     assert response["outputs"][0]["shape"] == [3]
@@ -172,8 +188,10 @@ def test_json_infer_with_output_selection_on_a_version(
 
 def test_mixed_binary_and_json_outputs(client: triton.InferenceServerClient) -> None:
     feeds = model_inputs(2, 203)
-    outputs = [triton.InferRequestedOutput("sigma", binary_data=True),
-               triton.InferRequestedOutput("mean", binary_data=False)]
+    outputs = [
+        triton.InferRequestedOutput("sigma", binary_data=True),
+        triton.InferRequestedOutput("mean", binary_data=False),
+    ]
     result = client.infer(MODEL, triton_inputs(feeds, binary=True), outputs=outputs)
     response = result.get_response()
     assert response["outputs"][0]["parameters"]["binary_data_size"] == 2 * 2 * 4
@@ -185,9 +203,13 @@ def test_mixed_binary_and_json_outputs(client: triton.InferenceServerClient) -> 
 
 def test_nested_json_data_and_plain_json_answer(shared_server: Server) -> None:
     feeds = model_inputs(2, 204)
-    body = {"id": "nested", "inputs": [
-        {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.tolist()}
-        for n, a in feeds.items()]}
+    body = {
+        "id": "nested",
+        "inputs": [
+            {"name": n, "datatype": "FP32", "shape": list(a.shape), "data": a.tolist()}
+            for n, a in feeds.items()
+        ],
+    }
     response = v2_post(shared_server, f"/v2/models/{MODEL}/infer", json=body)
     assert response.status_code == 200, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -197,23 +219,40 @@ def test_nested_json_data_and_plain_json_answer(shared_server: Server) -> None:
     want = expected(feeds)
     for out in got["outputs"]:
         assert out["datatype"] == "FP32"
-        np.testing.assert_allclose(np.asarray(out["data"], np.float32).reshape(out["shape"]),
-                                   want[out["name"]], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(
+            np.asarray(out["data"], np.float32).reshape(out["shape"]),
+            want[out["name"]],
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_hand_built_binary_body_and_binary_answer(shared_server: Server) -> None:
     """The binary extension byte for byte: header length, sizes, order of the tensors."""
     feeds = model_inputs(4, 205)
     order = ["mask", "features", "receivers"]  # any input order; bytes follow that order
-    header = json.dumps({
-        "id": "raw-1",
-        "inputs": [{"name": n, "datatype": "FP32", "shape": list(feeds[n].shape),
-                    "parameters": {"binary_data_size": feeds[n].nbytes}} for n in order],
-        "parameters": {"binary_data_output": True},
-    }).encode()
+    header = json.dumps(
+        {
+            "id": "raw-1",
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": "FP32",
+                    "shape": list(feeds[n].shape),
+                    "parameters": {"binary_data_size": feeds[n].nbytes},
+                }
+                for n in order
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     body = header + b"".join(feeds[n].astype("<f4").tobytes() for n in order)
-    response = v2_post(shared_server, f"/v2/models/{MODEL}/infer", content=body,
-                       headers={HEADER_LENGTH: str(len(header))})
+    response = v2_post(
+        shared_server,
+        f"/v2/models/{MODEL}/infer",
+        content=body,
+        headers={HEADER_LENGTH: str(len(header))},
+    )
     assert response.status_code == 200, response.text
     assert response.headers["content-type"] == "application/octet-stream"
     size = int(response.headers[HEADER_LENGTH])
@@ -234,10 +273,10 @@ def test_hand_built_binary_body_and_binary_answer(shared_server: Server) -> None
 
 def test_gzip_request_body(client: triton.InferenceServerClient) -> None:
     feeds = model_inputs(1, 206)
-    result = client.infer(MODEL, triton_inputs(feeds, binary=True),
-                          request_compression_algorithm="gzip")
-    np.testing.assert_allclose(result.as_numpy("mean"), expected(feeds)["mean"], atol=1e-5,
-                               rtol=0)
+    result = client.infer(
+        MODEL, triton_inputs(feeds, binary=True), request_compression_algorithm="gzip"
+    )
+    np.testing.assert_allclose(result.as_numpy("mean"), expected(feeds)["mean"], atol=1e-5, rtol=0)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -293,9 +332,19 @@ def test_wrong_datatype_is_400(
 def test_malformed_bodies_are_400(shared_server: Server) -> None:
     feeds = model_inputs(1, 212)
     path = f"/v2/models/{MODEL}/infer"
-    header = json.dumps({"inputs": [
-        {"name": n, "datatype": "FP32", "shape": list(a.shape),
-         "parameters": {"binary_data_size": a.nbytes}} for n, a in feeds.items()]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": "FP32",
+                    "shape": list(a.shape),
+                    "parameters": {"binary_data_size": a.nbytes},
+                }
+                for n, a in feeds.items()
+            ]
+        }
+    ).encode()
     data = b"".join(a.tobytes() for a in feeds.values())
     cases = [
         (header + data, {}, "JSON"),  # binary data without the header length
@@ -311,21 +360,42 @@ def test_malformed_bodies_are_400(shared_server: Server) -> None:
     short["inputs"][0]["data"] = short["inputs"][0]["data"][:-1]
     assert_error(v2_post(shared_server, path, json=short), 400, "elements")
     nan = np.full(feeds["mask"].shape, np.nan, "<f4").tobytes()
-    assert_error(v2_post(shared_server, path, content=header + data[: -len(nan)] + nan,
-                         headers={HEADER_LENGTH: str(len(header))}), 400, "NaN")
+    assert_error(
+        v2_post(
+            shared_server,
+            path,
+            content=header + data[: -len(nan)] + nan,
+            headers={HEADER_LENGTH: str(len(header))},
+        ),
+        400,
+        "NaN",
+    )
     unknown_output = json_body(feeds, outputs=[{"name": "position"}])
     assert_error(v2_post(shared_server, path, json=unknown_output), 400, "position")
 
 
 def test_batch_over_256_is_400(shared_server: Server) -> None:
     spec = reference_spec()
-    header = json.dumps({"inputs": [
-        {"name": t.name, "datatype": "FP32", "shape": [257, *t.shape[1:]],
-         "parameters": {"binary_data_size": 257 * int(np.prod(t.shape[1:])) * 4}}
-        for t in spec.inputs.values()]}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": t.name,
+                    "datatype": "FP32",
+                    "shape": [257, *t.shape[1:]],
+                    "parameters": {"binary_data_size": 257 * int(np.prod(t.shape[1:])) * 4},
+                }
+                for t in spec.inputs.values()
+            ]
+        }
+    ).encode()
     zeros = b"".join(b"\0" * (257 * int(np.prod(t.shape[1:])) * 4) for t in spec.inputs.values())
-    response = v2_post(shared_server, f"/v2/models/{MODEL}/infer", content=header + zeros,
-                       headers={HEADER_LENGTH: str(len(header))})
+    response = v2_post(
+        shared_server,
+        f"/v2/models/{MODEL}/infer",
+        content=header + zeros,
+        headers={HEADER_LENGTH: str(len(header))},
+    )
     assert_error(response, 400, "256")
 
 
@@ -335,8 +405,9 @@ def test_v2_traffic_shows_in_version_counters(shared_server: Server) -> None:
         return int(body["live"]["requests"])
 
     before = requests()
-    response = v2_post(shared_server, f"/v2/models/{MODEL}/infer",
-                       json=json_body(model_inputs(1, 213)))
+    response = v2_post(
+        shared_server, f"/v2/models/{MODEL}/infer", json=json_body(model_inputs(1, 213))
+    )
     assert response.status_code == 200
     assert requests() == before + 1
 

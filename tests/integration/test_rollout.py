@@ -28,8 +28,14 @@ BODIES = [request_payload(BATCH, i, cache=False) for i in range(16)]
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run([sys.executable, "-m", "app.cli", *args], env={**os.environ, **env},
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -49,9 +55,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> float:
 
 @pytest.fixture
 def control_env(registry_env: dict[str, str], redis_url: str) -> dict[str, str]:
-    return {**registry_env, "REDIS_URL": redis_url,
-            "HEIMDALL_CONTROL_NAMESPACE": f"t{uuid.uuid4().hex[:8]}",
-            "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2", "HEIMDALL_POOL_WORKERS": "1"}
+    return {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"t{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
+        "HEIMDALL_POOL_WORKERS": "1",
+    }
 
 
 class Load(threading.Thread):
@@ -103,15 +113,19 @@ def test_promote_under_load_reaches_every_replica_with_zero_failures(
     assert late and set(late) == {v2}
     status = cli(control_env, "status")
     assert status.count(f"{v2}=1") == 3, status
-    print(f"\n3 replicas converged {took:.2f}s after promote; {sum(codes.values())} requests, "
-          "0 failed")
+    print(
+        f"\n3 replicas converged {took:.2f}s after promote; {sum(codes.values())} requests, "
+        "0 failed"
+    )
     # A replica started after the publish comes up on the desired state.
     late_server = start_server(**control_env)
     assert served_version(late_server) == {v2: 1.0}
 
 
 def test_missed_message_still_converges(
-    start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path,
+    start_server: Callable[..., Server],
+    control_env: dict[str, str],
+    tmp_path: Path,
     redis_url: str,
 ) -> None:
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.3)
@@ -141,7 +155,8 @@ def test_bad_model_keeps_previous_version_serving(
     answer = httpx.post(server.url + "/v1/predict", json=BODIES[0], timeout=10)
     assert answer.status_code == 200 and answer.json()["model"]["version"] == "1"
     assert "failed" in cli(control_env, "status") or state["rollout"]["last_error"] in cli(
-        control_env, "status")
+        control_env, "status"
+    )
     good = register_variant(control_env, tmp_path, "good", calibration=1.35)
     cli(control_env, "route", f"{good}=1")
     wait_for(lambda: served_version(server) == {good: 1.0}, 20.0)
@@ -157,8 +172,9 @@ def test_weighted_routing_and_shadow(
     counts: Counter[str] = Counter()
     with httpx.Client(timeout=60) as client:
         for _ in range(8):
-            results = client.post(server.url + "/v1/predict/batch",
-                                  json={"items": BODIES * 16}).json()["results"]
+            results = client.post(
+                server.url + "/v1/predict/batch", json={"items": BODIES * 16}
+            ).json()["results"]
             counts.update(r["model"]["version"] for r in results)
     share = counts[v2] / sum(counts.values())
     print(f"\nrouting 90/10 over {sum(counts.values())} requests: v2 share {share:.3f}")
@@ -166,8 +182,7 @@ def test_weighted_routing_and_shadow(
     assert abs(share - 0.1) <= 0.03
     cli(control_env, "route", "1=1")
     cli(control_env, "shadow", v2, "--fraction", "0.5")
-    wait_for(lambda: httpx.get(server.url + "/v1/models").json()["routing"]["shadow"] == v2,
-             20.0)
+    wait_for(lambda: httpx.get(server.url + "/v1/models").json()["routing"]["shadow"] == v2, 20.0)
     with httpx.Client(timeout=30) as client:
         for body in BODIES * 4:
             assert client.post(server.url + "/v1/predict", json=body).status_code == 200
@@ -217,6 +232,8 @@ def test_fifty_swaps_do_not_grow_memory(
         swap_to("1" if i % 2 else v2)
     after = tree_rss(server.proc.pid)
     growth = after / before - 1
-    print(f"\nRSS of server + workers: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
-          f"after 50 swaps ({growth:+.1%})")
+    print(
+        f"\nRSS of server + workers: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
+        f"after 50 swaps ({growth:+.1%})"
+    )
     assert growth <= 0.10

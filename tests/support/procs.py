@@ -56,9 +56,21 @@ class RedisServer:
     def start(self) -> None:
         """Launch and wait until it answers PING."""
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--protected-mode", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                redis_binary(),
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         import redis
 
@@ -86,7 +98,10 @@ def bootstrap_registry(folder: Path) -> dict[str, str]:
     }
     subprocess.run(
         [sys.executable, "-m", "app.cli", "bootstrap"],
-        env={**os.environ, **env}, check=True, cwd=ROOT, capture_output=True,
+        env={**os.environ, **env},
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
     )
     return env
 
@@ -97,8 +112,12 @@ class Server:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         """Prepare; :meth:`start` launches."""
         self.port = free_port()
-        self.env = {**os.environ, **env, "HEIMDALL_PORT": str(self.port),
-                    "HEIMDALL_HOST": "127.0.0.1"}
+        self.env = {
+            **os.environ,
+            **env,
+            "HEIMDALL_PORT": str(self.port),
+            "HEIMDALL_HOST": "127.0.0.1",
+        }
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -111,8 +130,12 @@ class Server:
         """Launch; optionally wait for /health/ready."""
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"], env=self.env, cwd=ROOT,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", "app.cli", "serve"],
+            env=self.env,
+            cwd=ROOT,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.wait("/health/live", timeout)
         if wait_ready:

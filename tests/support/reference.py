@@ -27,8 +27,9 @@ def reference_session() -> ort.InferenceSession:
     """A plain ONNX Runtime session on the reference model."""
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    return ort.InferenceSession(str(REFERENCE / "model.onnx"), opts,
-                                providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(
+        str(REFERENCE / "model.onnx"), opts, providers=["CPUExecutionProvider"]
+    )
 
 
 def payload_arrays(payload: dict[str, Any]) -> tuple[np.ndarray, list[float], list[float]]:
@@ -54,14 +55,18 @@ def reference_predict(payloads: list[dict[str, Any]]) -> list[dict[str, float]]:
     calib = spec.output.calibration_factor
     results = []
     for i, p in enumerate(packed):
-        lat, lon = from_local(p.origin_lat, p.origin_lon, [mean[i][0] * scale],
-                              [mean[i][1] * scale])
-        results.append({
-            "latitude": float(lat[0]), "longitude": float(lon[0]),
-            "sigma_east_m": float(sigma[i][0] * scale * calib),
-            "sigma_north_m": float(sigma[i][1] * scale * calib),
-            "correlation": float(np.asarray(rho).reshape(-1)[i]),
-        })
+        lat, lon = from_local(
+            p.origin_lat, p.origin_lon, [mean[i][0] * scale], [mean[i][1] * scale]
+        )
+        results.append(
+            {
+                "latitude": float(lat[0]),
+                "longitude": float(lon[0]),
+                "sigma_east_m": float(sigma[i][0] * scale * calib),
+                "sigma_north_m": float(sigma[i][1] * scale * calib),
+                "correlation": float(np.asarray(rho).reshape(-1)[i]),
+            }
+        )
     return results
 
 

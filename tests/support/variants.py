@@ -12,12 +12,16 @@ from workers.registry import SHA256_TAG, ModelRegistry, RegistrySettings
 
 def registry(env: dict[str, str]) -> ModelRegistry:
     """A registry client for a test registry's env."""
-    return ModelRegistry(RegistrySettings(tracking_uri=env["MLFLOW_TRACKING_URI"],
-                                          artifact_cache=env["HEIMDALL_ARTIFACT_CACHE"]))
+    return ModelRegistry(
+        RegistrySettings(
+            tracking_uri=env["MLFLOW_TRACKING_URI"], artifact_cache=env["HEIMDALL_ARTIFACT_CACHE"]
+        )
+    )
 
 
-def register_variant(env: dict[str, str], folder: Path, kind: str = "good",
-                     calibration: float = 1.5) -> str:
+def register_variant(
+    env: dict[str, str], folder: Path, kind: str = "good", calibration: float = 1.5
+) -> str:
     """Register a copy of the reference package, altered by ``kind``; returns the version.
 
     Kinds: ``good`` (a different calibration factor: a distinguishable, valid model),

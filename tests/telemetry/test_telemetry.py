@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import re
 import threading
@@ -34,17 +35,27 @@ async def test_one_prediction_is_one_trace_covering_every_phase(
     registry_env: dict[str, str], redis_url: str
 ) -> None:
     exporter = InMemorySpanExporter()
-    telemetry = build_telemetry(TelemetrySettings(), "test-replica", prometheus=False,
-                                extra_span_processors=[SimpleSpanProcessor(exporter)])
-    settings = load_settings({**registry_env, "REDIS_URL": redis_url, "HEIMDALL_POOL_WORKERS": "1",
-                              "HEIMDALL_CONTROL_ENABLED": "false",
-                              "HEIMDALL_CACHE_PREFIX": "heimdall:traces:"})
+    telemetry = build_telemetry(
+        TelemetrySettings(),
+        "test-replica",
+        prometheus=False,
+        extra_span_processors=[SimpleSpanProcessor(exporter)],
+    )
+    settings = load_settings(
+        {
+            **registry_env,
+            "REDIS_URL": redis_url,
+            "HEIMDALL_POOL_WORKERS": "1",
+            "HEIMDALL_CONTROL_ENABLED": "false",
+            "HEIMDALL_CACHE_PREFIX": "heimdall:traces:",
+        }
+    )
     app = create_app(settings, telemetry)
     async with AsyncTestClient(app, timeout=60) as client:
         for _ in range(600):
             if (await client.get("/health/ready")).status_code == 200:
                 break
-            time.sleep(0.1)
+            await asyncio.sleep(0.1)
         exporter.clear()
         body = request_payload(BATCH, 0, request_id="trace-me")
         response = await client.post("/v1/predict", json=body)
@@ -111,8 +122,9 @@ def test_metrics_count_every_request_across_workers(shared_server: Server) -> No
     assert "heimdall_pool_queue_depth" in after
     assert "heimdall_pool_worker_restarts_total" in after
     assert "heimdall_model_reloads_total" in after
-    served = [w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()
-              ["pool"]["workers"]]
+    served = [
+        w["served"] for w in httpx.get(shared_server.url + "/v1/models").json()["pool"]["workers"]
+    ]
     assert all(s > 0 for s in served), "both workers should have answered"
     live = httpx.get(shared_server.url + "/v1/models/1").json()["live"]
     assert live["requests"] >= n and live["latency_ms_p50"] > 0
@@ -121,7 +133,7 @@ def test_metrics_count_every_request_across_workers(shared_server: Server) -> No
 class _Collector(BaseHTTPRequestHandler):
     received: dict[str, list[bytes]] = {"traces": [], "metrics": []}
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server API
+    def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if self.headers.get("Content-Encoding") == "gzip":
             body = gzip.decompress(body)
@@ -151,9 +163,12 @@ def test_otlp_http_export_reaches_a_collector(
     start_server: Callable[..., Server], collector: tuple[str, dict[str, list[bytes]]]
 ) -> None:
     endpoint, received = collector
-    server = start_server(OTEL_EXPORTER_OTLP_ENDPOINT=endpoint, OTEL_SERVICE_NAME="heimdall-e2e",
-                          OTEL_BSP_SCHEDULE_DELAY="200",
-                          HEIMDALL_TELEMETRY_METRICS_EXPORT_INTERVAL_S="1")
+    server = start_server(
+        OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
+        OTEL_SERVICE_NAME="heimdall-e2e",
+        OTEL_BSP_SCHEDULE_DELAY="200",
+        HEIMDALL_TELEMETRY_METRICS_EXPORT_INTERVAL_S="1",
+    )
     for i in range(3):
         body = request_payload(BATCH, i, cache=False)
         assert httpx.post(server.url + "/v1/predict", json=body, timeout=30).status_code == 200
@@ -161,14 +176,16 @@ def test_otlp_http_export_reaches_a_collector(
     spans: list[Any] = []
     metric_names: set[str] = set()
     service_names: set[str] = set()
-    while time.monotonic() < deadline and not (spans and "heimdall.inference.requests"
-                                               in metric_names):
+    while time.monotonic() < deadline and not (
+        spans and "heimdall.inference.requests" in metric_names
+    ):
         time.sleep(0.5)
         for raw in received["traces"]:
             req = ExportTraceServiceRequest.FromString(raw)
             for rs in req.resource_spans:
-                service_names |= {a.value.string_value for a in rs.resource.attributes
-                                  if a.key == "service.name"}
+                service_names |= {
+                    a.value.string_value for a in rs.resource.attributes if a.key == "service.name"
+                }
                 spans += [s for ss in rs.scope_spans for s in ss.spans]
         for raw in received["metrics"]:
             req_m = ExportMetricsServiceRequest.FromString(raw)
@@ -177,8 +194,9 @@ def test_otlp_http_export_reaches_a_collector(
     assert service_names == {"heimdall-e2e"}
     inference = [s for s in spans if s.name == "inference"]
     assert len(inference) >= 3
-    versions = {a.value.string_value for s in inference for a in s.attributes
-                if a.key == "model.version"}
+    versions = {
+        a.value.string_value for s in inference for a in s.attributes if a.key == "model.version"
+    }
     assert versions == {"1"}
     assert {"heimdall.inference.requests", "heimdall.inference.duration"} <= metric_names
     assert re.search(r"heimdall\.pool\.workers", " ".join(metric_names))

@@ -32,8 +32,15 @@ PAYLOADS = payloads(24)
 
 
 async def make_pool(**overrides: object) -> WorkerPool:
-    settings = PoolSettings(**{"workers": 2, "ping_interval_s": 0.2, "hang_timeout_s": 2.0,
-                               "test_hooks": True, **overrides})  # type: ignore[arg-type]
+    settings = PoolSettings(
+        **{
+            "workers": 2,
+            "ping_interval_s": 0.2,
+            "hang_timeout_s": 2.0,
+            "test_hooks": True,
+            **overrides,
+        }
+    )  # type: ignore[arg-type]
     pool = WorkerPool(settings, log_level="WARNING")
     await pool.start()
     await pool.load("1", MODEL, SPEC)
@@ -83,8 +90,7 @@ async def stream(pool: WorkerPool, seconds: float) -> tuple[int, list[BaseExcept
 async def wait_ready_count(pool: WorkerPool, count: int, timeout: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if len(pool.pids()) == count and all("1" in w["versions"]
-                                             for w in pool.stats()["workers"]):
+        if len(pool.pids()) == count and all("1" in w["versions"] for w in pool.stats()["workers"]):
             return time.monotonic() - start
         await asyncio.sleep(0.02)
     raise AssertionError(f"pool did not get back to {count} ready workers: {pool.stats()}")
