@@ -96,7 +96,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         values: dict[str, Any] = {}
         for field in msgspec.structs.fields(cls):
             name = env_name(section, field.name)
-            if name in source and source[name] != "":
+            # An empty string means "unset", except for text settings where it is a value
+            # (``REDIS_URL=`` disables Redis).
+            if name in source and (source[name] != "" or field.type is str):
                 values[field.name] = source[name]
         values.update(overrides.get(section, {}))
         try:
