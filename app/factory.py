@@ -31,6 +31,7 @@ from app.http import (
     service_error_handler,
 )
 from app.oip import build_oip_routes
+from app.openapi import complete_openapi
 from app.rollout import Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
@@ -201,6 +202,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         debug=False,
     )
     app.state.components = components
+    complete_openapi(app)
     return app
 
 

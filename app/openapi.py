@@ -1,0 +1,54 @@
+"""Complete the OpenAPI document with the msgspec schemas of bodies the handlers decode.
+
+The /v1 handlers decode bodies themselves (JSON or MessagePack, chosen by Content-Type), so
+Litestar cannot infer their request and response schemas. This adds them from the same
+msgspec types the handlers use, so clients and fuzzers (schemathesis) see the real contract.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Litestar
+from litestar._openapi.plugin import OpenAPIPlugin
+
+from app.schemas import BatchRequest, BatchResponse, PredictRequest, PredictResponse, Problem
+
+_BODIES: dict[str, tuple[type, type]] = {
+    "/v1/predict": (PredictRequest, PredictResponse),
+    "/v1/predict/batch": (BatchRequest, BatchResponse),
+}
+_MEDIA = ("application/json", "application/msgpack")
+
+
+def _ref(kind: type) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{kind.__name__}"}
+
+
+def complete_openapi(app: Litestar) -> None:
+    """Add request bodies, responses and problem details to the cached OpenAPI document."""
+    plugin = app.plugins.get(OpenAPIPlugin)
+    schema: dict[str, Any] = plugin.provide_openapi_schema()
+    types = [t for pair in _BODIES.values() for t in pair] + [Problem]
+    _, components = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+    problem = {"application/problem+json": {"schema": _ref(Problem)}}
+    for path, (request, response) in _BODIES.items():
+        operation = schema["paths"][path]["post"]
+        operation["requestBody"] = {
+            "required": True,
+            "content": {media: {"schema": _ref(request)} for media in _MEDIA},
+        }
+        operation["responses"] = {
+            "200": {"description": "Prediction", "content": {
+                media: {"schema": _ref(response)} for media in _MEDIA}},
+            "400": {"description": "Malformed body", "content": problem},
+            "413": {"description": "Body too large", "content": problem},
+            "415": {"description": "Unsupported media type", "content": problem},
+            "422": {"description": "Input does not fit the model", "content": problem},
+            "503": {"description": "Overloaded or not ready (Retry-After)", "content": problem},
+            "504": {"description": "Deadline passed while queued", "content": problem},
+        }
