@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +19,7 @@ import pytest
 import redis
 
 from tests.support.procs import ROOT, Server
-from tests.support.variants import register_variant
+from tests.support.variants import register_variant, registry
 from training.simulate import iter_batches, request_payload
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
@@ -237,3 +238,37 @@ def test_fifty_swaps_do_not_grow_memory(
         f"after 50 swaps ({growth:+.1%})"
     )
     assert growth <= 0.10
+
+
+def test_sighup_re_resolves_aliases(
+    start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
+) -> None:
+    v2 = register_variant(control_env, tmp_path, "good", calibration=1.55)
+    alias = f"hup{uuid.uuid4().hex[:6]}"
+    registry(control_env).set_alias("rf-localizer", alias, "1")
+    env = {**control_env, "HEIMDALL_CONTROL_POLL_INTERVAL_S": "300",
+           "HEIMDALL_MODEL_URI": f"models:/rf-localizer@{alias}"}
+    server = start_server(**env)
+    assert served_version(server) == {"1": 1.0}
+    registry(control_env).set_alias("rf-localizer", alias, v2)  # no publish
+    server.signal(signal.SIGHUP)
+    wait_for(lambda: served_version(server) == {v2: 1.0}, 15.0)
+    assert httpx.get(server.url + "/health/live").status_code == 200
+
+
+def test_rollout_makes_the_same_request_a_cache_miss_answered_by_the_new_version(
+    start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
+) -> None:
+    v2 = register_variant(control_env, tmp_path, "good", calibration=1.6)
+    server = start_server(**control_env,
+                          HEIMDALL_CACHE_PREFIX=f"heimdall:roll{uuid.uuid4().hex[:6]}:")
+    body = {**BODIES[3], "cache": True}
+    first = httpx.post(server.url + "/v1/predict", json=body, timeout=10).json()
+    again = httpx.post(server.url + "/v1/predict", json=body, timeout=10).json()
+    assert (first["cached"], again["cached"]) == (False, True)
+    cli(control_env, "route", f"{v2}=1")
+    wait_for(lambda: served_version(server) == {v2: 1.0}, 20.0)
+    after = httpx.post(server.url + "/v1/predict", json=body, timeout=10).json()
+    assert after["cached"] is False
+    assert after["model"]["version"] == v2
+    assert after["uncertainty"]["sigma_east_m"] != first["uncertainty"]["sigma_east_m"]

@@ -1,0 +1,39 @@
+"""`heimdall-inference bootstrap` against a fresh sqlite MLflow registry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.procs import REFERENCE, ROOT
+from tests.support.variants import registry
+from workers.registry import SHA256_TAG, SPEC_HASH_TAG
+from workers.spec import spec_hash
+
+
+def run_bootstrap(env: dict[str, str]) -> str:
+    done = subprocess.run([sys.executable, "-m", "app.cli", "bootstrap"], cwd=ROOT,
+                          env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=120, check=True)
+    return done.stdout
+
+
+def test_bootstrap_registers_a_verified_production_version_once(tmp_path: Path) -> None:
+    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "HEIMDALL_ARTIFACT_CACHE": str(tmp_path / "cache")}
+    assert "version 1" in run_bootstrap(env)
+    assert "version 1" in run_bootstrap(env)  # idempotent
+    reg = registry(env)
+    assert [v.version for v in reg.list_versions("rf-localizer")] == ["1"]
+    info = reg.resolve("models:/rf-localizer@production")
+    model_bytes = (REFERENCE / "model.onnx").read_bytes()
+    assert info.sha256 == hashlib.sha256(model_bytes).hexdigest()
+    assert info.spec_hash == spec_hash((REFERENCE / "model_spec.json").read_bytes())
+    package = reg.fetch(info)
+    assert package.model_path.read_bytes() == model_bytes
+    assert package.spec.name == "rf-localizer"
+    tags = reg.client.get_model_version("rf-localizer", "1").tags
+    assert tags[SHA256_TAG] == info.sha256 and tags[SPEC_HASH_TAG] == info.spec_hash
