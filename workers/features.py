@@ -42,7 +42,9 @@ def band_power_db(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.NDArr
     else:
         view = np.lib.stride_tricks.sliding_window_view(iq, spec.n_fft, axis=-1)
         frames = view[..., :: spec.hop, :][..., :n_frames, :]
-    spectrum = np.fft.fft(frames * _window(spec.n_fft), axis=-1)
+    # complex128: a finite float32 capture near full scale (|x| ~ 1e38) would overflow a
+    # complex64 FFT to inf and give non-finite features.
+    spectrum = np.fft.fft(frames.astype(np.complex128) * _window(spec.n_fft), axis=-1)
     power = spectrum.real**2 + spectrum.imag**2
     power = np.fft.fftshift(power, axes=-1)
     bands = power.reshape(*power.shape[:-1], spec.n_bands, spec.n_fft // spec.n_bands).sum(-1)
