@@ -1,0 +1,1 @@
+"""Security checks: fuzzing, static scan, control-plane and artifact integrity, pip-audit."""
