@@ -180,6 +180,8 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
                     tracer_provider=components.telemetry.tracer_provider,
                     meter_provider=components.telemetry.meter_provider,
                     exclude=["/health", "/metrics", "/v2/health"],
+                    # A span per ASGI message would mean dozens per 300 kB request body.
+                    exclude_spans=["receive", "send"],
                 )
             )
         )

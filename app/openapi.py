@@ -43,8 +43,10 @@ def complete_openapi(app: Litestar) -> None:
             "content": {media: {"schema": _ref(request)} for media in _MEDIA},
         }
         operation["responses"] = {
-            "200": {"description": "Prediction", "content": {
-                media: {"schema": _ref(response)} for media in _MEDIA}},
+            "200": {
+                "description": "Prediction",
+                "content": {media: {"schema": _ref(response)} for media in _MEDIA},
+            },
             "400": {"description": "Malformed body", "content": problem},
             "413": {"description": "Body too large", "content": problem},
             "415": {"description": "Unsupported media type", "content": problem},

@@ -274,7 +274,16 @@ def build_telemetry(
             aggregation=ExplicitBucketHistogramAggregation(DISTANCE_BUCKETS_M),
         ),
     ]
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers, views=views)
+    # Exemplars are sampled on every measurement; nothing here consumes them, so skip the cost
+    # unless OTEL_METRICS_EXEMPLAR_FILTER asks for them.
+    exemplars = None
+    if not os.environ.get("OTEL_METRICS_EXEMPLAR_FILTER"):
+        from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter
+
+        exemplars = AlwaysOffExemplarFilter()
+    meter_provider = MeterProvider(
+        resource=resource, metric_readers=readers, views=views, exemplar_filter=exemplars
+    )
     meter = meter_provider.get_meter("heimdall.inference")
     instruments = {
         "requests": meter.create_counter(

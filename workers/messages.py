@@ -21,6 +21,10 @@ class PredictItem(Struct, array_like=True, frozen=True):
     longitudes: list[float]
     levels: list[float]
     geojson: bool = False
+    iq_offset: int = -1
+    """When ≥ 0, ``iq`` is empty and the samples are in the worker's arena at this offset."""
+    iq_length: int = 0
+    """Bytes of IQ in the arena."""
 
 
 class Ellipse(Struct, frozen=True):

@@ -58,6 +58,7 @@ from workers.messages import (
     reply_decoder,
     request_encoder,
 )
+from workers.shm import Arena
 from workers.worker import WorkerConfig, worker_main
 
 log = logging.getLogger("heimdall.pool")
@@ -94,6 +95,8 @@ class PoolSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Restarts of one worker slot within ``restart_window_s`` that stop its respawning."""
     restart_window_s: Annotated[float, Meta(gt=0)] = 60.0
     """Window of the crash-loop guard."""
+    shm_slot_bytes: Annotated[int, Meta(ge=0)] = 16 * 1024 * 1024
+    """Shared memory per in-flight message for IQ (0: send IQ through the pipe instead)."""
     drain_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
     """Time given to queued and in-flight work at shutdown before workers are killed."""
     test_hooks: bool = False
@@ -142,6 +145,7 @@ class _Outgoing:
     jobs: list[Job]
     sent_at: float
     future: asyncio.Future[Any] | None = None
+    slot: int = -1
 
 
 @dataclass(eq=False)
@@ -156,6 +160,7 @@ class _Worker:
     last_pong: float = 0.0
     served: int = 0
     hello: asyncio.Future[int] | None = None
+    arena: Arena | None = None
 
     @property
     def load(self) -> int:
@@ -238,6 +243,8 @@ class WorkerPool:
                 await asyncio.to_thread(worker.process.join, 2.0)
             self._detach(worker)
             worker.state = "stopped"
+            if worker.arena:
+                worker.arena.close()
 
     @property
     def closing(self) -> bool:
@@ -248,11 +255,20 @@ class WorkerPool:
 
     async def _spawn(self, slot: int) -> None:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
+        arena = None
+        if self.settings.shm_slot_bytes:
+            try:
+                arena = Arena(self.settings.max_inflight, self.settings.shm_slot_bytes)
+            except OSError as exc:
+                log.warning(
+                    "no shared memory for worker %d (%s); IQ goes through the pipe", slot, exc
+                )
         config = WorkerConfig(
             worker_id=slot,
             intra_op_threads=self.settings.intra_op_threads,
             test_hooks=self.settings.test_hooks,
             log_level=self._log_level,
+            arena_path=arena.path if arena else "",
         )
         process = self._ctx.Process(
             target=worker_main,
@@ -263,13 +279,15 @@ class WorkerPool:
         process.start()
         child_conn.close()
         assert self._loop is not None
-        worker = _Worker(slot, process, parent_conn, hello=self._loop.create_future())
+        worker = _Worker(slot, process, parent_conn, hello=self._loop.create_future(), arena=arena)
         self._workers[slot] = worker
         self._loop.add_reader(parent_conn.fileno(), self._on_readable, worker)
         self._loop.add_reader(process.sentinel, self._on_exit, worker)
         try:
             assert worker.hello is not None
             worker.pid = await asyncio.wait_for(worker.hello, self.settings.start_timeout_s)
+            if worker.arena:
+                worker.arena.unlink()  # the worker has mapped it
             while missing := [v for v in self._resident if v not in worker.loaded]:
                 for version in missing:
                     await self._load_on(worker, version, self._resident[version])
@@ -312,6 +330,8 @@ class WorkerPool:
         )
         with contextlib.suppress(OSError):
             worker.conn.close()
+        if worker.arena:
+            worker.arena.close()
         if worker.hello and not worker.hello.done():
             worker.hello.set_exception(WorkerFailure("worker exited during start"))
         retry: list[Job] = []
@@ -408,6 +428,8 @@ class WorkerPool:
         out = worker.outgoing.pop(reply.id, None)
         if out is None:
             return
+        if out.slot >= 0 and worker.arena:
+            worker.arena.release(out.slot)
         if out.future is not None:
             if not out.future.done():
                 out.future.set_result(reply)
@@ -500,13 +522,15 @@ class WorkerPool:
                     jobs.append(job)
                     items += len(job.items)
                 wall = time.time_ns() - int(now * 1e9)
+                staged, shm_slot = self._stage([i for j in jobs for i in j.items], worker)
                 message: Any = Predict(
                     next(self._ids),
                     first.version,
-                    [i for j in jobs for i in j.items],
+                    staged,
                     [wall + int(j.deadline * 1e9) for j in jobs for _ in j.items],
                 )
             else:
+                shm_slot = -1
                 infer = first.infer
                 message = Infer(
                     next(self._ids),
@@ -520,13 +544,27 @@ class WorkerPool:
                 job.dispatched_at = now
                 job.attempts += 1
             if not self._send(worker, message):
+                if shm_slot >= 0 and worker.arena:
+                    worker.arena.release(shm_slot)
                 for job in reversed(jobs):
                     job.attempts -= 1
                     self._queue.appendleft(job)
                     self._queued_items += job.size
                 worker.process.kill()
                 return
-            worker.outgoing[message.id] = _Outgoing(message, jobs, now)
+            worker.outgoing[message.id] = _Outgoing(message, jobs, now, slot=shm_slot)
+
+    @staticmethod
+    def _stage(items: list[PredictItem], worker: _Worker) -> tuple[list[PredictItem], int]:
+        """Move the items' IQ into the worker's arena when there is room (else inline)."""
+        staged = worker.arena.write([i.iq for i in items]) if worker.arena else None
+        if staged is None:
+            return items, -1
+        slot, offsets = staged
+        return [
+            PredictItem(b"", i.latitudes, i.longitudes, i.levels, i.geojson, offset, len(i.iq))
+            for i, offset in zip(items, offsets, strict=True)
+        ], slot
 
     def _expire(self, job: Job) -> None:
         job.timer = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from pathlib import Path
 
@@ -114,15 +115,26 @@ class LoadedModel:
             np.asarray(rho, dtype=np.float32).reshape(-1),
         )
 
-    def predict(self, items: list[PredictItem]) -> tuple[list[Prediction | ItemError], Timings]:
-        """Features, one ONNX batch and decoding for ``items``; bad items become ItemErrors."""
+    def predict(
+        self, items: list[PredictItem], arena: mmap.mmap | None = None
+    ) -> tuple[list[Prediction | ItemError], Timings]:
+        """Features, one ONNX batch and decoding for ``items``; bad items become ItemErrors.
+
+        Items whose IQ travelled through shared memory are read from ``arena`` in place.
+        """
         samples = self.spec.capture.samples_per_receiver
         t0 = time.time_ns()
         packed = []
         results: list[Prediction | ItemError | None] = [None] * len(items)
         for index, item in enumerate(items):
             try:
-                iq = np.frombuffer(item.iq, dtype="<c8").reshape(-1, samples)
+                if item.iq_offset >= 0 and arena is not None:
+                    raw = np.frombuffer(
+                        arena, dtype="<c8", count=item.iq_length // 8, offset=item.iq_offset
+                    )
+                else:
+                    raw = np.frombuffer(item.iq, dtype="<c8")
+                iq = raw.reshape(-1, samples)
                 bad = ~np.isfinite(iq.view(np.float32)).reshape(iq.shape[0], -1).all(axis=1)
                 if bad.any():
                     first = int(np.argmax(bad))

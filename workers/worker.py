@@ -9,6 +9,7 @@ orders shutdown with a Stop message and, past a timeout, kills it.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import queue
 import signal
@@ -39,6 +40,7 @@ from workers.messages import (
     request_decoder,
 )
 from workers.runtime import LoadedModel
+from workers.shm import open_view
 
 log = logging.getLogger("heimdall.worker")
 
@@ -50,6 +52,7 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     intra_op_threads: int = 1
     test_hooks: bool = False
     log_level: str = "INFO"
+    arena_path: str = ""
 
 
 class Worker:
@@ -64,6 +67,7 @@ class Worker:
         self.busy_since = 0.0
         self.send_lock = threading.Lock()
         self.encoder = msgspec.msgpack.Encoder()
+        self.arena = open_view(config.arena_path) if config.arena_path else None
 
     def send(self, reply: msgspec.Struct) -> None:
         """Send one reply; the lock keeps pongs and results from interleaving."""
@@ -112,7 +116,7 @@ class Worker:
                 error = ItemError("not_ready", f"version {message.version} is not loaded")
                 self.send(PredictReply(message.id, [error] * len(message.items), Timings()))
                 return
-            self.send(self.predict(model, message))
+            self.send(self.predict(model, message, self.arena))
         elif isinstance(message, Infer):
             self.send(self.infer(message))
         elif isinstance(message, Load):
@@ -128,7 +132,7 @@ class Worker:
             self.send(Ack(message.id, True))
 
     @staticmethod
-    def predict(model: LoadedModel, message: Predict) -> PredictReply:
+    def predict(model: LoadedModel, message: Predict, arena: mmap.mmap | None) -> PredictReply:
         """Compute the items whose deadline has not passed; the others are not computed."""
         now = time.time_ns()
         late = [
@@ -136,14 +140,14 @@ class Worker:
             for i in range(len(message.items))
         ]
         if not any(late):
-            results, timings = model.predict(message.items)
+            results, timings = model.predict(message.items, arena)
             return PredictReply(message.id, results, timings)
         expired = ItemError(
             "deadline",
             "the request's deadline passed while it waited for a worker; it was not computed",
         )
         live = [item for item, gone in zip(message.items, late, strict=True) if not gone]
-        computed, timings = model.predict(live) if live else ([], Timings())
+        computed, timings = model.predict(live, arena) if live else ([], Timings())
         it = iter(computed)
         merged = [expired if gone else next(it) for gone in late]
         return PredictReply(message.id, merged, timings)
