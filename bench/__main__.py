@@ -135,6 +135,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench: batch {batch_cps:.0f} captures/s", flush=True)
         server_log_tail = stack.server.log_path.read_text()[-2000:]
 
+    # (f) the same saturation run with telemetry off (issue 6: on must be >= 95 % of off).
+    with Stack(extra_env={"HEIMDALL_TELEMETRY_ENABLED": "false"}) as quiet:
+        quiet.k6("load.js", VUS=4, DURATION="3s")
+        off = quiet.k6("load.js", VUS=args.vus, DURATION=dur, P95_MS=100000)
+    off_n = off.value("http_reqs", "count")
+    off_rps = off_n / secs
+    off_cpu = off.cpu_s * 1e3 / off_n
+    print(f"bench: telemetry off {off_rps:.0f} req/s, {off_cpu:.2f} CPU ms/request", flush=True)
+
     runtime = time.monotonic() - started
     efficiency = full.cpu_ms / sat_cpu
     http_cpu = per_request(sat, sat_n)
@@ -182,6 +191,14 @@ def main(argv: list[str] | None = None) -> int:
             "-",
             "-",
             f"target p50 <= 2 ms; cached rate {hits.value('cached', 'value'):.3f}",
+        ),
+        (
+            f"(f) saturation with telemetry off, {args.vus} VUs",
+            f"{off_rps:.0f} req/s",
+            f"{off_cpu:.3f}",
+            f"{full.cpu_ms / off_cpu:.2f}",
+            f"telemetry on/off: throughput {sat_rps / off_rps:.2f}, CPU per request "
+            f"{off_cpu / sat_cpu:.2f} (target >= 0.95)",
         ),
         (
             "(e) batch endpoint, 16 items, 2 VUs",
