@@ -9,6 +9,7 @@ what the model localises from.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,6 +23,13 @@ def _window(n_fft: int) -> npt.NDArray[np.float32]:
     win = np.hanning(n_fft + 1)[:-1]  # periodic Hann
     scaled: npt.NDArray[np.float32] = (win / np.sqrt(np.sum(win**2))).astype(np.float32)
     return scaled
+
+
+def _band_power(frames: npt.NDArray[np.complexfloating[Any, Any]], spec: FeatureSpec) -> Any:
+    spectrum = np.fft.fft(frames * _window(spec.n_fft), axis=-1)
+    power = spectrum.real**2 + spectrum.imag**2
+    power = np.fft.fftshift(power, axes=-1)
+    return power.reshape(*power.shape[:-1], spec.n_bands, spec.n_fft // spec.n_bands).sum(-1)
 
 
 def band_power_db(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.NDArray[np.float32]:
@@ -42,12 +50,12 @@ def band_power_db(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.NDArr
     else:
         view = np.lib.stride_tricks.sliding_window_view(iq, spec.n_fft, axis=-1)
         frames = view[..., :: spec.hop, :][..., :n_frames, :]
-    # complex128: a finite float32 capture near full scale (|x| ~ 1e38) would overflow a
-    # complex64 FFT to inf and give non-finite features.
-    spectrum = np.fft.fft(frames.astype(np.complex128) * _window(spec.n_fft), axis=-1)
-    power = spectrum.real**2 + spectrum.imag**2
-    power = np.fft.fftshift(power, axes=-1)
-    bands = power.reshape(*power.shape[:-1], spec.n_bands, spec.n_fft // spec.n_bands).sum(-1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        bands = _band_power(frames, spec)
+    if not np.isfinite(bands).all():
+        # A finite float32 capture near full scale (|x| ~ 1e38) overflows a complex64 FFT;
+        # redo it in double precision (rare: the fast path stays single precision).
+        bands = _band_power(frames.astype(np.complex128), spec)
     floor = np.float32(10.0 ** (spec.db_floor / 10.0))
     db: npt.NDArray[np.float32] = (10.0 * np.log10(np.maximum(bands, floor))).astype(np.float32)
     return db
