@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup run bootstrap test lint typecheck pytest k6-smoke bench train lock settings-table clean
+.PHONY: help setup run bootstrap test lint typecheck pytest audit k6-smoke bench train lock settings-table clean
 
 help:
 	@echo "make run    - set up and serve on http://$(HOST):$(PORT) with the embedded registry"
@@ -42,10 +42,13 @@ typecheck: setup
 pytest: setup
 	$(BIN)/python -m pytest
 
+audit: setup
+	$(BIN)/python -m tests.security.audit
+
 k6-smoke: setup
 	$(BIN)/python -m tests.support.k6_smoke
 
-test: lint typecheck pytest k6-smoke
+test: lint typecheck pytest audit k6-smoke
 
 bench: setup
 	$(BIN)/python -m bench
