@@ -217,8 +217,10 @@ def test_deadline_passed_in_the_queue_answers_504(start_server: Callable[..., Se
         f"\ndeadline 0.25 s under 1,024 queued items: singles {dict(codes)}, "
         f"batch items {dict(item_codes)}"
     )
-    assert set(codes) <= {200, 504} and codes[504] > 0, codes
+    assert set(codes) <= {200, 504}, codes
     assert set(item_codes) <= {200, 504}, item_codes
+    # Whichever waited past 0.25 s (the queued singles or the tail of the batches) got 504.
+    assert codes[504] + item_codes[504] > 0, (codes, item_codes)
     for late in (r for r in single_responses if r.status_code == 504):
         assert late.headers["content-type"] == "application/problem+json"
     assert httpx.get(server.url + "/health/ready").status_code == 200
