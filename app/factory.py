@@ -173,7 +173,8 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
     routes += build_oip_routes(components)
     plugins = []
     if components.telemetry is not None:
-        routes.append(metrics_route())
+        if components.telemetry.registry is not None:
+            routes.append(metrics_route(components.telemetry.registry))
         plugins.append(
             OpenTelemetryPlugin(
                 OpenTelemetryConfig(

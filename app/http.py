@@ -161,13 +161,13 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     )
 
 
-def metrics_route() -> HTTPRouteHandler:
-    """``GET /metrics``: Prometheus exposition of the OpenTelemetry metrics."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+def metrics_route(registry: Any) -> HTTPRouteHandler:
+    """``GET /metrics``: Prometheus exposition of the OpenTelemetry metrics in ``registry``."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False, sync_to_thread=False)
     def metrics() -> Response[bytes]:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return metrics
 

@@ -21,6 +21,7 @@ from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
     InMemoryMetricReader,
     MetricReader,
+    MetricsData,
     NumberDataPoint,
     PeriodicExportingMetricReader,
 )
@@ -79,10 +80,12 @@ class Telemetry:
 
     tracer_provider: TracerProvider
     meter_provider: MeterProvider
-    live_reader: InMemoryMetricReader
+    snapshot: Callable[[], MetricsData | None]
     tracer: Tracer
     instruments: dict[str, Any] = field(default_factory=dict)
     traces: bool = True
+    registry: Any = None
+    """The private Prometheus registry ``/metrics`` renders (None without Prometheus)."""
 
     def shutdown(self) -> None:
         """Flush and stop exporters."""
@@ -142,7 +145,7 @@ class Telemetry:
 
     def live(self) -> dict[str, dict[str, Any]]:
         """Per-version figures from the instruments: requests, errors, p50/p95, hit rate."""
-        data = self.live_reader.get_metrics_data()
+        data = self.snapshot()
         out: dict[str, dict[str, Any]] = {}
 
         def entry(version: str) -> dict[str, Any]:
@@ -214,6 +217,41 @@ def quantile(point: HistogramDataPoint, q: float) -> float:
     return float(point.max)
 
 
+def _prometheus_reader() -> tuple[Any, Any]:
+    """A Prometheus reader on a private registry that can also hand out its last snapshot."""
+    from opentelemetry.exporter.prometheus import PrometheusMetricReader
+    from prometheus_client import (
+        CollectorRegistry,
+        GCCollector,
+        PlatformCollector,
+        ProcessCollector,
+    )
+
+    class LivePrometheusReader(PrometheusMetricReader):
+        def __init__(self, registry: CollectorRegistry) -> None:
+            super().__init__(registry=registry)
+            self._last: MetricsData | None = None
+            self._for_live = False
+
+        def _receive_metrics(self, metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
+            self._last = metrics_data
+            if not self._for_live:  # a live snapshot must not queue data for the next scrape
+                super()._receive_metrics(metrics_data, *args, **kwargs)
+
+        def snapshot(self) -> MetricsData | None:
+            self._for_live = True
+            try:
+                self.collect()
+            finally:
+                self._for_live = False
+            return self._last
+
+    registry = CollectorRegistry()
+    for collector in (ProcessCollector, PlatformCollector, GCCollector):
+        collector(registry=registry)
+    return LivePrometheusReader(registry), registry
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -245,12 +283,17 @@ def build_telemetry(
         tracer_provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     for processor in extra_span_processors:
         tracer_provider.add_span_processor(processor)
-    live_reader = InMemoryMetricReader()
-    readers: list[MetricReader] = [live_reader, *extra_metric_readers]
+    # One reader feeds both /metrics and the /v1/models live figures, so every measurement
+    # is aggregated once.
+    registry = None
+    snapshot: Callable[[], MetricsData | None]
     if prometheus:
-        from opentelemetry.exporter.prometheus import PrometheusMetricReader
-
-        readers.append(PrometheusMetricReader())
+        reader, registry = _prometheus_reader()
+        snapshot = reader.snapshot
+    else:
+        memory = InMemoryMetricReader()
+        reader, snapshot = memory, memory.get_metrics_data
+    readers: list[MetricReader] = [reader, *extra_metric_readers]
     if _otlp_endpoint("METRICS"):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
@@ -307,8 +350,9 @@ def build_telemetry(
     return Telemetry(
         tracer_provider,
         meter_provider,
-        live_reader,
+        snapshot,
         tracer_provider.get_tracer("heimdall.inference"),
         instruments,
         traces=settings.traces,
+        registry=registry,
     )
