@@ -270,6 +270,9 @@ def build_telemetry(
     extra_metric_readers: Iterable[MetricReader] = (),
 ) -> Telemetry:
     """Providers and instruments for one replica (``OTEL_*`` configure exporters)."""
+    # The design asks for the stable HTTP metric (http.server.request.duration, seconds);
+    # the ASGI instrumentation emits it only with this opt-in (an explicit setting wins).
+    os.environ.setdefault("OTEL_SEMCONV_STABILITY_OPT_IN", "http")
     attributes: dict[str, str] = {"service.instance.id": replica, "service.version": _version()}
     if not os.environ.get("OTEL_SERVICE_NAME") and "service.name=" not in os.environ.get(
         "OTEL_RESOURCE_ATTRIBUTES", ""

@@ -118,6 +118,7 @@ def test_metrics_count_every_request_across_workers(shared_server: Server) -> No
         grew = metric_sum(after, count, phase=phase) - metric_sum(before, count, phase=phase)
         assert grew == n, phase
     assert 'le="0.0005"' in after  # sub-millisecond buckets
+    assert "http_server_request_duration_seconds_count" in after
     assert metric_sum(after, "heimdall_pool_workers", state="ready") == 2
     assert "heimdall_pool_queue_depth" in after
     assert "heimdall_pool_worker_restarts_total" in after
