@@ -137,7 +137,7 @@ def test_missed_message_still_converges(
     wait_for(lambda: served_version(server) == {v2: 1.0}, 10.0)
 
 
-@pytest.mark.parametrize("kind", ["corrupt", "bad_sha", "bad_shape", "missing"])
+@pytest.mark.parametrize("kind", ["corrupt", "bad_sha", "bad_shape", "nan_outputs", "missing"])
 def test_bad_model_keeps_previous_version_serving(
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path, kind: str
 ) -> None:
@@ -158,6 +158,13 @@ def test_bad_model_keeps_previous_version_serving(
     assert "failed" in cli(control_env, "status") or state["rollout"]["last_error"] in cli(
         control_env, "status"
     )
+    metrics = httpx.get(server.url + "/metrics", timeout=5).text
+    failed_reloads = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("heimdall_model_reloads_total{") and 'outcome="failed"' in line
+    ]
+    assert failed_reloads and failed_reloads[0] >= 1
     good = register_variant(control_env, tmp_path, "good", calibration=1.35)
     cli(control_env, "route", f"{good}=1")
     wait_for(lambda: served_version(server) == {good: 1.0}, 20.0)

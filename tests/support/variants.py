@@ -26,7 +26,8 @@ def register_variant(
 
     Kinds: ``good`` (a different calibration factor: a distinguishable, valid model),
     ``corrupt`` (model.onnx bytes are garbage), ``bad_sha`` (the sha256 tag lies),
-    ``bad_shape`` (the spec declares a tensor shape the graph does not have).
+    ``bad_shape`` (the spec declares a tensor shape the graph does not have),
+    ``nan_outputs`` (a graph with the right signature whose outputs are NaN).
     """
     target = folder / f"{kind}-{calibration}"
     if target.exists():
@@ -38,9 +39,41 @@ def register_variant(
         (target / "model.onnx").write_bytes(b"\x08\x07this is not an onnx graph" * 100)
     if kind == "bad_shape":
         spec["inputs"]["receivers"]["shape"] = [-1, 7, 3]
+    if kind == "nan_outputs":
+        (target / "model.onnx").write_bytes(nan_model())
     (target / "model_spec.json").write_text(json.dumps(spec, indent=2))
     reg = registry(env)
     version = reg.register(target, "rf-localizer", alias=None)
     if kind == "bad_sha":
         reg.client.set_model_version_tag("rf-localizer", version, SHA256_TAG, "0" * 64)
     return version
+
+
+def nan_model() -> bytes:
+    """An ONNX graph with the reference signature that answers NaN for everything."""
+    from onnx import TensorProto, helper
+
+    batch = "batch"
+    inputs = [
+        helper.make_tensor_value_info("features", TensorProto.FLOAT, [batch, 7, 32, 32]),
+        helper.make_tensor_value_info("receivers", TensorProto.FLOAT, [batch, 7, 2]),
+        helper.make_tensor_value_info("mask", TensorProto.FLOAT, [batch, 7]),
+    ]
+    outputs = [
+        helper.make_tensor_value_info("mean", TensorProto.FLOAT, [batch, 2]),
+        helper.make_tensor_value_info("sigma", TensorProto.FLOAT, [batch, 2]),
+        helper.make_tensor_value_info("rho", TensorProto.FLOAT, [batch]),
+    ]
+    nan = helper.make_tensor("nan", TensorProto.FLOAT, [], [float("nan")])
+    axis = helper.make_tensor("axis", TensorProto.INT64, [1], [1])
+    nodes = [
+        helper.make_node("ReduceSum", ["receivers", "axis"], ["pos"], keepdims=0),
+        helper.make_node("Mul", ["pos", "nan"], ["mean"]),
+        helper.make_node("Mul", ["pos", "nan"], ["sigma"]),
+        helper.make_node("ReduceSum", ["mask", "axis"], ["count"], keepdims=0),
+        helper.make_node("Mul", ["count", "nan"], ["rho"]),
+    ]
+    graph = helper.make_graph(nodes, "nan", inputs, outputs, initializer=[nan, axis])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return bytes(model.SerializeToString())
