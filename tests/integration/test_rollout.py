@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -170,6 +171,17 @@ def test_bad_model_keeps_previous_version_serving(
     wait_for(lambda: served_version(server) == {good: 1.0}, 20.0)
 
 
+def primary_latencies_ms(server: Server) -> list[float]:
+    out = []
+    with httpx.Client(timeout=30) as client:
+        for body in BODIES * 4:
+            t0 = time.perf_counter()
+            response = client.post(server.url + "/v1/predict", json=body)
+            out.append((time.perf_counter() - t0) * 1e3)
+            assert response.status_code == 200
+    return out
+
+
 def test_weighted_routing_and_shadow(
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -189,11 +201,14 @@ def test_weighted_routing_and_shadow(
     assert sum(counts.values()) == 2048
     assert abs(share - 0.1) <= 0.03
     cli(control_env, "route", "1=1")
+    wait_for(lambda: served_version(server) == {"1": 1.0}, 20.0)
+    without = primary_latencies_ms(server)
     cli(control_env, "shadow", v2, "--fraction", "0.5")
     wait_for(lambda: httpx.get(server.url + "/v1/models").json()["routing"]["shadow"] == v2, 20.0)
-    with httpx.Client(timeout=30) as client:
-        for body in BODIES * 4:
-            assert client.post(server.url + "/v1/predict", json=body).status_code == 200
+    with_shadow = primary_latencies_ms(server)
+    p50_off, p50_on = statistics.median(without), statistics.median(with_shadow)
+    print(f"\nprimary p50 without shadow {p50_off:.2f} ms, with shadow at 0.5 {p50_on:.2f} ms")
+    assert p50_on <= 2 * p50_off + 2.0  # within noise: shadow runs after the answer
     time.sleep(0.5)
     shadow = httpx.get(server.url + f"/v1/models/{v2}").json()["live"]
     assert shadow["shadow_distance_m"]["count"] >= 16
