@@ -34,7 +34,7 @@ from app.schemas import (
 )
 from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
-from workers.geo import distance_m
+from workers.geo import distance_m, pairwise_distance_m
 from workers.messages import ItemError, Prediction, PredictItem
 from workers.pool import JobResult, WorkerPool
 
@@ -184,9 +184,17 @@ class InferenceService:
                     f"v{ctx.version} was trained on (known: {', '.join(sorted(ctx.known))})",
                     field=f"{prefix}.receivers[{i}].id",
                 )
-            lat, lon = ctx.known[rx.id]
-            off = float(distance_m(lat, lon, rx.latitude, rx.longitude)[0])
+        trained = [ctx.known[rx.id] for rx in request.receivers]
+        offsets = pairwise_distance_m(
+            [t[0] for t in trained],
+            [t[1] for t in trained],
+            [rx.latitude for rx in request.receivers],
+            [rx.longitude for rx in request.receivers],
+        )
+        for i, off in enumerate(offsets.tolist()):
             if off > tolerance:
+                rx = request.receivers[i]
+                lat, lon = trained[i]
                 raise InvalidInput(
                     f"receiver {rx.id!r} is reported {off:.0f} m from its trained position "
                     f"({lat:.5f}, {lon:.5f}); the tolerance is {tolerance:.0f} m",

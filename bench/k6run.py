@@ -26,10 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     print(run.summary_text)
     count = run.value("http_reqs", "count")
     if count:
-        roles = ", ".join(f"{r} {c * 1e3 / count:.3f}" for r, c in sorted(run.cpu_by_role.items())
-                          if c > 0)
-        print(f"service CPU per request: {run.cpu_s * 1e3 / count:.3f} ms ({roles}); "
-              f"k6 CPU per request {run.k6_cpu_s * 1e3 / count:.3f} ms")
+        roles = ", ".join(
+            f"{r} {c * 1e3 / count:.3f}" for r, c in sorted(run.cpu_by_role.items()) if c > 0
+        )
+        print(
+            f"service CPU per request: {run.cpu_s * 1e3 / count:.3f} ms ({roles}); "
+            f"k6 CPU per request {run.k6_cpu_s * 1e3 / count:.3f} ms"
+        )
     print(f"k6 exit code {run.exit_code}")
     return run.exit_code
 

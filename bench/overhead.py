@@ -45,26 +45,39 @@ def pieces() -> list[tuple[str, float]]:
     decoder = msgspec.json.Decoder(PredictRequest)
     req = decoder.decode(body)
     rx = req.receivers
-    item = PredictItem(b"".join(r.iq for r in rx), [r.latitude for r in rx],
-                       [r.longitude for r in rx], [0.5, 0.9, 0.95], False)
-    model = LoadedModel(str(REFERENCE / "model.onnx"),
-                        (REFERENCE / "model_spec.json").read_bytes(), 1)
+    item = PredictItem(
+        b"".join(r.iq for r in rx),
+        [r.latitude for r in rx],
+        [r.longitude for r in rx],
+        [0.5, 0.9, 0.95],
+        False,
+    )
+    model = LoadedModel(
+        str(REFERENCE / "model.onnx"), (REFERENCE / "model_spec.json").read_bytes(), 1
+    )
     iq = np.frombuffer(item.iq, dtype="<c8").reshape(len(rx), -1)
     mean, sigma = np.zeros(2, np.float32), np.full(2, 0.1, np.float32)
     return [
-        (f"HTTP: JSON decode of a {len(body) / 1e3:.0f} kB body ({len(rx)} receivers)",
-         cpu_ms(lambda: decoder.decode(body))),
-        ("HTTP: network check (pyproj distance per receiver)",
-         cpu_ms(lambda: [distance_m(r.latitude, r.longitude, r.latitude, r.longitude)
-                         for r in rx])),
-        ("worker: LoadedModel.predict, one item",
-         cpu_ms(lambda: model.predict([item]))),
-        ("worker:   pack_capture", cpu_ms(lambda: pack_capture(iq, item.latitudes,
-                                                              item.longitudes, model.spec))),
-        ("worker:     extract_features", cpu_ms(lambda: extract_features(iq,
-                                                                          model.spec.features))),
-        ("worker:   decode (position, covariance, 3 ellipses)",
-         cpu_ms(lambda: model.decode(mean, sigma, 0.1, 45.0, 7.5, item))),
+        (
+            f"HTTP: JSON decode of a {len(body) / 1e3:.0f} kB body ({len(rx)} receivers)",
+            cpu_ms(lambda: decoder.decode(body)),
+        ),
+        (
+            "HTTP: network check (pyproj distance per receiver)",
+            cpu_ms(
+                lambda: [distance_m(r.latitude, r.longitude, r.latitude, r.longitude) for r in rx]
+            ),
+        ),
+        ("worker: LoadedModel.predict, one item", cpu_ms(lambda: model.predict([item]))),
+        (
+            "worker:   pack_capture",
+            cpu_ms(lambda: pack_capture(iq, item.latitudes, item.longitudes, model.spec)),
+        ),
+        ("worker:     extract_features", cpu_ms(lambda: extract_features(iq, model.spec.features))),
+        (
+            "worker:   decode (position, covariance, 3 ellipses)",
+            cpu_ms(lambda: model.decode(mean, sigma, 0.1, 45.0, 7.5, item)),
+        ),
     ]
 
 
@@ -81,10 +94,14 @@ def main() -> int:
         for mode in ("live", "invalid", "predict"):
             run = stack.k6("overhead.js", MODE=mode)
             n = run.value("http_reqs", "count")
-            roles = ", ".join(f"{r} {c * 1e3 / n:.3f}" for r, c in
-                              sorted(run.cpu_by_role.items()) if c > 0)
-            print(f"| {mode} | {n / 8:.0f} | {run.cpu_s * 1e3 / n:.3f} | {roles} |"
-                  + ("" if run.exit_code == 0 else f" (k6 exit {run.exit_code})"), flush=True)
+            roles = ", ".join(
+                f"{r} {c * 1e3 / n:.3f}" for r, c in sorted(run.cpu_by_role.items()) if c > 0
+            )
+            print(
+                f"| {mode} | {n / 8:.0f} | {run.cpu_s * 1e3 / n:.3f} | {roles} |"
+                + ("" if run.exit_code == 0 else f" (k6 exit {run.exit_code})"),
+                flush=True,
+            )
     return 0
 
 

@@ -29,17 +29,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--promote-after", type=float, default=8.0)
     args = parser.parse_args(argv)
     with Stack() as stack:
-        env = {**os.environ, **{k: v for k, v in stack.server.env.items()
-                                if k.startswith(("MLFLOW_", "HEIMDALL_ARTIFACT", "REDIS_"))}}
+        env = {
+            **os.environ,
+            **{
+                k: v
+                for k, v in stack.server.env.items()
+                if k.startswith(("MLFLOW_", "HEIMDALL_ARTIFACT", "REDIS_"))
+            },
+        }
         package = stack.folder / "candidate"
         shutil.copytree(REFERENCE, package)
         spec = json.loads((package / "model_spec.json").read_text())
         spec["output"]["calibration_factor"] = 1.25
         (package / "model_spec.json").write_text(json.dumps(spec))
         done = subprocess.run(
-            [sys.executable, "-m", "app.cli", "bootstrap", "--package", str(package),
-             "--alias", "candidate"], env=env, cwd=ROOT, capture_output=True, text=True,
-            check=True)
+            [
+                sys.executable,
+                "-m",
+                "app.cli",
+                "bootstrap",
+                "--package",
+                str(package),
+                "--alias",
+                "candidate",
+            ],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         print(done.stdout.strip())
         knobs = {"VUS": args.vus, "DURATION": f"{args.seconds}s", "VERSIONS": "1,2"}
         steady = stack.k6("rollout.js", **knobs)
@@ -48,8 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         def promote() -> None:
             time.sleep(args.promote_after)
             out = subprocess.run(
-                [sys.executable, "-m", "app.cli", "promote", "2"], env=env, cwd=ROOT,
-                capture_output=True, text=True, check=False)
+                [sys.executable, "-m", "app.cli", "promote", "2"],
+                env=env,
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             print(f"promote: {out.stdout.strip()} {out.stderr[-500:]}".strip(), flush=True)
 
         thread = threading.Thread(target=promote)
@@ -59,9 +83,11 @@ def main(argv: list[str] | None = None) -> int:
         print("=== during promotion\n" + swap.summary_text)
     p99_steady = steady.value("http_req_duration", "p(99)")
     p99_swap = swap.value("http_req_duration", "p(99)")
-    print(f"p99 steady {p99_steady:.1f} ms, during swap {p99_swap:.1f} ms, "
-          f"ratio {p99_swap / p99_steady:.2f} (design: <= 2); k6 exit codes "
-          f"{steady.exit_code}, {swap.exit_code}")
+    print(
+        f"p99 steady {p99_steady:.1f} ms, during swap {p99_swap:.1f} ms, "
+        f"ratio {p99_swap / p99_steady:.2f} (design: <= 2); k6 exit codes "
+        f"{steady.exit_code}, {swap.exit_code}"
+    )
     return swap.exit_code or steady.exit_code
 
 

@@ -60,3 +60,16 @@ def distance_m(lat1: float, lon1: float, lat2: npt.ArrayLike, lon2: npt.ArrayLik
     lon = np.atleast_1d(np.asarray(lon2, dtype=np.float64))
     _, _, dist = wgs84().inv(np.full_like(lon, lon1), np.full_like(lat, lat1), lon, lat)
     return np.asarray(dist, dtype=np.float64)
+
+
+def pairwise_distance_m(
+    lat1: npt.ArrayLike, lon1: npt.ArrayLike, lat2: npt.ArrayLike, lon2: npt.ArrayLike
+) -> FloatArray:
+    """Geodesic distances between matching points of two lists, in one vectorised call."""
+    _, _, dist = wgs84().inv(
+        np.asarray(lon1, dtype=np.float64),
+        np.asarray(lat1, dtype=np.float64),
+        np.asarray(lon2, dtype=np.float64),
+        np.asarray(lat2, dtype=np.float64),
+    )
+    return np.asarray(dist, dtype=np.float64)
