@@ -216,17 +216,25 @@ def test_weighted_routing_and_shadow(
     assert shadow["shadow_distance_m"]["p95"] < 1.0
 
 
-def test_hmac_rejects_unsigned_and_wrong_key_messages(
-    start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
+def test_hmac_rejects_unsigned_wrong_key_and_junk_messages(
+    start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path,
+    redis_url: str,
 ) -> None:
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.45)
     signed = {**control_env, "HEIMDALL_CONTROL_HMAC_SECRET": "s3cret"}
     server = start_server(**signed)
     cli(control_env, "route", f"{v2}=1")  # unsigned
     cli({**control_env, "HEIMDALL_CONTROL_HMAC_SECRET": "wrong"}, "route", f"{v2}=1")
+    channel = f"{control_env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:control"
+    junk = redis.Redis.from_url(redis_url)
+    for message in (b"\x00\xffnot json", b'{"revision": "many"}', b"[]"):
+        junk.publish(channel, message)
+    junk.close()
     time.sleep(3.0)
     assert served_version(server) == {"1": 1.0}
-    assert httpx.get(server.url + "/v1/models").json()["control"]["rejected_messages"] >= 2
+    state = httpx.get(server.url + "/v1/models").json()
+    assert state["control"]["rejected_messages"] >= 5
+    assert state["rollout"]["last_outcome"] == "applied"
     cli(signed, "route", f"{v2}=1")
     wait_for(lambda: served_version(server) == {v2: 1.0}, 10.0)
 
