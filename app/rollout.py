@@ -123,7 +123,9 @@ class Rollout:
         loaded: list[str] = []
         try:
             for version, package in packages.items():
-                await self.pool.load(version, str(package.model_path), package.spec_raw)
+                await self.pool.load(
+                    version, str(package.model_path), package.spec_raw, package.info.sha256
+                )
                 loaded.append(version)
         except BaseException:
             for version in loaded:

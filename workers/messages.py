@@ -76,6 +76,8 @@ class Load(Struct, tag="load", frozen=True):
     version: str
     model_path: str
     spec: bytes
+    sha256: str = ""
+    """Digest the file had when it was verified; the worker re-checks it before loading."""
 
 
 class Unload(Struct, tag="unload", frozen=True):

@@ -171,6 +171,7 @@ class _Worker:
 class _Resident:
     model_path: str
     spec: bytes
+    sha256: str = ""
 
 
 class WorkerPool:
@@ -633,21 +634,24 @@ class WorkerPool:
         return await asyncio.wait_for(future, self.settings.start_timeout_s)
 
     async def _load_on(self, worker: _Worker, version: str, res: _Resident) -> None:
-        ack = await self._control(worker, Load(next(self._ids), version, res.model_path, res.spec))
+        ack = await self._control(
+            worker, Load(next(self._ids), version, res.model_path, res.spec, res.sha256)
+        )
         if not isinstance(ack, Ack) or not ack.ok:
             detail = ack.detail if isinstance(ack, Ack) else "unexpected reply"
             raise ModelLoadError(f"worker {worker.slot} could not load {version}: {detail}")
         worker.loaded.add(version)
 
-    async def load(self, version: str, model_path: str, spec: bytes) -> None:
+    async def load(self, version: str, model_path: str, spec: bytes, sha256: str = "") -> None:
         """Load ``version`` on every worker (each builds, warms and validates its session).
 
-        On any failure the version is unloaded everywhere and the error raised; what was
-        resident before keeps serving.
+        With ``sha256``, every worker (also a respawned one, later) refuses the file unless it
+        still has that digest. On any failure the version is unloaded everywhere and the error
+        raised; what was resident before keeps serving.
         """
         if version in self._resident:
             return
-        res = _Resident(model_path, spec)
+        res = _Resident(model_path, spec, sha256)
         self._resident[version] = res
         workers = self._ready()
         results = await asyncio.gather(

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import msgspec
 import numpy as np
@@ -39,6 +40,7 @@ from workers.messages import (
     Unload,
     request_decoder,
 )
+from workers.registry import sha256_file
 from workers.runtime import LoadedModel
 from workers.shm import open_view
 
@@ -154,6 +156,17 @@ class Worker:
 
     def load(self, message: Load) -> None:
         """Build, warm up and validate a session; keep the old one until told to unload."""
+        if message.sha256 and sha256_file(Path(message.model_path)) != message.sha256:
+            self.send(
+                Ack(
+                    message.id,
+                    False,
+                    "model_load",
+                    f"{message.model_path} changed on disk since it was verified "
+                    "(sha256 mismatch); refusing to load it",
+                )
+            )
+            return
         try:
             model = LoadedModel(message.model_path, message.spec, self.config.intra_op_threads)
         except ServiceError as exc:

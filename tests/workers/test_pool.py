@@ -193,3 +193,28 @@ async def test_stop_drains_in_flight_work() -> None:
     assert all(isinstance(f.result().results[0], Prediction) for f in futures)
     with pytest.raises(NotReady):
         pool.submit("1", [[payload_item(PAYLOADS[0])]], 1.0)
+
+
+async def test_respawned_worker_refuses_a_model_file_changed_on_disk(tmp_path: Path) -> None:
+    import hashlib
+    import shutil
+
+    model = tmp_path / "model.onnx"
+    shutil.copy(MODEL, model)
+    digest = hashlib.sha256(model.read_bytes()).hexdigest()
+    pool = WorkerPool(
+        PoolSettings(workers=2, ping_interval_s=0.2, max_restarts=2), log_level="ERROR"
+    )
+    await pool.start()
+    try:
+        await pool.load("1", str(model), SPEC, digest)
+        with model.open("r+b") as handle:  # tamper after verification
+            handle.seek(100)
+            handle.write(b"\x00\x01\x02")
+        os.kill(pool.pids()[0], signal.SIGKILL)
+        await asyncio.sleep(3.0)
+        assert len(pool.pids()) == 1, "the respawned worker must not serve the tampered file"
+        results = await predict_all(pool, [payload_item(PAYLOADS[0])])
+        assert isinstance(results[0], Prediction)
+    finally:
+        await pool.stop()
