@@ -155,7 +155,11 @@ class ModelRegistry:
             else:
                 mv = self.client.get_model_version(name, str(version))
         except MlflowException as exc:
-            raise NotFound(f"{ref!r} is not in the registry: {exc.message}") from exc
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                raise NotFound(f"{ref!r} is not in the registry: {exc.message}") from exc
+            raise ModelLoadError(
+                f"the registry could not resolve {ref!r} ({exc.error_code}): {exc.message}"
+            ) from exc
         return self._info(mv)
 
     def _info(self, mv: Any) -> VersionInfo:
