@@ -714,6 +714,8 @@ class WorkerPool:
             "workers": workers,
             "states": states,
             "queue_depth": self._queued_items,
+            "pending_items": self._queued_items
+            + sum(j.size for w in self._workers if w for o in w.outgoing.values() for j in o.jobs),
             "restarts": self.restarts_total,
         }
 

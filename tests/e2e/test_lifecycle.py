@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -51,37 +53,42 @@ def test_not_ready_until_the_model_exists_then_ready(
 
 def test_sigterm_drains_in_flight_requests(start_server: Callable[..., Server]) -> None:
     server = start_server(HEIMDALL_POOL_WORKERS="1")
-    batch = next(iter_batches(64, 901, chunk=64))
+    batch = next(iter_batches(8, 901, chunk=8))
     content = json.dumps(
-        {"items": [request_payload(batch, i, cache=False) for i in range(64)]}
+        {"items": [request_payload(batch, i, cache=False) for i in range(8)]}
     ).encode()
+    worker_pid = httpx.get(server.url + "/v1/models").json()["pool"]["workers"][0]["pid"]
 
-    def call(_: int) -> int | str:
-        try:
-            return httpx.post(
-                server.url + "/v1/predict/batch",
-                content=content,
-                headers={"content-type": "application/json"},
-                timeout=60,
-            ).status_code
-        except httpx.ConnectError:
-            return "refused"
+    def pending() -> int:
+        return int(httpx.get(server.url + "/v1/models", timeout=5).json()["pool"]["pending_items"])
 
-    with ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(call, i) for i in range(6)]
-        deadline = time.monotonic() + 20
-        in_flight = 0
-        while time.monotonic() < deadline and in_flight == 0:
-            stats = httpx.get(server.url + "/v1/models", timeout=5).json()["pool"]
-            in_flight = stats["queue_depth"] + sum(w["in_flight"] for w in stats["workers"])
-        assert in_flight > 0, "no request was in flight"
-        started = time.monotonic()
-        server.signal(signal.SIGTERM)
-        codes = [f.result() for f in futures]
+    def call(_: int) -> int:
+        return httpx.post(
+            server.url + "/v1/predict/batch",
+            content=content,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        ).status_code
+
+    os.kill(worker_pid, signal.SIGSTOP)  # hold the work in flight while SIGTERM arrives
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(call, i) for i in range(6)]
+            deadline = time.monotonic() + 20
+            while pending() < 6 * 8 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert pending() == 6 * 8, "every request should be queued or computing"
+            started = time.monotonic()
+            server.signal(signal.SIGTERM)
+            time.sleep(0.5)
+            os.kill(worker_pid, signal.SIGCONT)
+            codes = [f.result() for f in futures]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker_pid, signal.SIGCONT)
     assert server.proc is not None
     server.proc.wait(40)
-    answered = [c for c in codes if c != "refused"]
-    assert answered and all(c == 200 for c in answered), codes
+    assert codes == [200] * 6, codes
     assert time.monotonic() - started < 40
     assert server.proc.returncode == 0
     with pytest.raises(httpx.ConnectError):
