@@ -106,9 +106,11 @@ def _hint(message: str) -> str:
     return ""
 
 
-def encode(request: Request[Any, Any, Any], value: Any, status: int = 200) -> Response[bytes]:
-    """Encode ``value`` as MessagePack or JSON according to ``Accept``."""
-    if wants_msgpack(request):
+def encode(
+    request: Request[Any, Any, Any], value: Any, status: int = 200, msgpack: bool | None = None
+) -> Response[bytes]:
+    """Encode ``value`` as MessagePack or JSON according to ``Accept`` (or ``msgpack``)."""
+    if wants_msgpack(request) if msgpack is None else msgpack:
         return Response(_msgpack_encoder.encode(value), status_code=status, media_type=MSGPACK)
     return Response(_json_encoder.encode(value), status_code=status, media_type=JSON)
 
@@ -190,9 +192,9 @@ def build_routes(
         status_code=200,
     )
     async def predict(request: Request[Any, Any, Any]) -> Response[bytes]:
-        wants_msgpack(request)
+        msgpack = wants_msgpack(request)  # 406 before reading the body
         body = await decode_body(request, PredictRequest)
-        return encode(request, await service.predict(body))
+        return encode(request, await service.predict(body), msgpack=msgpack)
 
     @post(
         "/v1/predict/batch",
@@ -201,9 +203,10 @@ def build_routes(
         summary="Localise up to 256 transmitters",
     )
     async def predict_batch(request: Request[Any, Any, Any]) -> Response[bytes]:
-        wants_msgpack(request)
+        msgpack = wants_msgpack(request)  # 406 before reading the body
         body = await decode_body(request, BatchRequest)
-        return encode(request, BatchResponse(await service.predict_batch(body.items)))
+        result = BatchResponse(await service.predict_batch(body.items))
+        return encode(request, result, msgpack=msgpack)
 
     @get("/v1/models", summary="Serving state")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
