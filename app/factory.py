@@ -19,7 +19,7 @@ from litestar import Litestar
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from litestar.plugins.opentelemetry import OpenTelemetryConfig, OpenTelemetryPlugin
+from litestar.plugins.opentelemetry import OpenTelemetryConfig
 
 from app.cache import PredictionCache
 from app.control_plane import ControlPlane
@@ -35,6 +35,7 @@ from app.openapi import complete_openapi
 from app.rollout import Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
+from app.tracing import ServerSpanMiddleware
 from telemetry.setup import Telemetry, build_telemetry
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
@@ -171,24 +172,23 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         max_batch_body=settings.server.max_batch_body_bytes,
     )
     routes += build_oip_routes(components)
-    plugins = []
+    middleware = []
     if components.telemetry is not None:
         if components.telemetry.registry is not None:
             routes.append(metrics_route(components.telemetry.registry))
-        plugins.append(
-            OpenTelemetryPlugin(
-                OpenTelemetryConfig(
-                    tracer_provider=components.telemetry.tracer_provider,
-                    meter_provider=components.telemetry.meter_provider,
-                    exclude=["/health", "/metrics", "/v2/health"],
-                    # A span per ASGI message would mean dozens per 300 kB request body.
-                    exclude_spans=["receive", "send"],
-                )
-            )
+        # Litestar turns an OpenTelemetry middleware in this list into its OpenTelemetry
+        # plugin (outermost, around the router); the class is our lean server span.
+        middleware.append(
+            OpenTelemetryConfig(
+                tracer_provider=components.telemetry.tracer_provider,
+                meter_provider=components.telemetry.meter_provider,
+                exclude=["/health", "/metrics", "/v2/health"],
+                middleware_class=ServerSpanMiddleware,
+            ).middleware
         )
     app = Litestar(
         route_handlers=routes,
-        plugins=plugins,
+        middleware=middleware,
         lifespan=[lifespan],
         exception_handlers={
             ServiceError: service_error_handler,

@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from msgspec import Meta, Struct
+from opentelemetry import trace
 
 from app.cache import PredictionCache, input_digest
 from app.models import Routing, VersionContext
@@ -286,8 +287,8 @@ class InferenceService:
         telemetry.duration(version, "queue", result.queue_s)
         telemetry.duration(version, "features", (t.features_end_ns - t.features_start_ns) / 1e9)
         telemetry.duration(version, "inference", (t.inference_end_ns - t.inference_start_ns) / 1e9)
-        if not telemetry.traces:
-            return
+        if not telemetry.traces or not trace.get_current_span().is_recording():
+            return  # not sampled: no worker-timing spans either
         attrs: dict[str, str | int] = {
             "model.name": ctx.name,
             "model.version": version,
@@ -325,7 +326,7 @@ class InferenceService:
         assert self.cache is not None
         ctx = prepared.context
         telemetry = self.telemetry
-        if telemetry is not None and telemetry.traces:
+        if telemetry is not None and telemetry.traces and trace.get_current_span().is_recording():
             with telemetry.tracer.start_as_current_span("cache.lookup") as span:
                 hit, result = await self.cache.get(key)
                 span.set_attribute("cache.result", result)

@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
-from msgspec import Struct
+from msgspec import Meta, Struct
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
@@ -29,6 +29,7 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.trace import Tracer
 
 # Sub-millisecond to seconds, for phases that range from 50 µs (features) to a 5 s deadline.
@@ -63,6 +64,9 @@ class TelemetrySettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Record traces and metrics at all (``/metrics`` answers 404 when off)."""
     traces: bool = True
     """Create spans (exported only when an ``OTEL_EXPORTER_OTLP_*`` endpoint is set)."""
+    trace_sample_ratio: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
+    """Share of requests traced when ``OTEL_TRACES_SAMPLER`` is unset (parent-based: a sampled
+    incoming ``traceparent`` is always traced)."""
     metrics_export_interval_s: float = 15.0
     """Period of the OTLP metric export (when an endpoint is set)."""
 
@@ -279,7 +283,11 @@ def build_telemetry(
     ):
         attributes["service.name"] = "heimdall-inference"
     resource = Resource.create(attributes)
-    tracer_provider = TracerProvider(resource=resource)
+    # An explicit OTEL_TRACES_SAMPLER wins (the SDK reads it when no sampler is passed).
+    sampler = None
+    if not os.environ.get("OTEL_TRACES_SAMPLER"):
+        sampler = ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+    tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     if settings.traces and _otlp_endpoint("TRACES"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 

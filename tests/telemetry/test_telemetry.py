@@ -20,6 +20,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from app.factory import create_app
 from app.settings import load_settings
@@ -36,7 +37,7 @@ async def test_one_prediction_is_one_trace_covering_every_phase(
 ) -> None:
     exporter = InMemorySpanExporter()
     telemetry = build_telemetry(
-        TelemetrySettings(),
+        TelemetrySettings(trace_sample_ratio=1.0),
         "test-replica",
         prometheus=False,
         extra_span_processors=[SimpleSpanProcessor(exporter)],
@@ -65,7 +66,10 @@ async def test_one_prediction_is_one_trace_covering_every_phase(
         assert {"cache.lookup", "queue", "features", "inference"} <= names, names
         assert len({s.context.trace_id for s in spans}) == 1
         server = [s for s in spans if s.parent is None]
-        assert len(server) == 1 and "POST" in server[0].name
+        assert len(server) == 1 and server[0].name == "POST /v1/predict"
+        assert server[0].kind is SpanKind.SERVER
+        assert server[0].attributes["http.route"] == "/v1/predict"
+        assert server[0].attributes["http.response.status_code"] == 200
         for span in spans:
             if span.name in ("queue", "features", "inference", "cache.lookup"):
                 assert span.parent is not None
@@ -86,6 +90,53 @@ async def test_one_prediction_is_one_trace_covering_every_phase(
         exporter.clear()
         await client.get("/health/ready")
         assert exporter.get_finished_spans() == ()
+    telemetry.shutdown()
+
+
+async def test_sampling_keeps_metrics_and_honours_a_sampled_traceparent(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    """Ratio 0: no spans of its own, every request still measured, a sampled parent traced."""
+    exporter = InMemorySpanExporter()
+    telemetry = build_telemetry(
+        TelemetrySettings(trace_sample_ratio=0.0),
+        "test-replica",
+        prometheus=False,
+        extra_span_processors=[SimpleSpanProcessor(exporter)],
+    )
+    settings = load_settings(
+        {
+            **registry_env,
+            "REDIS_URL": redis_url,
+            "HEIMDALL_POOL_WORKERS": "1",
+            "HEIMDALL_CONTROL_ENABLED": "false",
+            "HEIMDALL_CACHE_ENABLED": "false",
+        }
+    )
+    app = create_app(settings, telemetry)
+    async with AsyncTestClient(app, timeout=60) as client:
+        for _ in range(600):
+            if (await client.get("/health/ready")).status_code == 200:
+                break
+            await asyncio.sleep(0.1)
+        for i in range(5):
+            response = await client.post("/v1/predict", json=request_payload(BATCH, i))
+            assert response.status_code == 200
+        assert exporter.get_finished_spans() == ()
+        assert (await client.get("/v1/models/1")).json()["live"]["requests"] == 5
+        # A caller that samples its trace gets the whole trace, whatever the local ratio.
+        trace_id = "0af7651916cd43dd8448eb211c80319c"
+        headers = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+        await client.post("/v1/predict", json=request_payload(BATCH, 6), headers=headers)
+        spans = exporter.get_finished_spans()
+        assert {"POST /v1/predict", "queue", "features", "inference"} <= {s.name for s in spans}
+        assert {format(s.context.trace_id, "032x") for s in spans} == {trace_id}
+        # Unmatched paths are measured without a route (no series per scanned path).
+        exporter.clear()
+        await client.get("/no/such/path", headers=headers)
+        (span,) = exporter.get_finished_spans()
+        assert span.name == "GET" and "http.route" not in span.attributes
+        assert span.attributes["http.response.status_code"] == 404
     telemetry.shutdown()
 
 
@@ -168,6 +219,7 @@ def test_otlp_http_export_reaches_a_collector(
         OTEL_EXPORTER_OTLP_ENDPOINT=endpoint,
         OTEL_SERVICE_NAME="heimdall-e2e",
         OTEL_BSP_SCHEDULE_DELAY="200",
+        HEIMDALL_TELEMETRY_TRACE_SAMPLE_RATIO="1",
         HEIMDALL_TELEMETRY_METRICS_EXPORT_INTERVAL_S="1",
     )
     for i in range(3):
