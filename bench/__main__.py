@@ -198,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
             f"p99 {ms(half.value('http_req_duration', 'p(99)'))} ms",
             f"{half.cpu_s * 1e3 / half_n:.3f}" if half_n else "-",
             "-",
-            f"targets p50 <= 8 ms, p99 <= 25 ms; {half_n:.0f} requests, "
+            f"targets p50 <= 8 ms, p99 <= 25 ms; inside the service (timing_ms.total) "
+            f"p50 {ms(half.value('server_total_ms', 'med'))} / "
+            f"p99 {ms(half.value('server_total_ms', 'p(99)'))} ms; {half_n:.0f} requests, "
             f"{dropped:.0f} dropped, failed rate "
             f"{half.value('http_req_failed', 'value'):.3f}",
         ),
