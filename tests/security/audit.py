@@ -2,8 +2,10 @@
 
 Run as ``python -m tests.security.audit``. Known, reviewed findings are listed (one id per
 line, ``#`` comments) in ``tests/security/pip-audit-known.txt`` and documented in
-docs/reliability.md. When the vulnerability service (PyPI's JSON API) cannot be reached the
-audit prints a warning and exits 0: an outage must not block ``make test``.
+docs/reliability.md. When pip-audit gets no per-version data (a mirror that serves only
+project pages), the pins at their project's latest release are audited through PyPI's project
+pages instead and the others are named as not audited; when nothing answers, it warns and
+exits 0: an outage must not block ``make test``.
 """
 
 from __future__ import annotations
