@@ -4,8 +4,10 @@ Key = prefix + model name + model version + feature-pipeline version (spec hash)
 the canonical input (receivers sorted by id with their positions and IQ bytes, sample rate)
 and of the options that shape the answer (confidence levels, GeoJSON). Value = the worker's
 :class:`~workers.messages.Prediction` as MessagePack, decoded into that type on read; anything
-that does not decode is a miss. Redis slow or down → short timeouts, then a circuit breaker
-that skips Redis for a cool-down: predictions keep flowing uncached. The cache never flushes
+that does not decode is a miss. A bounded in-memory tier (:class:`LocalTier`, same keys) sits
+in front of Redis for captures this replica answered recently. Redis slow or down → short
+timeouts, then a circuit breaker that skips Redis for a cool-down: predictions keep flowing
+(uncached, or from the in-memory tier). The cache never flushes
 or scans a database; it only GETs and SETs its own keys with a TTL.
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import logging
 import struct
 import time
+from collections import OrderedDict
 from typing import Annotated, Any
 
 import msgspec
@@ -43,6 +46,10 @@ class CacheSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Consecutive errors that open the circuit breaker."""
     breaker_cooldown_s: Annotated[float, Meta(gt=0)] = 2.0
     """Time the breaker stays open before one probe request is let through."""
+    local_entries: Annotated[int, Meta(ge=0)] = 1024
+    """Predictions this replica also keeps in memory, same keys (LRU; 0 = Redis only)."""
+    local_ttl_s: Annotated[float, Meta(gt=0)] = 60.0
+    """Lifetime of an in-memory entry (never longer than ``ttl_s``)."""
 
 
 _value_decoder = msgspec.msgpack.Decoder(Prediction)
@@ -67,6 +74,43 @@ def input_digest(
     return digest.hexdigest()
 
 
+class LocalTier:
+    """A bounded LRU of decoded predictions in this process, under the Redis keys.
+
+    The key carries the model version and the feature-pipeline hash, so this tier can no more
+    answer with another version than Redis can; it saves the Redis round trip (≈0.5 ms at low
+    load) for captures this replica saw recently, and keeps answering them while Redis is down.
+    """
+
+    def __init__(self, entries: int, ttl_s: float) -> None:
+        """Hold at most ``entries`` predictions for ``ttl_s`` seconds each."""
+        self.entries = entries
+        self.ttl_s = ttl_s
+        self._data: OrderedDict[str, tuple[float, Prediction]] = OrderedDict()
+
+    def __len__(self) -> int:
+        """Entries held (expired ones included until touched or evicted)."""
+        return len(self._data)
+
+    def get(self, key: str) -> Prediction | None:
+        """The prediction under ``key`` if present and fresh."""
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return entry[1]
+
+    def put(self, key: str, value: Prediction) -> None:
+        """Keep ``value``; the least recently used entry goes when full."""
+        self._data[key] = (time.monotonic() + self.ttl_s, value)
+        self._data.move_to_end(key)
+        while len(self._data) > self.entries:
+            self._data.popitem(last=False)
+
+
 class PredictionCache:
     """GET/SET of encoded predictions with timeouts and a circuit breaker."""
 
@@ -78,6 +122,11 @@ class PredictionCache:
         """Wrap a ``redis.asyncio.Redis`` client (``None``: cache disabled)."""
         self.settings = settings
         self.client = client if settings.enabled else None
+        self.local: LocalTier | None = None
+        if self.client is not None and settings.local_entries > 0:
+            self.local = LocalTier(
+                settings.local_entries, min(settings.local_ttl_s, settings.ttl_s)
+            )
         self._failures = 0
         self._open_until = 0.0
         self._stores: set[asyncio.Task[None]] = set()
@@ -89,8 +138,12 @@ class PredictionCache:
 
     @property
     def usable(self) -> bool:
-        """Whether a lookup will be tried now (enabled and breaker closed)."""
+        """Whether a Redis lookup will be tried now (enabled and breaker closed)."""
         return self.client is not None and time.monotonic() >= self._open_until
+
+    def local_get(self, key: str) -> Prediction | None:
+        """The in-memory tier's prediction under ``key`` (no I/O)."""
+        return self.local.get(key) if self.local is not None else None
 
     def state(self) -> dict[str, Any]:
         """For /health/ready details."""
@@ -101,6 +154,7 @@ class PredictionCache:
             "breaker": "open" if time.monotonic() < self._open_until else "closed",
             "consecutive_failures": self._failures,
             "last_error": self.last_error,
+            "local_entries": len(self.local) if self.local is not None else None,
         }
 
     def _failed(self, exc: BaseException) -> None:
@@ -137,10 +191,14 @@ class PredictionCache:
         except msgspec.DecodeError:
             log.warning("undecodable cache value under %s treated as a miss", key)
             return None, "miss"
+        if self.local is not None:
+            self.local.put(key, value)
         return value, "hit"
 
     def put(self, key: str, value: Prediction) -> None:
-        """Store in the background; never delays the response, never raises."""
+        """Keep in memory and store in Redis in the background; never delays, never raises."""
+        if self.local is not None:
+            self.local.put(key, value)
         if not self.usable:
             return
         assert self.client is not None

@@ -121,11 +121,28 @@ class InferenceService:
             NotReady: nothing is routed yet.
             InvalidInput: the captures do not fit the model (with the field path).
         """
+        request_id, ctx = self.route(request)
+        return self.validate(request, request_id, ctx, prefix)
+
+    def route(self, request: PredictRequest) -> tuple[str, VersionContext]:
+        """The request id and the version that will answer (weights, sticky routing).
+
+        Raises:
+            NotReady: nothing is routed yet.
+        """
         if self.routing is None:
             raise NotReady("no model version is loaded yet", retry_after=2)
         request_id = request.request_id or uuid.uuid4().hex
-        version = self.routing.choose(request_id, request.sticky)
-        ctx = self.contexts[version]
+        return request_id, self.contexts[self.routing.choose(request_id, request.sticky)]
+
+    def validate(
+        self, request: PredictRequest, request_id: str, ctx: VersionContext, prefix: str = "$"
+    ) -> Prepared:
+        """Check one request against ``ctx``'s capture contract and pack it for a worker.
+
+        Raises:
+            InvalidInput: the captures do not fit the model (with the field path).
+        """
         cap = ctx.package.spec.capture
         if not math.isclose(request.sample_rate_hz, cap.sample_rate_hz, rel_tol=1e-9):
             raise InvalidInput(
@@ -211,15 +228,25 @@ class InferenceService:
             ServiceError: invalid input (4xx), overload, deadline or readiness (5xx).
         """
         started = time.perf_counter()
-        prepared = self.prepare(request)
+        request_id, ctx = self.route(request)
+        key = self.cache_key(request, ctx)
+        if key is not None and self.cache is not None:
+            # The in-memory tier first, before validation: only a request this process
+            # validated and answered under the same version, spec and input can be there.
+            hit = self.cache.local_get(key)
+            if hit is not None:
+                self._cache_result("hit", "local", ctx)
+                return self._cached(request_id, ctx, hit, started)
+        prepared = self.validate(request, request_id, ctx)
         try:
-            return await self._predict(prepared, started)
+            return await self._predict(prepared, key, started)
         except ServiceError as exc:
             self.count(prepared.context.version, exc.code, started)
             raise
 
-    async def _predict(self, prepared: Prepared, started: float) -> PredictResponse:
-        key = self.cache_key(prepared)
+    async def _predict(
+        self, prepared: Prepared, key: str | None, started: float
+    ) -> PredictResponse:
         if key is not None:
             cached = await self.cache_lookup(prepared, key, started)
             if cached is not None:
@@ -305,12 +332,11 @@ class InferenceService:
                 span = tracer.start_span(name, start_time=start_ns, attributes=attrs)
                 span.end(end_time=max(end_ns, start_ns))
 
-    def cache_key(self, prepared: Prepared) -> str | None:
-        """Cache key of a prepared request, or None when the cache is not to be used."""
+    def cache_key(self, request: PredictRequest, ctx: VersionContext) -> str | None:
+        """Cache key of a request for ``ctx``, or None when the cache is not to be used."""
         cache = self.cache
-        if cache is None or not prepared.request.cache or not cache.usable:
+        if cache is None or not request.cache or cache.client is None:
             return None
-        request, ctx = prepared.request, prepared.context
         digest = input_digest(
             [(rx.id, rx.latitude, rx.longitude, rx.iq) for rx in request.receivers],
             request.sample_rate_hz,
@@ -322,9 +348,12 @@ class InferenceService:
     async def cache_lookup(
         self, prepared: Prepared, key: str, started: float
     ) -> PredictResponse | None:
-        """A response built from the cache, or None on a miss (counted per version)."""
+        """A response from Redis, or None on a miss (counted per version)."""
         assert self.cache is not None
         ctx = prepared.context
+        if not self.cache.usable:
+            self._cache_result("error", "redis", ctx)
+            return None
         telemetry = self.telemetry
         if telemetry is not None and telemetry.traces and trace.get_current_span().is_recording():
             with telemetry.tracer.start_as_current_span("cache.lookup") as span:
@@ -333,14 +362,29 @@ class InferenceService:
                 span.set_attribute("model.version", ctx.version)
         else:
             hit, result = await self.cache.get(key)
-        if telemetry is not None:
-            telemetry.cache(result, ctx.version)
+        self._cache_result(result, "redis", ctx)
         if hit is None:
             return None
+        return self._cached(prepared.request_id, ctx, hit, started)
+
+    def _cache_result(self, result: str, tier: str, ctx: VersionContext) -> None:
+        """Count one lookup; a sampled request also gets a span for an in-memory hit."""
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        telemetry.cache(result, ctx.version, tier)
+        if tier == "local" and telemetry.traces and trace.get_current_span().is_recording():
+            attrs = {"cache.result": result, "cache.tier": tier, "model.version": ctx.version}
+            telemetry.tracer.start_span("cache.lookup", attributes=attrs).end()
+
+    def _cached(
+        self, request_id: str, ctx: VersionContext, hit: Prediction, started: float
+    ) -> PredictResponse:
+        """The answer built from a cached prediction (counted as a request of ``ctx``)."""
         total_ms = (time.perf_counter() - started) * 1e3
         self.count(ctx.version, "ok", started)
         return build_response(
-            prepared.request_id,
+            request_id,
             hit,
             ModelRef(ctx.name, ctx.version),
             Timing(queue=0.0, features=0.0, inference=0.0, total=round(total_ms, 3)),

@@ -106,9 +106,11 @@ class Telemetry:
         """Record one phase duration."""
         self.instruments["duration"].record(seconds, {"model_version": version, "phase": phase})
 
-    def cache(self, result: str, version: str = "") -> None:
-        """Count one cache lookup by result (hit, miss, error)."""
-        attrs = {"result": result, "model_version": version} if version else {"result": result}
+    def cache(self, result: str, version: str = "", tier: str = "redis") -> None:
+        """Count one cache lookup by result (hit, miss, error) and tier (local, redis)."""
+        attrs = {"result": result, "tier": tier}
+        if version:
+            attrs["model_version"] = version
         self.instruments["cache"].add(1, attrs)
 
     def reload(self, outcome: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Iterator
 
 import httpx
@@ -43,17 +44,21 @@ def test_second_identical_request_is_a_cache_hit(shared_server: Server) -> None:
     assert 0 < live["cache_hit_rate"] < 1
 
 
-def test_undecodable_value_is_a_miss(shared_server: Server, redis_url: str) -> None:
+def test_undecodable_value_is_a_miss(start_server: Callable[..., Server], redis_url: str) -> None:
+    # Redis only: the in-memory tier would (rightly) answer from the value it decoded itself.
+    prefix = f"heimdall:junk{uuid.uuid4().hex[:8]}:"
+    server = start_server(HEIMDALL_CACHE_LOCAL_ENTRIES="0", HEIMDALL_CACHE_PREFIX=prefix)
     body = payload(502)
-    predict(shared_server, body)
+    first = predict(server, body).json()
     client = redis.Redis.from_url(redis_url)
     time.sleep(0.2)
-    keys = [k for k in client.scan_iter(match="heimdall:test:*") if b":1:" in k]
+    keys = list(client.scan_iter(match=prefix + "*"))
     assert keys, "the prediction was not stored"
     for key in keys:
         client.set(key, b"\xc1 not msgpack")
-    again = predict(shared_server, body)
+    again = predict(server, body)
     assert again.status_code == 200 and again.json()["cached"] is False
+    assert without_volatile(again.json()) == without_volatile(first)
 
 
 @pytest.fixture
@@ -67,7 +72,9 @@ def own_redis() -> Iterator[RedisServer]:
 def test_redis_killed_mid_stream_loses_no_prediction(
     start_server: Callable[..., Server], own_redis: RedisServer
 ) -> None:
-    server = start_server(REDIS_URL=own_redis.url, HEIMDALL_CACHE_TIMEOUT_S="0.05")
+    server = start_server(
+        REDIS_URL=own_redis.url, HEIMDALL_CACHE_TIMEOUT_S="0.05", HEIMDALL_CACHE_LOCAL_ENTRIES="0"
+    )
     bodies = [payload(600 + i) for i in range(6)]
     for body in bodies:
         assert predict(server, body).status_code == 200
@@ -91,3 +98,26 @@ def test_redis_killed_mid_stream_loses_no_prediction(
         cached = predict(server, bodies[1]).json()["cached"]
         time.sleep(0.3)
     assert cached, "the cache did not resume after Redis came back"
+
+
+def test_in_memory_tier_answers_repeats_while_redis_is_down(
+    start_server: Callable[..., Server], own_redis: RedisServer
+) -> None:
+    server = start_server(REDIS_URL=own_redis.url, HEIMDALL_CACHE_TIMEOUT_S="0.05")
+    seen, fresh = [payload(700 + i) for i in range(3)], [payload(710 + i) for i in range(3)]
+    answers = [predict(server, body).json() for body in seen]
+    assert not any(a["cached"] for a in answers)
+    own_redis.stop()
+    for round_ in range(3):
+        for body, first in zip(seen, answers, strict=True):
+            again = predict(server, body, timeout=5.0).json()
+            assert again["cached"] is True
+            assert without_volatile(again) == without_volatile(first)
+        for body in fresh:  # computed the first time (Redis down), from memory afterwards
+            response = predict(server, body, timeout=5.0)
+            assert response.status_code == 200
+            assert response.json()["cached"] is (round_ > 0)
+    state = httpx.get(server.url + "/health/ready").json()["cache"]
+    assert state["local_entries"] == len(seen) + len(fresh)
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'result="hit",tier="local"' in metrics.replace("model_version=\"1\",", "")
