@@ -35,7 +35,7 @@ from app.openapi import complete_openapi
 from app.rollout import Rollout
 from app.service import InferenceService
 from app.settings import Settings, load_settings
-from app.tracing import ServerSpanMiddleware
+from app.tracing import server_span_middleware
 from telemetry.setup import Telemetry, build_telemetry
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
@@ -183,7 +183,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
                 tracer_provider=components.telemetry.tracer_provider,
                 meter_provider=components.telemetry.meter_provider,
                 exclude=["/health", "/metrics", "/v2/health"],
-                middleware_class=ServerSpanMiddleware,
+                middleware_class=server_span_middleware(components.telemetry),
             ).middleware
         )
     app = Litestar(

@@ -29,12 +29,17 @@ if TYPE_CHECKING:
     from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
     from opentelemetry.context import Context
 
+    from telemetry.setup import Telemetry
+
 # Headers a propagator may read; anything else is not copied into the carrier.
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})
 
 
 class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
     """One SERVER span and one duration measurement per HTTP request."""
+
+    telemetry: Telemetry | None = None
+    """Where ``http.server.request.duration`` goes (see :func:`server_span_middleware`)."""
 
     def __init__(self, app: ASGIApp, config: OpenTelemetryConfig) -> None:
         """Set up the tracer and the histogram from the plugin's providers."""
@@ -47,14 +52,6 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         )
         provider = config.tracer_provider or trace.get_tracer_provider()
         self.tracer = provider.get_tracer("heimdall.http")
-        meter_provider = config.meter_provider
-        self.duration: Any = None
-        if meter_provider is not None:
-            self.duration = meter_provider.get_meter("heimdall.http").create_histogram(
-                "http.server.request.duration",
-                unit="s",
-                description="Duration of HTTP server requests.",
-            )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request inside its server span."""
@@ -100,7 +97,7 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
             if status >= 500:
                 span.set_status(StatusCode.ERROR)
         span.end()
-        if self.duration is not None:
+        if self.telemetry is not None:
             attrs: dict[str, str | int] = {
                 "http.request.method": method,
                 "http.response.status_code": status,
@@ -108,7 +105,7 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
             }
             if route:
                 attrs["http.route"] = route
-            self.duration.record(seconds, attrs)
+            self.telemetry.http_duration(seconds, attrs)
 
 
 def _extract_parent(headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
@@ -141,3 +138,8 @@ def _request_attributes(scope: HTTPScope, method: str) -> dict[str, Any]:
             attrs["user_agent.original"] = value.decode("latin-1")
             break
     return attrs
+
+
+def server_span_middleware(telemetry: Telemetry) -> type[ServerSpanMiddleware]:
+    """The middleware class bound to ``telemetry`` (Litestar instantiates it per app)."""
+    return type("ServerSpanMiddleware", (ServerSpanMiddleware,), {"telemetry": telemetry})
