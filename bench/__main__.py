@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="length of each k6 phase")
     parser.add_argument("--vus", type=int, default=16, help="closed-loop VUs for saturation")
     parser.add_argument(
-        "--rounds", type=int, default=5, help="interleaved telemetry on/off pairs for (f)"
+        "--rounds", type=int, default=7, help="interleaved telemetry on/off pairs for (f)"
     )
     parser.add_argument("--no-write", action="store_true", help="do not write docs/benchmarks.md")
     args = parser.parse_args(argv)
