@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -32,31 +33,40 @@ pytestmark = pytest.mark.slow
 BATCH = next(iter_batches(8, 4242, chunk=8))
 
 
-async def test_one_prediction_is_one_trace_covering_every_phase(
-    registry_env: dict[str, str], redis_url: str
-) -> None:
+@contextlib.asynccontextmanager
+async def in_memory_app(
+    registry_env: dict[str, str], redis_url: str, ratio: float, **env: str
+) -> AsyncIterator[tuple[AsyncTestClient[Any], InMemorySpanExporter]]:
+    """The app in process with in-memory span export, one pool worker, ready."""
     exporter = InMemorySpanExporter()
     telemetry = build_telemetry(
-        TelemetrySettings(trace_sample_ratio=1.0),
+        TelemetrySettings(trace_sample_ratio=ratio),
         "test-replica",
         prometheus=False,
         extra_span_processors=[SimpleSpanProcessor(exporter)],
     )
-    settings = load_settings(
-        {
-            **registry_env,
-            "REDIS_URL": redis_url,
-            "HEIMDALL_POOL_WORKERS": "1",
-            "HEIMDALL_CONTROL_ENABLED": "false",
-            "HEIMDALL_CACHE_PREFIX": "heimdall:traces:",
-        }
-    )
-    app = create_app(settings, telemetry)
+    base = {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_POOL_WORKERS": "1",
+        "HEIMDALL_CONTROL_ENABLED": "false",
+    }
+    app = create_app(load_settings({**base, **env}), telemetry)
     async with AsyncTestClient(app, timeout=60) as client:
         for _ in range(600):
             if (await client.get("/health/ready")).status_code == 200:
                 break
             await asyncio.sleep(0.1)
+        yield client, exporter
+    telemetry.shutdown()
+
+
+async def test_one_prediction_is_one_trace_covering_every_phase(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    async with in_memory_app(
+        registry_env, redis_url, 1.0, HEIMDALL_CACHE_PREFIX="heimdall:traces:"
+    ) as (client, exporter):
         exporter.clear()
         body = request_payload(BATCH, 0, request_id="trace-me")
         response = await client.post("/v1/predict", json=body)
@@ -90,35 +100,16 @@ async def test_one_prediction_is_one_trace_covering_every_phase(
         exporter.clear()
         await client.get("/health/ready")
         assert exporter.get_finished_spans() == ()
-    telemetry.shutdown()
 
 
 async def test_sampling_keeps_metrics_and_honours_a_sampled_traceparent(
     registry_env: dict[str, str], redis_url: str
 ) -> None:
     """Ratio 0: no spans of its own, every request still measured, a sampled parent traced."""
-    exporter = InMemorySpanExporter()
-    telemetry = build_telemetry(
-        TelemetrySettings(trace_sample_ratio=0.0),
-        "test-replica",
-        prometheus=False,
-        extra_span_processors=[SimpleSpanProcessor(exporter)],
-    )
-    settings = load_settings(
-        {
-            **registry_env,
-            "REDIS_URL": redis_url,
-            "HEIMDALL_POOL_WORKERS": "1",
-            "HEIMDALL_CONTROL_ENABLED": "false",
-            "HEIMDALL_CACHE_ENABLED": "false",
-        }
-    )
-    app = create_app(settings, telemetry)
-    async with AsyncTestClient(app, timeout=60) as client:
-        for _ in range(600):
-            if (await client.get("/health/ready")).status_code == 200:
-                break
-            await asyncio.sleep(0.1)
+    async with in_memory_app(registry_env, redis_url, 0.0, HEIMDALL_CACHE_ENABLED="false") as (
+        client,
+        exporter,
+    ):
         for i in range(5):
             response = await client.post("/v1/predict", json=request_payload(BATCH, i))
             assert response.status_code == 200
@@ -137,7 +128,6 @@ async def test_sampling_keeps_metrics_and_honours_a_sampled_traceparent(
         (span,) = exporter.get_finished_spans()
         assert span.name == "GET" and "http.route" not in span.attributes
         assert span.attributes["http.response.status_code"] == 404
-    telemetry.shutdown()
 
 
 def scrape(server: Server) -> str:
