@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -37,7 +36,7 @@ import httpx
 import numpy as np
 import psutil
 
-from bench.service import K6_DIR, Stack
+from bench.service import K6_DIR, Stack, run_k6
 from tests.support.procs import REFERENCE, ROOT, free_port
 
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -168,20 +167,9 @@ def k6(
     ]
     before = tree_cpu(root_pid, procs)
     sys0 = psutil.cpu_times()
-    t0 = time.perf_counter()
-    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    done = subprocess.run(
-        cmd,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
-    )
+    done, k6_cpu, wall = run_k6(cmd)
     after = tree_cpu(root_pid, procs)
     sys1 = psutil.cpu_times()
-    wall = time.perf_counter() - t0
-    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     metrics = json.loads(export.read_text())["metrics"] if export.exists() else {}
     busy = sum(
         getattr(sys1, f) - getattr(sys0, f)
@@ -190,14 +178,13 @@ def k6(
     n = float(metrics.get("http_reqs", {}).get("count", 0))
     dur = metrics.get("http_req_duration", {})
     server_cpu = sum(c - before.get(pid, 0.0) for pid, c in after.items())
-    k6_cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
     return {
         "exit": done.returncode,
         "out": done.stdout + done.stderr,
         "requests": n,
         "rps": n / seconds,
-        "cpu_s": sum(c - before.get(pid, 0.0) for pid, c in after.items()),
-        "k6_cpu_s": ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime,
+        "cpu_s": server_cpu,
+        "k6_cpu_s": k6_cpu,
         "failed": float(metrics.get("http_req_failed", {}).get("value", float("nan"))),
         "p50": float(dur.get("med", float("nan"))),
         "p99": float(dur.get("p(99)", float("nan"))),

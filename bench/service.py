@@ -35,6 +35,23 @@ def _role(proc: psutil.Process, root_pid: int) -> str:
     return "HTTP worker (app)"
 
 
+def run_k6(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float]:
+    """Run a k6 command line from the repository root: (result, k6 CPU seconds, wall seconds)."""
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        cmd,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
+    )
+    wall = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return done, ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime, wall
+
+
 class ProcessTree:
     """CPU seconds (user + system) of the server's process tree, per role."""
 
@@ -151,20 +168,8 @@ class Stack:
             cmd += ["-e", f"{key}={value}"]
         cmd.append(str(K6_DIR / script))
         before = self.tree.sample()
-        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        t0 = time.perf_counter()
-        done = subprocess.run(
-            cmd,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=False,
-            env={**os.environ, "K6_NO_USAGE_REPORT": "true"},
-        )
-        wall = time.perf_counter() - t0
+        done, k6_cpu, wall = run_k6(cmd)
         after = self.tree.sample()
-        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        k6_cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime
         metrics = json.loads(export.read_text())["metrics"] if export.exists() else {}
         return K6Run(
             script,
