@@ -54,18 +54,26 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         self.tracer = provider.get_tracer("heimdall.http")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the request inside its server span."""
+        """Run the request inside its server span (or untraced, when head sampling says so)."""
         if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        parent = _extract_parent(scope["headers"])
+        telemetry = self.telemetry
+        parent = None
+        if telemetry is None or telemetry.traces:
+            parent = _extract_parent(scope["headers"])
         method = scope["method"]
-        # The plugin wraps the router, so the route template is known only afterwards.
-        span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
-        if span.is_recording():
-            span.set_attributes(_request_attributes(scope, method))
-        token = otel_context.attach(trace.set_span_in_context(span, parent))
+        span: Span | None = None
+        token = None
+        # A request without a trace context that head sampling leaves out gets no span at all
+        # (no ids, no sampler, no context switch): that is most requests at the default ratio.
+        if parent is not None or telemetry is None or not telemetry.untraced_root():
+            # The plugin wraps the router, so the route template is known only afterwards.
+            span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+            if span.is_recording():
+                span.set_attributes(_request_attributes(scope, method))
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
         status = 500
 
         async def send_status(message: Message) -> None:
@@ -77,35 +85,33 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         try:
             await self.app(scope, receive, send_status)
         except BaseException as exc:
-            span.record_exception(exc)
+            if span is not None:
+                span.record_exception(exc)
             raise
         finally:
-            otel_context.detach(token)
+            if token is not None:
+                otel_context.detach(token)
             self._finish(span, scope, method, status, time.perf_counter() - started)
 
     def _finish(
-        self, span: Span, scope: HTTPScope, method: str, status: int, seconds: float
+        self, span: Span | None, scope: HTTPScope, method: str, status: int, seconds: float
     ) -> None:
         """Name the span after the matched route, end it, record the duration."""
         # Unmatched paths get no route: a 404 scan must not create a series per path.
         route = scope.get("path_template")
-        if span.is_recording():
-            if route:
-                span.update_name(f"{method} {route}")
-                span.set_attribute("http.route", route)
-            span.set_attribute("http.response.status_code", status)
-            if status >= 500:
-                span.set_status(StatusCode.ERROR)
-        span.end()
+        if span is not None:
+            if span.is_recording():
+                if route:
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(StatusCode.ERROR)
+            span.end()
         if self.telemetry is not None:
-            attrs: dict[str, str | int] = {
-                "http.request.method": method,
-                "http.response.status_code": status,
-                "url.scheme": scope.get("scheme", "http"),
-            }
-            if route:
-                attrs["http.route"] = route
-            self.telemetry.http_duration(seconds, attrs)
+            self.telemetry.http_duration(
+                seconds, method, status, scope.get("scheme", "http"), route or None
+            )
 
 
 def _extract_parent(headers: Iterable[tuple[bytes, bytes]]) -> Context | None:

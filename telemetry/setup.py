@@ -10,7 +10,7 @@ reader from which ``/v1/models`` computes its live figures, so there is one book
 from __future__ import annotations
 
 import os
-import threading
+import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -21,6 +21,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import (
     HistogramDataPoint,
     InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
     MetricReader,
     MetricsData,
     NumberDataPoint,
@@ -30,8 +32,10 @@ from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, V
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased
 from opentelemetry.trace import Tracer
+
+from telemetry.aggregates import Aggregates, Instrument
 
 # Sub-millisecond to seconds, for phases that range from 50 µs (features) to a 5 s deadline.
 DURATION_BUCKETS_S = (
@@ -92,79 +96,53 @@ class Telemetry:
     registry: Any = None
     """The private Prometheus registry ``/metrics`` renders (None without Prometheus)."""
 
-    flush_at: int = 256
-    """Buffered per-request measurements that trigger a flush into the SDK."""
-    _pending: list[tuple[Callable[[float, dict[str, Any]], None], float, dict[str, Any]]] = field(
-        default_factory=list
-    )
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    aggregates: Aggregates | None = None
+    head_sample_ratio: float | None = None
+    """Share of requests without an incoming trace context that are traced, decided by the
+    server middleware before any span exists; None when ``OTEL_TRACES_SAMPLER`` decides."""
+    """The per-request instruments, aggregated in process (see ``telemetry.aggregates``)."""
 
     def __post_init__(self) -> None:
-        """Flush the buffer at the start of every collection, whichever reader collects."""
-
-        def flush_before_collect(_: CallbackOptions) -> Iterable[Observation]:
-            return [Observation(self.flush())]
-
-        self.meter_provider.get_meter("heimdall.telemetry").create_observable_gauge(
-            "heimdall.telemetry.buffered",
-            [flush_before_collect],
-            unit="1",
-            description="Per-request measurements buffered since the previous collection",
-        )
+        """Bind the per-request instruments."""
+        if self.aggregates is None:
+            self.aggregates = Aggregates(Resource.get_empty(), _per_request_instruments())
+        each = self.aggregates.instruments
+        self._requests = each["heimdall.inference.requests"]
+        self._duration = each["heimdall.inference.duration"]
+        self._cache = each["heimdall.cache.requests"]
+        self._http = each["http.server.request.duration"]
 
     def shutdown(self) -> None:
         """Flush and stop exporters."""
-        self.flush()
         self.tracer_provider.shutdown()
         self.meter_provider.shutdown()
 
+    def untraced_root(self) -> bool:
+        """Head sampling for a request without an incoming trace context: leave it untraced?"""
+        if not self.traces:
+            return True
+        ratio = self.head_sample_ratio
+        return ratio is not None and random.random() >= ratio  # noqa: S311 - sampling
+
     # ------------------------------------------------------------------ recording
-
-    def _buffer(
-        self, record: Callable[[float, dict[str, Any]], None], value: float, attrs: dict[str, Any]
-    ) -> None:
-        # The OpenTelemetry SDK spends ~7 us per measurement warm and 2-3x that between two
-        # 300 kB requests that evict the caches; recording the hot per-request measurements
-        # in bulk keeps its code and data warm. Every collection flushes first (callback
-        # above), so /metrics, OTLP exports and the live figures are exact.
-        with self._lock:
-            self._pending.append((record, value, attrs))
-            full = len(self._pending) >= self.flush_at
-        if full:
-            self.flush()
-
-    def flush(self) -> int:
-        """Hand the buffered measurements to the SDK; how many there were."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for record, value, attrs in pending:
-            record(value, attrs)
-        return len(pending)
 
     def request(self, version: str, outcome: str) -> None:
         """Count one answered (or failed) prediction."""
-        self._buffer(
-            self.instruments["requests"].add, 1, {"model_version": version, "outcome": outcome}
-        )
+        self._requests.add(1, version, outcome)
 
     def duration(self, version: str, phase: str, seconds: float) -> None:
         """Record one phase duration."""
-        self._buffer(
-            self.instruments["duration"].record,
-            seconds,
-            {"model_version": version, "phase": phase},
-        )
+        self._duration.record(seconds, version, phase)
 
-    def http_duration(self, seconds: float, attrs: dict[str, Any]) -> None:
-        """Record one ``http.server.request.duration``."""
-        self._buffer(self.instruments["http_duration"].record, seconds, attrs)
+    def http_duration(
+        self, seconds: float, method: str, status: int, scheme: str, route: str | None
+    ) -> None:
+        """Record one ``http.server.request.duration`` (no route for unmatched paths)."""
+        self._http.record(seconds, method, status, scheme, route)
 
     def cache(self, result: str, version: str = "", tier: str = "redis") -> None:
         """Count one cache lookup by result (hit, miss, error) and tier (local, redis)."""
-        attrs = {"result": result, "tier": tier}
-        if version:
-            attrs["model_version"] = version
-        self._buffer(self.instruments["cache"].add, 1, attrs)
+        self._cache.add(1, result, tier, version)
 
     def reload(self, outcome: str) -> None:
         """Count one rollout apply by outcome."""
@@ -276,7 +254,7 @@ def quantile(point: HistogramDataPoint, q: float) -> float:
     return float(point.max)
 
 
-def _prometheus_reader() -> tuple[Any, Any]:
+def _prometheus_reader(aggregates: Aggregates) -> tuple[Any, Any]:
     """A Prometheus reader on a private registry that can also hand out its last snapshot."""
     from opentelemetry.exporter.prometheus import PrometheusMetricReader
     from prometheus_client import (
@@ -293,6 +271,7 @@ def _prometheus_reader() -> tuple[Any, Any]:
             self._for_live = False
 
         def _receive_metrics(self, metrics_data: MetricsData, *args: Any, **kwargs: Any) -> None:
+            metrics_data = aggregates.merge(metrics_data) or metrics_data
             self._last = metrics_data
             if not self._for_live:  # a live snapshot must not queue data for the next scrape
                 super()._receive_metrics(metrics_data, *args, **kwargs)
@@ -311,6 +290,65 @@ def _prometheus_reader() -> tuple[Any, Any]:
     return LivePrometheusReader(registry), registry
 
 
+class _MergingExporter(MetricExporter):
+    """Hands each export the pre-aggregated points next to the SDK's (OTLP path)."""
+
+    def __init__(self, inner: MetricExporter, aggregates: Aggregates) -> None:
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self.inner, self.aggregates = inner, aggregates
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        merged = self.aggregates.merge(metrics_data) or metrics_data
+        return self.inner.export(merged, timeout_millis=timeout_millis, **kwargs)
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _per_request_instruments() -> list[Instrument]:
+    """The instruments recorded on every request (names, units as design section 7)."""
+    return [
+        Instrument(
+            "heimdall.inference.requests",
+            "1",
+            "Predictions by version and outcome",
+            ("model_version", "outcome"),
+            scope="heimdall.inference",
+        ),
+        Instrument(
+            "heimdall.inference.duration",
+            "s",
+            "Time per phase of a prediction",
+            ("model_version", "phase"),
+            scope="heimdall.inference",
+            bounds=DURATION_BUCKETS_S,
+        ),
+        Instrument(
+            "heimdall.cache.requests",
+            "1",
+            "Prediction cache lookups by result",
+            ("result", "tier", "model_version"),
+            scope="heimdall.inference",
+        ),
+        Instrument(
+            "http.server.request.duration",
+            "s",
+            "Duration of HTTP server requests.",
+            ("http.request.method", "http.response.status_code", "url.scheme", "http.route"),
+            scope="heimdall.http",
+            bounds=DURATION_BUCKETS_S,
+        ),
+    ]
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -326,7 +364,6 @@ def build_telemetry(
     *,
     prometheus: bool = True,
     extra_span_processors: Iterable[SpanProcessor] = (),
-    extra_metric_readers: Iterable[MetricReader] = (),
 ) -> Telemetry:
     """Providers and instruments for one replica (``OTEL_*`` configure exporters)."""
     # The design asks for the stable HTTP metric (http.server.request.duration, seconds);
@@ -339,9 +376,13 @@ def build_telemetry(
         attributes["service.name"] = "heimdall-inference"
     resource = Resource.create(attributes)
     # An explicit OTEL_TRACES_SAMPLER wins (the SDK reads it when no sampler is passed).
+    # Otherwise the root decision is taken once, by the server middleware, before any span
+    # exists (Telemetry.untraced_root); spans it starts and their children are recorded.
     sampler = None
+    head_sample_ratio = None
     if not os.environ.get("OTEL_TRACES_SAMPLER"):
-        sampler = ParentBased(TraceIdRatioBased(settings.trace_sample_ratio))
+        sampler = ParentBased(ALWAYS_ON)
+        head_sample_ratio = settings.trace_sample_ratio
     tracer_provider = TracerProvider(resource=resource, sampler=sampler)
     if settings.traces and _otlp_endpoint("TRACES"):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -350,34 +391,32 @@ def build_telemetry(
     for processor in extra_span_processors:
         tracer_provider.add_span_processor(processor)
     # One reader feeds both /metrics and the /v1/models live figures, so every measurement
-    # is aggregated once.
+    # is aggregated once; the per-request instruments are aggregated in process and merged
+    # into every reader's collection (telemetry.aggregates).
+    aggregates = Aggregates(resource, _per_request_instruments())
     registry = None
     snapshot: Callable[[], MetricsData | None]
     if prometheus:
-        reader, registry = _prometheus_reader()
+        reader, registry = _prometheus_reader(aggregates)
         snapshot = reader.snapshot
     else:
         memory = InMemoryMetricReader()
-        reader, snapshot = memory, memory.get_metrics_data
-    readers: list[MetricReader] = [reader, *extra_metric_readers]
+        reader = memory
+
+        def snapshot() -> MetricsData | None:
+            return aggregates.merge(memory.get_metrics_data())
+
+    readers: list[MetricReader] = [reader]
     if _otlp_endpoint("METRICS"):
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
         readers.append(
             PeriodicExportingMetricReader(
-                OTLPMetricExporter(),
+                _MergingExporter(OTLPMetricExporter(), aggregates),
                 export_interval_millis=settings.metrics_export_interval_s * 1e3,
             )
         )
     views = [
-        View(
-            instrument_name="heimdall.inference.duration",
-            aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
-        ),
-        View(
-            instrument_name="http.server.request.duration",
-            aggregation=ExplicitBucketHistogramAggregation(DURATION_BUCKETS_S),
-        ),
         View(
             instrument_name="heimdall.shadow.distance",
             aggregation=ExplicitBucketHistogramAggregation(DISTANCE_BUCKETS_M),
@@ -395,29 +434,24 @@ def build_telemetry(
     )
     meter = meter_provider.get_meter("heimdall.inference")
     instruments = {
-        "requests": meter.create_counter(
-            "heimdall.inference.requests",
-            unit="1",
-            description="Predictions by version and outcome",
-        ),
-        "duration": meter.create_histogram(
-            "heimdall.inference.duration", unit="s", description="Time per phase of a prediction"
-        ),
-        "cache": meter.create_counter(
-            "heimdall.cache.requests", unit="1", description="Prediction cache lookups by result"
-        ),
         "reloads": meter.create_counter(
             "heimdall.model.reloads", unit="1", description="Rollout applies by outcome"
         ),
         "shadow": meter.create_histogram(
             "heimdall.shadow.distance", unit="m", description="Primary-to-shadow position distance"
         ),
-        "http_duration": meter_provider.get_meter("heimdall.http").create_histogram(
-            "http.server.request.duration",
-            unit="s",
-            description="Duration of HTTP server requests.",
-        ),
     }
+
+    def series(_: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(sum(i.series_count() for i in aggregates.instruments.values()))]
+
+    # Also keeps every collection non-empty, so readers always receive the merged points.
+    meter_provider.get_meter("heimdall.telemetry").create_observable_gauge(
+        "heimdall.telemetry.series",
+        [series],
+        unit="1",
+        description="Attribute sets of the per-request instruments (cardinality watch)",
+    )
     return Telemetry(
         tracer_provider,
         meter_provider,
@@ -426,4 +460,6 @@ def build_telemetry(
         instruments,
         traces=settings.traces,
         registry=registry,
+        aggregates=aggregates,
+        head_sample_ratio=head_sample_ratio,
     )

@@ -217,11 +217,10 @@ def test_otlp_http_export_reaches_a_collector(
         assert httpx.post(server.url + "/v1/predict", json=body, timeout=30).status_code == 200
     deadline = time.monotonic() + 20
     spans: list[Any] = []
+    requests_counted = 0
     metric_names: set[str] = set()
     service_names: set[str] = set()
-    while time.monotonic() < deadline and not (
-        spans and "heimdall.inference.requests" in metric_names
-    ):
+    while time.monotonic() < deadline and not (spans and requests_counted == 3):
         time.sleep(0.5)
         for raw in received["traces"]:
             req = ExportTraceServiceRequest.FromString(raw)
@@ -234,6 +233,12 @@ def test_otlp_http_export_reaches_a_collector(
             req_m = ExportMetricsServiceRequest.FromString(raw)
             for rm in req_m.resource_metrics:
                 metric_names |= {m.name for sm in rm.scope_metrics for m in sm.metrics}
+                for m in (m for sm in rm.scope_metrics for m in sm.metrics):
+                    if m.name == "heimdall.inference.requests":  # cumulative: the latest counts
+                        requests_counted = max(
+                            requests_counted,
+                            sum(int(p.as_double or p.as_int) for p in m.sum.data_points),
+                        )
     assert service_names == {"heimdall-e2e"}
     inference = [s for s in spans if s.name == "inference"]
     assert len(inference) >= 3
@@ -242,4 +247,5 @@ def test_otlp_http_export_reaches_a_collector(
     }
     assert versions == {"1"}
     assert {"heimdall.inference.requests", "heimdall.inference.duration"} <= metric_names
+    assert requests_counted == 3
     assert re.search(r"heimdall\.pool\.workers", " ".join(metric_names))
