@@ -3,7 +3,8 @@
 (a) in-process: N processes (N = pool workers), 1 intra-op thread each, the service's session
     options; ``pack_capture`` + ``session.run`` per capture, and ``session.run`` alone;
 (b) the service at saturation: k6 ``load.js`` closed loop, distinct ``cache: false`` bodies;
-    service CPU per request from the process tree's CPU accounting (k6 excluded);
+    service CPU per request from the process tree's CPU accounting (k6 excluded); then the same
+    bodies as MessagePack (the API's other media type, raw IQ bytes);
 (c) latency at 50 % of (b) with an open-loop constant arrival rate (k6 ``arrival.js``);
 (d) cache-hit latency at low load (k6 ``cache.js``), with the in-memory tier and Redis alone;
 (e) the batch endpoint (k6 ``batch.js``, 16 items per request);
@@ -119,6 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         sat_rps = sat_n / secs
         sat_cpu = sat.cpu_s * 1e3 / sat_n
         print(f"bench: saturation {sat_rps:.0f} req/s, {sat_cpu:.2f} CPU ms/request", flush=True)
+        # (b) again with the same bodies as MessagePack (raw IQ bytes, no base64/JSON).
+        packed = stack.k6("load.js", VUS=args.vus, DURATION=dur, P95_MS=100000, FORMAT="msgpack")
+        packed_n = packed.value("http_reqs", "count")
+        packed_cpu = packed.cpu_s * 1e3 / packed_n
+        print(
+            f"bench: saturation, MessagePack bodies {packed_n / secs:.0f} req/s, "
+            f"{packed_cpu:.2f} CPU ms/request",
+            flush=True,
+        )
 
         # (c) open loop at half of saturation.
         rate = max(1, round(sat_rps / 2))
@@ -223,6 +233,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{efficiency:.2f}",
             f"efficiency = (a) CPU / service CPU (target >= {TARGET_EFFICIENCY}); "
             f"k6 used {sat.k6_cpu_s * 1e3 / sat_n:.2f} CPU ms/request (excluded)",
+        ),
+        (
+            "(b) the same with MessagePack bodies (raw IQ, `FORMAT=msgpack`)",
+            f"{packed_n / secs:.0f} req/s",
+            f"{packed_cpu:.3f}",
+            f"{full.cpu_ms / packed_cpu:.2f}",
+            "CPU ms per request: "
+            + ", ".join(
+                f"{role} {v:.3f}" for role, v in sorted(per_request(packed, packed_n).items())
+            ),
         ),
         (
             f"(c) open loop at {rate} req/s (50 % of b)",

@@ -4,6 +4,8 @@
 
 - ``predict-NN.json``: distinct ``POST /v1/predict`` bodies with ``cache: false`` (load
   tests; ``batch.js`` builds its 16-item batch from these);
+- ``predict-NN.msgpack``: the same bodies as MessagePack with raw IQ bytes (the API's other
+  media type; ``FORMAT=msgpack`` in the k6 scripts that post predict bodies);
 - ``cache-NN.json``: a few bodies with ``cache: true`` for the cache-hit test;
 - ``index.json``: how many of each there are.
 
@@ -15,9 +17,12 @@ keep the committed files to a few MB.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from training.simulate import iter_batches, request_payload
 
@@ -38,10 +43,16 @@ def payloads(count: int, seed: int, cache: bool, tag: str) -> list[dict[str, Any
     return out
 
 
+def as_msgpack(body: dict[str, Any]) -> bytes:
+    """The MessagePack form of a JSON body: the same fields, IQ as raw bytes."""
+    receivers = [{**rx, "iq": base64.b64decode(rx["iq"])} for rx in body["receivers"]]
+    return msgspec.msgpack.encode({**body, "receivers": receivers})
+
+
 def write(out: Path, predict: int, cache: int) -> list[Path]:
     """Write the files (replacing earlier ones); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    for old in out.glob("*.json"):
+    for old in [*out.glob("*.json"), *out.glob("*.msgpack")]:
         old.unlink()
     groups = {
         "predict": payloads(predict, PREDICT_SEED, cache=False, tag="k6"),
@@ -53,6 +64,10 @@ def write(out: Path, predict: int, cache: int) -> list[Path]:
             path = out / f"{kind}-{i:02d}.json"
             path.write_text(json.dumps(body, separators=(",", ":")))
             paths.append(path)
+            if kind == "predict":
+                packed = out / f"{kind}-{i:02d}.msgpack"
+                packed.write_bytes(as_msgpack(body))
+                paths.append(packed)
     index = out / "index.json"
     index.write_text(json.dumps({k: len(v) for k, v in groups.items()}) + "\n")
     return [*paths, index]

@@ -6,7 +6,7 @@
 import http from 'k6/http';
 import { check } from 'k6';
 import { Trend } from 'k6/metrics';
-import { BASE_URL, JSON_HEADERS, predictBody } from './lib.js';
+import { BASE_URL, PREDICT_HEADERS, predictBody } from './lib.js';
 
 const RATE = Number(__ENV.RATE || 50);
 // The service's own view (timing_ms.total): the rest of http_req_duration is the HTTP server,
@@ -34,7 +34,7 @@ export const options = {
 
 export default function () {
   const res = http.post(`${BASE_URL}/v1/predict`, predictBody(__ITER),
-    { headers: JSON_HEADERS });
+    { headers: PREDICT_HEADERS });
   if (check(res, { 'status 200': (r) => r.status === 200 })) {
     serverTotal.add(res.json('timing_ms.total'));
   }

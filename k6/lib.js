@@ -10,6 +10,11 @@ import { SharedArray } from 'k6/data';
 
 export const BASE_URL = (__ENV.BASE_URL || 'http://127.0.0.1:8000').replace(/\/$/, '');
 export const JSON_HEADERS = { 'Content-Type': 'application/json', Accept: 'application/json' };
+// FORMAT=msgpack: predict bodies are sent as MessagePack with raw IQ bytes (answers stay JSON).
+export const FORMAT = __ENV.FORMAT || 'json';
+export const PREDICT_HEADERS = FORMAT === 'msgpack'
+  ? { 'Content-Type': 'application/msgpack', Accept: 'application/json' }
+  : JSON_HEADERS;
 
 const INDEX = JSON.parse(open('./data/index.json'));
 const name = (kind, i) => `./data/${kind}-${String(i).padStart(2, '0')}.json`;
@@ -22,8 +27,15 @@ export const CACHE = Array.from({ length: INDEX.cache }, (_, i) => open(name('ca
 export const PREDICT_IDS = new SharedArray('predict request ids', () =>
   PREDICT.map((text) => JSON.parse(text).request_id));
 
+// The MessagePack bodies (binary), loaded only when asked for.
+const PREDICT_MSGPACK = FORMAT === 'msgpack'
+  ? Array.from({ length: INDEX.predict },
+    (_, i) => open(name('predict', i).replace(/\.json$/, '.msgpack'), 'b'))
+  : null;
+
+// A predict body in FORMAT (send it with PREDICT_HEADERS).
 export function predictBody(i) {
-  return PREDICT[i % PREDICT.length];
+  return PREDICT_MSGPACK ? PREDICT_MSGPACK[i % PREDICT_MSGPACK.length] : PREDICT[i % PREDICT.length];
 }
 
 export function cacheBody(i) {

@@ -1,9 +1,9 @@
 // Closed loop: VUS virtual users (default 100) post distinct cache=false payloads back to back
 // for DURATION (default 30s). SLA: no failed request, p95 < 300 ms.
-//   k6 run -e BASE_URL=http://127.0.0.1:8000 k6/load.js
+//   k6 run -e BASE_URL=http://127.0.0.1:8000 k6/load.js   (-e FORMAT=msgpack: MessagePack bodies)
 import http from 'k6/http';
 import { check } from 'k6';
-import { BASE_URL, JSON_HEADERS, isPrediction, parse, predictBody } from './lib.js';
+import { BASE_URL, PREDICT_HEADERS, isPrediction, parse, predictBody } from './lib.js';
 
 export const options = {
   scenarios: {
@@ -24,7 +24,7 @@ export const options = {
 
 export default function () {
   const body = predictBody(__VU * 7 + __ITER);
-  const res = http.post(`${BASE_URL}/v1/predict`, body, { headers: JSON_HEADERS });
+  const res = http.post(`${BASE_URL}/v1/predict`, body, { headers: PREDICT_HEADERS });
   check(res, {
     'status 200': (r) => r.status === 200,
     'is a prediction': (r) => isPrediction(parse(r)),
