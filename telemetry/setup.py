@@ -98,10 +98,10 @@ class Telemetry:
     """The private Prometheus registry ``/metrics`` renders (None without Prometheus)."""
 
     aggregates: Aggregates | None = None
+    """The per-request instruments, aggregated in process (see ``telemetry.aggregates``)."""
     head_sample_ratio: float | None = None
     """Share of requests without an incoming trace context that are traced, decided by the
     server middleware before any span exists; None when ``OTEL_TRACES_SAMPLER`` decides."""
-    """The per-request instruments, aggregated in process (see ``telemetry.aggregates``)."""
 
     def __post_init__(self) -> None:
         """Bind the per-request instruments."""
