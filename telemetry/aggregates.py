@@ -183,12 +183,8 @@ class Aggregates:
                 by_scope.setdefault(instrument.scope, []).append(metric)
         if not by_scope:
             return data
-        if data is None or not data.resource_metrics:
-            scopes = [
-                ScopeMetrics(scope=InstrumentationScope(name), metrics=metrics, schema_url="")
-                for name, metrics in by_scope.items()
-            ]
-            return MetricsData([ResourceMetrics(self.resource, scopes, schema_url="")])
+        if data is None or not data.resource_metrics:  # the SDK collected nothing itself
+            data = MetricsData([ResourceMetrics(self.resource, [], schema_url="")])
         first, *rest = data.resource_metrics
         scopes = []
         for scope_metrics in first.scope_metrics:
