@@ -34,11 +34,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     server = settings.server
     HeimdallServer(
-        "app.factory:create_app_from_env",
+        "app.factory:create_rsgi_app_from_env"
+        if server.interface == "rsgi"
+        else "app.factory:create_app_from_env",
         factory=True,
         address=args.host or server.host,
         port=args.port if args.port is not None else server.port,
-        interface=Interfaces.ASGI,
+        interface=Interfaces.RSGI if server.interface == "rsgi" else Interfaces.ASGI,
         workers=1,
         loop=Loops.asyncio,
         backpressure=server.granian_backpressure,

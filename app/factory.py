@@ -33,6 +33,7 @@ from app.http import (
 from app.oip import build_oip_routes
 from app.openapi import complete_openapi
 from app.rollout import Rollout
+from app.rsgi import RSGIFront
 from app.service import InferenceService
 from app.settings import Settings, load_settings
 from app.tracing import server_span_middleware
@@ -209,11 +210,24 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
     return app
 
 
-def create_app_from_env() -> Litestar:
-    """Granian factory target: settings from the environment, validated at start."""
+def _settings_from_env() -> Settings:
     settings = load_settings()
     logging.basicConfig(
         level=settings.server.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return create_app(settings)
+    return settings
+
+
+def create_app_from_env() -> Litestar:
+    """Granian ASGI factory target: settings from the environment, validated at start."""
+    return create_app(_settings_from_env())
+
+
+def create_rsgi_app_from_env() -> RSGIFront:
+    """Granian RSGI factory target: the same app behind the RSGI front (app/rsgi.py)."""
+    settings = _settings_from_env()
+    return RSGIFront(
+        create_app(settings),
+        one_piece_limit=max(settings.server.max_body_bytes, settings.server.max_batch_body_bytes),
+    )

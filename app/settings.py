@@ -45,6 +45,8 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Granian's header read timeout for slow clients."""
     granian_backpressure: Annotated[int, Meta(ge=1)] = 1024
     """Most requests Granian hands to the app concurrently."""
+    interface: Literal["rsgi", "asgi"] = "rsgi"
+    """How Granian calls the app: rsgi (body in one piece, app/rsgi.py) or Granian's ASGI."""
 
 
 # (struct, prefix, {field: standard variable name})

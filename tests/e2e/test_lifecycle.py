@@ -51,8 +51,13 @@ def test_not_ready_until_the_model_exists_then_ready(
     assert httpx.post(server.url + "/v1/predict", json=body, timeout=10).status_code == 200
 
 
-def test_sigterm_drains_in_flight_requests(start_server: Callable[..., Server]) -> None:
-    server = start_server(HEIMDALL_POOL_WORKERS="1")
+@pytest.mark.parametrize("interface", ["rsgi", "asgi"])
+def test_sigterm_drains_in_flight_requests(
+    start_server: Callable[..., Server], interface: str
+) -> None:
+    # Both ways Granian can call the app (HEIMDALL_INTERFACE): the RSGI front runs the
+    # lifespan shutdown from its own hook, after Granian has drained the requests.
+    server = start_server(HEIMDALL_POOL_WORKERS="1", HEIMDALL_INTERFACE=interface)
     batch = next(iter_batches(8, 901, chunk=8))
     content = json.dumps(
         {"items": [request_payload(batch, i, cache=False) for i in range(8)]}

@@ -1,0 +1,263 @@
+"""Serve the ASGI application through Granian's RSGI interface.
+
+Granian's ASGI interface hands a request body to the application in ≈38 kB ``http.request``
+messages (hyper's read size): a 306 kB prediction body is 8–9 messages, each a dict, a future
+and an event-loop wake-up — about 0.1 ms of CPU per request more than RSGI, where one
+``await protocol()`` returns the whole body, collected in Rust (docs/benchmarks.md). This
+front translates RSGI to ASGI for the Litestar app so the app and its tests stay plain ASGI:
+
+- The body is read when the application first asks for it (so Litestar's ``Content-Length``
+  check answers 413 before anything is read), in one piece when ``Content-Length`` is present
+  and at most ``one_piece_limit``; otherwise (chunked, or larger) it is streamed chunk by chunk
+  and Litestar counts and caps it as under ASGI.
+- After the body, ``receive`` waits for the client to disconnect (``http.disconnect``).
+- A response sent in one ``http.response.body`` message goes out with ``response_bytes``; one
+  sent in several is streamed.
+- ASGI lifespan runs from Granian's RSGI hooks: startup in ``__rsgi_init__`` (a failure
+  stops the HTTP process, as Granian does for ASGI), shutdown in ``__rsgi_del__`` after
+  Granian has drained the in-flight requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+from urllib.parse import unquote
+
+log = logging.getLogger("heimdall.rsgi")
+
+Message = MutableMapping[str, Any]
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+"""An ASGI 3 application (scope, receive, send); loose so any framework's app fits."""
+
+_ASGI = {"version": "3.0", "spec_version": "2.3"}
+
+
+class LifespanFailed(RuntimeError):
+    """The application reported ``lifespan.startup.failed`` (or raised during startup)."""
+
+
+def _address(value: str) -> tuple[str, int] | None:
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
+def _flush_logs() -> None:
+    """Drain queue-based handlers (Litestar's) before the process ends.
+
+    Granian's worker processes end through ``os._exit``, so the ``atexit`` hooks that stop
+    queue listeners never run and the last records (the reason for exiting) would be lost.
+    """
+    for handler in logging.getLogger().handlers:
+        listener = getattr(handler, "listener", None)
+        if listener is not None and hasattr(listener, "stop"):
+            listener.stop()
+
+
+class _Lifespan:
+    """The ASGI lifespan protocol driven from outside a running loop."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.state: dict[str, Any] = {}
+        self._inbox: asyncio.Queue[Message] | None = None
+        self._waiters: dict[str, asyncio.Future[None]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.supported = True
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._inbox = asyncio.Queue()
+        self._waiters = {
+            "startup": loop.create_future(),
+            "shutdown": loop.create_future(),
+        }
+        self._task = loop.create_task(self._run())
+        await self._inbox.put({"type": "lifespan.startup"})
+        await self._waiters["startup"]
+
+    async def shutdown(self) -> None:
+        if self._inbox is None or not self.supported:
+            return
+        await self._inbox.put({"type": "lifespan.shutdown"})
+        await self._waiters["shutdown"]
+
+    async def _run(self) -> None:
+        scope = {"type": "lifespan", "asgi": _ASGI, "state": self.state}
+        try:
+            await self.app(scope, self._receive, self._send)
+        except BaseException as exc:  # the app's own failure, reported through the waiters
+            startup = self._waiters["startup"]
+            if startup.done() and not startup.cancelled() and startup.exception() is not None:
+                self._waiters["shutdown"].set_result(None)  # failed at startup: nothing to stop
+                return
+            if not self._waiters["startup"].done():
+                self._waiters["startup"].set_exception(LifespanFailed(repr(exc)))
+            elif not self._waiters["shutdown"].done():
+                self._waiters["shutdown"].set_exception(LifespanFailed(repr(exc)))
+            return
+        # An application that returns without answering does not support lifespan.
+        self.supported = self._waiters["startup"].done()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def _receive(self) -> Message:
+        assert self._inbox is not None
+        return await self._inbox.get()
+
+    async def _send(self, message: Message) -> None:
+        kind = str(message["type"])
+        phase = kind.split(".")[1]
+        waiter = self._waiters[phase]
+        if kind.endswith(".failed"):
+            waiter.set_exception(LifespanFailed(str(message.get("message", ""))))
+        else:
+            waiter.set_result(None)
+
+
+class _Exchange:
+    """One request: the ASGI ``receive``/``send`` pair over an RSGI protocol object."""
+
+    __slots__ = (
+        "_chunks",
+        "body_done",
+        "has_body",
+        "headers",
+        "one_piece",
+        "proto",
+        "sent",
+        "status",
+        "stream",
+    )
+
+    def __init__(self, proto: Any, one_piece: bool, has_body: bool) -> None:
+        self.proto = proto
+        self.one_piece = one_piece
+        self.has_body = has_body
+        self.status = 500
+        self.headers: list[tuple[str, str]] = []
+        self.stream: Any = None
+        self.sent = False
+        self.body_done = False
+        self._chunks: Any = None
+
+    async def receive(self) -> Message:
+        if self.body_done:
+            # Granian's disconnect awaitable ignores cancellation: wait on it through a task so
+            # a caller that stops listening (Litestar, once a streamed answer is sent) can.
+            disconnected = asyncio.ensure_future(self.proto.client_disconnect())
+            try:
+                await asyncio.wait((disconnected,))
+            except asyncio.CancelledError:
+                disconnected.cancel()
+                raise
+            return {"type": "http.disconnect"}
+        if self.one_piece:
+            self.body_done = True
+            body = await self.proto() if self.has_body else b""
+            return {"type": "http.request", "body": body, "more_body": False}
+        if self._chunks is None:
+            self._chunks = self.proto.__aiter__()
+        try:
+            chunk = await self._chunks.__anext__()
+        except StopAsyncIteration:
+            self.body_done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": bytes(chunk), "more_body": True}
+
+    async def send(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.status = int(message["status"])
+            self.headers = [
+                (name.decode("latin-1"), value.decode("latin-1"))
+                for name, value in message.get("headers", ())
+            ]
+        elif kind == "http.response.body":
+            body = message.get("body", b"")
+            if not isinstance(body, bytes):
+                body = bytes(body)
+            more = bool(message.get("more_body", False))
+            if self.stream is None:
+                if not more:
+                    self.proto.response_bytes(self.status, self.headers, body)
+                    self.sent = True
+                    return
+                self.stream = self.proto.response_stream(self.status, self.headers)
+                self.sent = True
+            if body:
+                await self.stream.send_bytes(body)
+            if not more:
+                self.stream = None  # Granian ends the chunked answer when its transport is freed
+
+
+class RSGIFront:
+    """An RSGI application (``__rsgi__`` and its init/del hooks) in front of an ASGI app."""
+
+    def __init__(self, app: ASGIApp, one_piece_limit: int) -> None:
+        """Serve ``app``; bodies up to ``one_piece_limit`` bytes are read in one call."""
+        self.app = app
+        self.one_piece_limit = one_piece_limit
+        self.lifespan = _Lifespan(app)
+
+    def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the application's lifespan startup before Granian accepts connections."""
+        try:
+            loop.run_until_complete(self.lifespan.startup())
+        except LifespanFailed:
+            log.exception("application startup failed")
+            _flush_logs()
+            raise SystemExit(1) from None
+
+    def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the lifespan shutdown once Granian has drained the requests."""
+        try:
+            loop.run_until_complete(self.lifespan.shutdown())
+        except LifespanFailed:
+            log.exception("application shutdown failed")
+
+    async def __rsgi__(self, scope: Any, proto: Any) -> None:
+        """Handle one RSGI request (HTTP only: websockets are off)."""
+        if scope.proto != "http":
+            return
+        headers = scope.headers
+        length = headers.get("content-length")
+        # A request has a body only with Content-Length or Transfer-Encoding (RFC 9112 6.3);
+        # Granian's body reads wait for one otherwise.
+        has_body = length != "0" and (length is not None or "transfer-encoding" in headers)
+        one_piece = not has_body or (
+            length is not None and length.isdigit() and int(length) <= self.one_piece_limit
+        )
+        raw_path = scope.path
+        asgi_scope: dict[str, Any] = {
+            "type": "http",
+            "asgi": _ASGI,
+            "http_version": scope.http_version,
+            "server": _address(scope.server),
+            "client": _address(scope.client),
+            "scheme": scope.scheme,
+            "method": scope.method,
+            "root_path": "",
+            "path": unquote(raw_path) if "%" in raw_path else raw_path,
+            "raw_path": raw_path.encode("latin-1"),
+            "query_string": scope.query_string.encode("latin-1"),
+            "headers": [
+                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
+            ],
+            "state": self.lifespan.state.copy(),
+        }
+        exchange = _Exchange(proto, one_piece, has_body)
+        try:
+            await self.app(asgi_scope, exchange.receive, exchange.send)
+        except Exception:
+            log.exception("unhandled error in %s %s", scope.method, raw_path)
+            if not exchange.sent:
+                proto.response_empty(500, [])
+            return
+        if not exchange.sent:
+            proto.response_empty(500, [])

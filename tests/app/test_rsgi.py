@@ -1,0 +1,151 @@
+"""The RSGI front (app/rsgi.py) under real Granian: bodies, answers, lifespan, failures."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.support.procs import ROOT, free_port
+
+
+class Granian:
+    """``granian --interface rsgi --factory target`` on a free port."""
+
+    def __init__(self, target: str, folder: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = folder / "granian.log"
+        self._out = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "granian",
+                "--interface",
+                "rsgi",
+                "--factory",
+                "--no-ws",
+                "--port",
+                str(self.port),
+                target,
+            ],
+            cwd=ROOT,
+            env={**os.environ, "HEIMDALL_TEST_MARKS": str(folder), **env},
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_up(self, path: str) -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                httpx.get(self.url + path, timeout=1)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(self.log.read_text())
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(30)
+        self._out.close()
+        return code
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Granian]:
+    folder = tmp_path_factory.mktemp("rsgi")
+    granian = Granian("tests.support.rsgi_target:front", folder)
+    granian.wait_up("/items/x")
+    yield granian
+    granian.stop()
+
+
+def test_body_in_one_piece_and_streamed_arrives_whole(server: Granian) -> None:
+    body = os.urandom(300_000)  # above the 64 kB one-piece limit: streamed
+    small = os.urandom(50_000)  # below: one piece
+    for payload in (body, small):
+        answer = httpx.post(server.url + "/echo?a=1&b=%20", content=payload).json()
+        assert answer["length"] == len(payload)
+        assert answer["sha256"] == hashlib.sha256(payload).hexdigest()
+        assert answer["query"] == "a=1&b=%20"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: chunked transfer encoding
+        yield small[:1000]
+        yield small[1000:]
+
+    answer = httpx.post(server.url + "/echo", content=chunks()).json()
+    assert answer["sha256"] == hashlib.sha256(small).hexdigest()
+
+
+def test_limits_headers_paths_and_streamed_answers(server: Granian) -> None:
+    too_big = httpx.post(server.url + "/echo", content=b"x" * (1024 * 1024 + 1))
+    assert too_big.status_code == 413
+
+    def endless() -> Iterator[bytes]:  # chunked and over the limit: Litestar counts and stops
+        for _ in range(40):
+            yield b"y" * 64 * 1024
+
+    assert httpx.post(server.url + "/echo", content=endless()).status_code == 413
+
+    tagged = httpx.post(
+        server.url + "/echo", content=b"{}", headers=[("x-tag", "one"), ("x-tag", "two")]
+    ).json()
+    assert tagged["x_tag"] == ["one", "two"]
+    assert tagged["client"][0] == "127.0.0.1"
+
+    assert httpx.get(server.url + "/items/a%20b").json() == {"name": "a b"}
+    streamed = httpx.get(server.url + "/stream")
+    assert streamed.text == "".join(f"part-{i};" for i in range(5))
+    assert httpx.get(server.url + "/boom").status_code == 500
+    assert httpx.get(server.url + "/items/after-boom").status_code == 200
+
+
+def test_lifespan_runs_around_serving_and_drains_in_flight(tmp_path: Path) -> None:
+    granian = Granian("tests.support.rsgi_target:front", tmp_path)
+    granian.wait_up("/items/x")
+    assert (tmp_path / "started").exists()
+    assert not (tmp_path / "stopped").exists()
+    answers: list[int] = []
+    slow = threading.Thread(
+        target=lambda: answers.append(httpx.get(granian.url + "/slow", timeout=10).status_code)
+    )
+    slow.start()
+    time.sleep(0.3)
+    assert granian.stop() == 0
+    slow.join(10)
+    assert answers == [200]  # the request in flight when SIGTERM came was answered
+    assert (tmp_path / "stopped").exists()
+
+
+def test_startup_failure_stops_the_server(tmp_path: Path) -> None:
+    granian = Granian("tests.support.rsgi_target:front", tmp_path, HEIMDALL_TEST_FAIL_STARTUP="1")
+    try:
+        code = granian.proc.wait(30)
+    finally:
+        granian.stop()
+    assert code != 0
+    assert "startup refused on purpose" in granian.log.read_text()
+
+
+def test_app_that_raises_or_never_answers_gets_500(tmp_path: Path) -> None:
+    granian = Granian("tests.support.rsgi_target:raw_front", tmp_path)
+    try:
+        granian.wait_up("/silent")
+        assert httpx.get(granian.url + "/raise").status_code == 500
+        assert httpx.get(granian.url + "/silent").status_code == 500
+        assert "raw app failure" in granian.log.read_text()
+    finally:
+        granian.stop()

@@ -1,0 +1,96 @@
+"""Small apps behind :class:`app.rsgi.RSGIFront`, served by real Granian in tests/app/test_rsgi.py.
+
+``HEIMDALL_TEST_MARKS`` names a folder where the lifespan leaves ``started``/``stopped``;
+``HEIMDALL_TEST_FAIL_STARTUP=1`` makes startup fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from litestar import Litestar, Request, get, post
+from litestar.params import FromPath
+from litestar.response import Stream
+
+from app.rsgi import RSGIFront
+
+
+@post("/echo", status_code=200)
+async def echo(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    body = await request.body()
+    return {
+        "length": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "query": request.url.query,
+        "x_tag": request.headers.getall("x-tag", []),
+        "client": list(request.client) if request.client else None,
+    }
+
+
+@get("/items/{name:str}")
+async def item(name: FromPath[str]) -> dict[str, str]:
+    return {"name": name}
+
+
+@get("/stream")
+async def stream() -> Stream:
+    async def parts() -> AsyncIterator[bytes]:
+        for i in range(5):
+            yield f"part-{i};".encode()
+            await asyncio.sleep(0)
+
+    return Stream(parts())
+
+
+@get("/slow")
+async def slow() -> dict[str, bool]:
+    await asyncio.sleep(1.0)
+    return {"slow": True}
+
+
+@get("/boom")
+async def boom() -> None:
+    raise RuntimeError("boom")
+
+
+@contextlib.asynccontextmanager
+async def lifespan(_: Litestar) -> AsyncIterator[None]:
+    marks = Path(os.environ["HEIMDALL_TEST_MARKS"])
+    if os.environ.get("HEIMDALL_TEST_FAIL_STARTUP") == "1":
+        raise RuntimeError("startup refused on purpose")
+    (marks / "started").write_text("1")
+    try:
+        yield
+    finally:
+        (marks / "stopped").write_text("1")
+
+
+def front() -> RSGIFront:
+    """Granian factory: the Litestar app (1 MiB body limit) behind the front."""
+    logging.basicConfig(level=logging.INFO)
+    app = Litestar(
+        route_handlers=[echo, item, stream, slow, boom],
+        lifespan=[lifespan],
+        request_max_body_size=1024 * 1024,
+    )
+    return RSGIFront(app, one_piece_limit=64 * 1024)
+
+
+async def _raw(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    if scope["type"] == "lifespan":
+        return  # no lifespan support: the front must carry on
+    if scope["path"] == "/raise":
+        raise RuntimeError("raw app failure")
+    # "/silent": returns without answering
+
+
+def raw_front() -> RSGIFront:
+    """Granian factory: a bare ASGI app that fails or never answers, behind the front."""
+    return RSGIFront(_raw, one_piece_limit=1024)
