@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from app.settings import SettingsError, load_settings, settings_table
+from workers import malloc
 
 REFERENCE_PACKAGE = Path(__file__).resolve().parent.parent / "training" / "reference"
 
@@ -33,6 +34,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     os.kill(pid, signal.SIGHUP)
 
     server = settings.server
+    # Before Granian forks the HTTP process (which spawns the pool workers): both inherit.
+    malloc.tune(server.malloc_mmap_threshold_bytes, server.malloc_trim_threshold_bytes)
     HeimdallServer(
         "app.factory:create_rsgi_app_from_env"
         if server.interface == "rsgi"

@@ -45,6 +45,10 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Granian's header read timeout for slow clients."""
     granian_backpressure: Annotated[int, Meta(ge=1)] = 1024
     """Most requests Granian hands to the app concurrently."""
+    malloc_mmap_threshold_bytes: Annotated[int, Meta(ge=0, le=32 * 1024 * 1024)] = 8 * 1024 * 1024
+    """glibc malloc: larger allocations use mmap (0: glibc's default); workers/malloc.py."""
+    malloc_trim_threshold_bytes: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 64 * 1024 * 1024
+    """glibc malloc: free heap kept per process before it is returned (0: glibc's default)."""
     interface: Literal["rsgi", "asgi"] = "rsgi"
     """How Granian calls the app: rsgi (body in one piece, app/rsgi.py) or Granian's ASGI."""
 

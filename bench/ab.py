@@ -1,0 +1,104 @@
+"""``python -m bench.ab --a NAME=VALUE ... --b NAME=VALUE ...``: two configurations, interleaved.
+
+Two private stacks up at once, differing only in the environment given (defaults when a side
+has none); k6 ``load.js`` saturation runs (16 closed-loop VUs, distinct bodies, cache off)
+alternate between them, the order swapped every round, so the machine's drift hits both
+alike. Prints the medians over the rounds: requests/s, CPU per request and minor page faults
+per request for the HTTP process and the pool workers (``/proc/PID/stat``).
+
+Example (glibc malloc thresholds, workers/malloc.py)::
+
+    python -m bench.ab --a HEIMDALL_MALLOC_MMAP_THRESHOLD_BYTES=0 \\
+        HEIMDALL_MALLOC_TRIM_THRESHOLD_BYTES=0
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from bench.__main__ import machine
+from bench.service import Stack
+
+ROLES = ("HTTP worker (app)", "pool workers")
+
+
+def _minflt(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[7])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def _faults(stack: Stack) -> dict[int, tuple[str, int]]:
+    return {pid: (role, _minflt(pid)) for pid, (role, _) in stack.tree.sample().items()}
+
+
+def _env(pairs: list[str]) -> dict[str, str]:
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the rounds and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--a", nargs="*", default=[], help="environment of configuration A")
+    parser.add_argument("--b", nargs="*", default=[], help="environment of configuration B")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args(argv)
+    envs = {"A": _env(args.a), "B": _env(args.b)}
+    facts = machine()
+    started = time.monotonic()
+    rows: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
+    with Stack(extra_env=envs["A"]) as a, Stack(extra_env=envs["B"]) as b:
+        stacks = {"A": a, "B": b}
+        for stack in stacks.values():
+            stack.k6("load.js", VUS=4, DURATION="3s")
+        for i in range(args.rounds):
+            for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+                stack = stacks[name]
+                before = _faults(stack)
+                run = stack.k6("load.js", VUS=16, DURATION=f"{args.seconds:g}s", P95_MS=100000)
+                after = _faults(stack)
+                count = run.value("http_reqs", "count")
+                out = rows[name]
+                out.setdefault("rps", []).append(count / args.seconds)
+                for role in ROLES:
+                    out.setdefault(f"cpu {role}", []).append(
+                        run.cpu_by_role.get(role, 0.0) * 1e3 / count
+                    )
+                    faults = sum(
+                        f - before.get(pid, (r, f))[1] for pid, (r, f) in after.items() if r == role
+                    )
+                    out.setdefault(f"faults {role}", []).append(faults / count)
+            print(f"bench.ab: round {i + 1} of {args.rounds} done", flush=True)
+
+    def med(name: str, key: str) -> float:
+        return statistics.median(rows[name][key])
+
+    print(
+        f"\nCommand: `python -m bench.ab --rounds {args.rounds}` ({facts['date']}, "
+        f"{facts['CPU']}, load average at start {facts['load average (1/5/15 min) at start']}, "
+        f"runtime {time.monotonic() - started:.0f} s; medians of {args.rounds} rounds of "
+        f"{args.seconds:g} s)\n"
+    )
+    print(
+        "| configuration | req/s | CPU ms/request: HTTP / pool "
+        "| minor page faults per request: HTTP / pool |"
+    )
+    print("|---|---|---|---|")
+    for name in ("A", "B"):
+        label = " ".join(f"`{k}={v}`" for k, v in envs[name].items()) or "defaults"
+        http, pool = ROLES
+        print(
+            f"| {name}: {label} | {med(name, 'rps'):.0f} "
+            f"| {med(name, f'cpu {http}'):.3f} / {med(name, f'cpu {pool}'):.3f} "
+            f"| {med(name, f'faults {http}'):.1f} / {med(name, f'faults {pool}'):.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
