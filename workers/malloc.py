@@ -5,10 +5,11 @@ joined IQ, the feature transform's temporaries). With glibc's defaults such buff
 served by ``mmap`` until the dynamic threshold catches up, and the top of the heap is given
 back to the kernel whenever more than a small amount is free, so the next request faults the
 same pages in again: ≈15 minor page faults per request in the HTTP process (measured with
-``/proc/PID/stat``; docs/benchmarks.md). A fixed mmap threshold above the largest body and a
-trim threshold of tens of MB keep those pages in the process: 2 faults per request, and
-6–14 % less CPU per request in the HTTP process. The price is up to ``trim_threshold`` bytes
-of freed heap kept per process instead of returned to the kernel.
+``/proc/PID/stat``; ``python -m bench.ab``, docs/benchmarks.md). A fixed mmap threshold above
+the largest single body and a trim threshold of tens of MB keep those pages in the process:
+0.7 faults per request and ≈3 % less CPU per request in the HTTP process on this VM (a fault
+costs ≈5 µs here). The price is up to ``trim_threshold`` bytes of freed heap kept per process
+instead of returned to the kernel.
 
 Only glibc has ``mallopt``; elsewhere (musl, macOS) :func:`tune` does nothing.
 """
