@@ -13,7 +13,6 @@ something a latency-oriented service pays whenever it is not saturated.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import time
@@ -30,32 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=200, help="calls per pause and round")
     args = parser.parse_args(argv)
 
-    import msgspec
-
-    from app.schemas import PredictRequest
     from app.settings import ServerSettings
-    from bench.payloads import load
+    from bench.payloads import predict_items
     from tests.support.procs import REFERENCE
     from workers import malloc
-    from workers.messages import PredictItem
     from workers.runtime import LoadedModel
 
     server = ServerSettings()  # the allocator settings a served worker runs with
     malloc.tune(server.malloc_mmap_threshold_bytes, server.malloc_trim_threshold_bytes)
-    decoder = msgspec.json.Decoder(PredictRequest)
-    items = []
-    for payload in load("predict"):
-        req = decoder.decode(json.dumps(payload).encode())
-        rx = req.receivers
-        items.append(
-            PredictItem(
-                b"".join(r.iq for r in rx),
-                [r.latitude for r in rx],
-                [r.longitude for r in rx],
-                [0.5, 0.9, 0.95],
-                False,
-            )
-        )
+    items = predict_items()
     model = LoadedModel(
         str(REFERENCE / "model.onnx"), (REFERENCE / "model_spec.json").read_bytes(), 1
     )

@@ -34,24 +34,16 @@ def pieces() -> list[tuple[str, float]]:
     import numpy as np
 
     from app.schemas import PredictRequest
-    from bench.payloads import load
+    from bench.payloads import load, predict_items
     from workers.features import extract_features
     from workers.geo import distance_m
     from workers.inputs import pack_capture
-    from workers.messages import PredictItem
     from workers.runtime import LoadedModel
 
     body = json.dumps(load("predict")[0]).encode()
     decoder = msgspec.json.Decoder(PredictRequest)
-    req = decoder.decode(body)
-    rx = req.receivers
-    item = PredictItem(
-        b"".join(r.iq for r in rx),
-        [r.latitude for r in rx],
-        [r.longitude for r in rx],
-        [0.5, 0.9, 0.95],
-        False,
-    )
+    rx = decoder.decode(body).receivers
+    item = predict_items()[0]
     model = LoadedModel(
         str(REFERENCE / "model.onnx"), (REFERENCE / "model_spec.json").read_bytes(), 1
     )

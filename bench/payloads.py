@@ -79,6 +79,27 @@ def load(kind: str = "predict", folder: Path = DATA) -> list[dict[str, Any]]:
     return [json.loads((folder / f"{kind}-{i:02d}.json").read_text()) for i in range(count)]
 
 
+def predict_items(folder: Path = DATA) -> list[Any]:
+    """The committed predict bodies as the pool's ``PredictItem``s (decoded as the API does)."""
+    from app.schemas import PredictRequest
+    from workers.messages import PredictItem
+
+    decoder = msgspec.json.Decoder(PredictRequest)
+    items = []
+    for payload in load("predict", folder):
+        rx = decoder.decode(json.dumps(payload).encode()).receivers
+        items.append(
+            PredictItem(
+                b"".join(r.iq for r in rx),
+                [r.latitude for r in rx],
+                [r.longitude for r in rx],
+                [0.5, 0.9, 0.95],
+                False,
+            )
+        )
+    return items
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
