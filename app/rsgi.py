@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import quote
 
 log = logging.getLogger("heimdall.rsgi")
 
@@ -33,6 +33,7 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 """An ASGI 3 application (scope, receive, send); loose so any framework's app fits."""
 
 _ASGI = {"version": "3.0", "spec_version": "2.3"}
+_PATH_SAFE = "/!$&'()*+,;=:@-._~"  # RFC 3986 pchar and "/": left as they are in raw_path
 
 
 class LifespanFailed(RuntimeError):
@@ -233,7 +234,7 @@ class RSGIFront:
         one_piece = not has_body or (
             length is not None and length.isdigit() and int(length) <= self.one_piece_limit
         )
-        raw_path = scope.path
+        path = scope.path  # Granian has percent-decoded it (as ASGI's "path" is)
         asgi_scope: dict[str, Any] = {
             "type": "http",
             "asgi": _ASGI,
@@ -243,11 +244,13 @@ class RSGIFront:
             "scheme": scope.scheme,
             "method": scope.method,
             "root_path": "",
-            "path": unquote(raw_path) if "%" in raw_path else raw_path,
-            "raw_path": raw_path.encode("latin-1"),
-            "query_string": scope.query_string.encode("latin-1"),
+            "path": path,
+            # RSGI does not keep the raw target: re-encode the decoded path (UTF-8, quoted).
+            "raw_path": quote(path, safe=_PATH_SAFE).encode("ascii"),
+            "query_string": scope.query_string.encode("utf-8"),
+            # Granian hands over only header values it could decode; they are ASCII.
             "headers": [
-                (name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()
+                (name.encode("latin-1"), value.encode("utf-8")) for name, value in headers.items()
             ],
             "state": self.lifespan.state.copy(),
         }
@@ -255,7 +258,7 @@ class RSGIFront:
         try:
             await self.app(asgi_scope, exchange.receive, exchange.send)
         except Exception:
-            log.exception("unhandled error in %s %s", scope.method, raw_path)
+            log.exception("unhandled error in %s %s", scope.method, path)
             if not exchange.sent:
                 proto.response_empty(500, [])
             return

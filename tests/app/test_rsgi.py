@@ -107,6 +107,9 @@ def test_limits_headers_paths_and_streamed_answers(server: Granian) -> None:
     assert tagged["client"][0] == "127.0.0.1"
 
     assert httpx.get(server.url + "/items/a%20b").json() == {"name": "a b"}
+    assert httpx.get(server.url + "/items/%2541").json() == {"name": "%41"}  # decoded once
+    assert httpx.get(server.url + "/items/caf%C3%A9").json() == {"name": "café"}
+    assert httpx.get(server.url + "/items/%FF").json() == {"name": "\ufffd"}  # not a 500
     streamed = httpx.get(server.url + "/stream")
     assert streamed.text == "".join(f"part-{i};" for i in range(5))
     assert httpx.get(server.url + "/boom").status_code == 500
