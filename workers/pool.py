@@ -161,6 +161,7 @@ class _Worker:
     served: int = 0
     hello: asyncio.Future[int] | None = None
     arena: Arena | None = None
+    loading: int = 0  # Load messages outstanding: the worker computes nothing else meanwhile
 
     @property
     def load(self) -> int:
@@ -500,7 +501,10 @@ class WorkerPool:
         """Send queued jobs to the least-loaded ready workers while they have free slots."""
         limit = self.settings.max_inflight
         while self._queue:
-            candidates = [w for w in self._ready() if w.load < limit]
+            ready = [w for w in self._ready() if w.load < limit]
+            # A worker building a session answers nothing until it is done; while another
+            # worker can take the work, leave it alone (rolling loads keep one serving).
+            candidates = [w for w in ready if not w.loading] or ready
             if not candidates:
                 return
             # Least loaded; ties go round-robin so idle workers share the traffic.
@@ -634,9 +638,14 @@ class WorkerPool:
         return await asyncio.wait_for(future, self.settings.start_timeout_s)
 
     async def _load_on(self, worker: _Worker, version: str, res: _Resident) -> None:
-        ack = await self._control(
-            worker, Load(next(self._ids), version, res.model_path, res.spec, res.sha256)
-        )
+        worker.loading += 1
+        try:
+            ack = await self._control(
+                worker, Load(next(self._ids), version, res.model_path, res.spec, res.sha256)
+            )
+        finally:
+            worker.loading -= 1
+            self._pump()
         if not isinstance(ack, Ack) or not ack.ok:
             detail = ack.detail if isinstance(ack, Ack) else "unexpected reply"
             raise ModelLoadError(f"worker {worker.slot} could not load {version}: {detail}")
@@ -645,19 +654,24 @@ class WorkerPool:
     async def load(self, version: str, model_path: str, spec: bytes, sha256: str = "") -> None:
         """Load ``version`` on every worker (each builds, warms and validates its session).
 
-        With ``sha256``, every worker (also a respawned one, later) refuses the file unless it
-        still has that digest. On any failure the version is unloaded everywhere and the error
-        raised; what was resident before keeps serving.
+        One worker at a time, and the dispatcher sends no work to the worker that is loading
+        while another can take it: a swap under load never stops the whole pool (requests keep
+        being answered by the other workers). With ``sha256``, every worker (also a respawned
+        one, later) refuses the file unless it still has that digest. On any failure the
+        version is unloaded everywhere and the error raised; what was resident before keeps
+        serving.
         """
         if version in self._resident:
             return
         res = _Resident(model_path, spec, sha256)
         self._resident[version] = res
-        workers = self._ready()
-        results = await asyncio.gather(
-            *(self._load_on(w, version, res) for w in workers), return_exceptions=True
-        )
-        errors = [r for r in results if isinstance(r, BaseException)]
+        errors: list[BaseException] = []
+        for worker in self._ready():
+            try:
+                await self._load_on(worker, version, res)
+            except Exception as exc:  # any failure: unload everywhere, report it below
+                errors.append(exc)
+                break
         if errors or not self._ready():
             del self._resident[version]
             for w in self._ready():

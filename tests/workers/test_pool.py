@@ -186,6 +186,26 @@ async def test_new_version_rolls_in_and_old_one_unloads(pool: WorkerPool) -> Non
         pool.submit("1", [[payload_item(PAYLOADS[0])]], 5.0)
 
 
+async def test_a_new_version_loads_on_one_worker_at_a_time_while_the_others_serve(
+    pool: WorkerPool,
+) -> None:
+    item = payload_item(PAYLOADS[0])
+    started = time.monotonic()
+    loading = asyncio.create_task(pool.load("2", MODEL, SPEC))
+    answered_at = []
+    while not loading.done():
+        [future] = pool.submit("1", [[item]], 10.0)
+        assert isinstance((await future).results[0], Prediction)
+        answered_at.append(time.monotonic())
+    await loading
+    took = time.monotonic() - started
+    gaps = [b - a for a, b in zip([started, *answered_at], answered_at, strict=False)]
+    # Loading on both workers at once would leave no one to answer for the whole load.
+    assert len(answered_at) >= 5, (took, answered_at)
+    assert max(gaps) < took / 2, (took, gaps)
+    assert sorted(pool.ready_versions()) == ["1", "2"]
+
+
 async def test_stop_drains_in_flight_work() -> None:
     pool = await make_pool()
     futures = pool.submit("1", [[payload_item(p)] for p in PAYLOADS], 10.0)
