@@ -501,10 +501,11 @@ class WorkerPool:
         """Send queued jobs to the least-loaded ready workers while they have free slots."""
         limit = self.settings.max_inflight
         while self._queue:
-            ready = [w for w in self._ready() if w.load < limit]
-            # A worker building a session answers nothing until it is done; while another
-            # worker can take the work, leave it alone (rolling loads keep one serving).
-            candidates = [w for w in ready if not w.loading] or ready
+            # A worker building a session answers nothing until it is done: while any other
+            # worker is ready, jobs wait in the queue for it rather than behind the load.
+            ready = self._ready()
+            serving = [w for w in ready if not w.loading] or ready
+            candidates = [w for w in serving if w.load < limit]
             if not candidates:
                 return
             # Least loaded; ties go round-robin so idle workers share the traffic.
