@@ -722,6 +722,7 @@ class WorkerPool:
                     "pid": w.pid if w else 0,
                     "in_flight": w.load if w else 0,
                     "served": w.served if w else 0,
+                    "loading": bool(w.loading) if w else False,
                     "versions": sorted(w.loaded) if w else [],
                 }
             )
