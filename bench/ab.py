@@ -15,11 +15,9 @@ Example (glibc malloc thresholds, workers/malloc.py)::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 from bench.__main__ import machine
-from bench.service import Stack
+from bench.service import Rounds, Stack
 
 ROLES = ("HTTP worker (app)", "pool workers")
 
@@ -49,41 +47,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     args = parser.parse_args(argv)
     envs = {"A": _env(args.a), "B": _env(args.b)}
-    facts = machine()
-    started = time.monotonic()
-    rows: dict[str, dict[str, list[float]]] = {"A": {}, "B": {}}
+    rounds = Rounds(f"python -m bench.ab --rounds {args.rounds}", ("A", "B"), machine())
     with Stack(extra_env=envs["A"]) as a, Stack(extra_env=envs["B"]) as b:
         stacks = {"A": a, "B": b}
         for stack in stacks.values():
             stack.k6("load.js", VUS=4, DURATION="3s")
         for i in range(args.rounds):
-            for name in ("A", "B") if i % 2 == 0 else ("B", "A"):
+            for name in rounds.order(i):
                 stack = stacks[name]
                 before = _faults(stack)
                 run = stack.k6("load.js", VUS=16, DURATION=f"{args.seconds:g}s", P95_MS=100000)
                 after = _faults(stack)
                 count = run.value("http_reqs", "count")
-                out = rows[name]
-                out.setdefault("rps", []).append(count / args.seconds)
+                rounds.add(name, "rps", count / args.seconds)
                 for role in ROLES:
-                    out.setdefault(f"cpu {role}", []).append(
-                        run.cpu_by_role.get(role, 0.0) * 1e3 / count
-                    )
+                    rounds.add(name, f"cpu {role}", run.cpu_ms_per_request(role))
                     faults = sum(
                         f - before.get(pid, (r, f))[1] for pid, (r, f) in after.items() if r == role
                     )
-                    out.setdefault(f"faults {role}", []).append(faults / count)
+                    rounds.add(name, f"faults {role}", faults / count)
             print(f"bench.ab: round {i + 1} of {args.rounds} done", flush=True)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(rows[name][key])
-
-    print(
-        f"\nCommand: `python -m bench.ab --rounds {args.rounds}` ({facts['date']}, "
-        f"{facts['CPU']}, load average at start {facts['load average (1/5/15 min) at start']}, "
-        f"runtime {time.monotonic() - started:.0f} s; medians of {args.rounds} rounds of "
-        f"{args.seconds:g} s)\n"
-    )
+    med = rounds.med
+    print("\n" + rounds.header(f"medians of {args.rounds} rounds of {args.seconds:g} s"))
     print(
         "| configuration | req/s | CPU ms/request: HTTP / pool "
         "| minor page faults per request: HTTP / pool |"

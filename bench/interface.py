@@ -10,19 +10,12 @@ over the rounds: throughput, latency and the HTTP process's and pool workers' CP
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 from bench.__main__ import machine
-from bench.service import K6Run, Stack
+from bench.service import Rounds, Stack
 
 HTTP = "HTTP worker (app)"
 POOL = "pool workers"
-
-
-def _cpu(run: K6Run, role: str) -> float:
-    count = run.value("http_reqs", "count")
-    return run.cpu_by_role.get(role, 0.0) * 1e3 / count if count else float("nan")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,41 +26,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=150, help="open-loop requests per second")
     args = parser.parse_args(argv)
     dur = f"{args.seconds:g}s"
-    facts = machine()
-    started = time.monotonic()
-    rows: dict[str, dict[str, list[float]]] = {"rsgi": {}, "asgi": {}}
-
-    def add(name: str, key: str, value: float) -> None:
-        rows[name].setdefault(key, []).append(value)
-
+    rounds = Rounds(
+        f"python -m bench.interface --rounds {args.rounds}", ("rsgi", "asgi"), machine()
+    )
+    add = rounds.add
     with Stack(extra_env={"HEIMDALL_INTERFACE": "asgi"}) as asgi, Stack() as rsgi:
         stacks = {"rsgi": rsgi, "asgi": asgi}
         for stack in stacks.values():
             stack.k6("load.js", VUS=4, DURATION="3s")
         for i in range(args.rounds):
-            for name in ("rsgi", "asgi") if i % 2 == 0 else ("asgi", "rsgi"):
+            for name in rounds.order(i):
                 stack = stacks[name]
                 sat = stack.k6("load.js", VUS=16, DURATION=dur, P95_MS=100000)
                 add(name, "sat_rps", sat.value("http_reqs", "count") / args.seconds)
-                add(name, "sat_http", _cpu(sat, HTTP))
-                add(name, "sat_pool", _cpu(sat, POOL))
+                add(name, "sat_http", sat.cpu_ms_per_request(HTTP))
+                add(name, "sat_pool", sat.cpu_ms_per_request(POOL))
                 half = stack.k6("arrival.js", RATE=args.rate, DURATION=dur)
                 add(name, "open_p50", half.value("http_req_duration", "med"))
                 add(name, "open_p99", half.value("http_req_duration", "p(99)"))
-                add(name, "open_http", _cpu(half, HTTP))
+                add(name, "open_http", half.cpu_ms_per_request(HTTP))
                 hits = stack.k6("cache.js", RATE=20, DURATION=dur)
                 add(name, "hit_p50", hits.value("cache_hit_duration", "med"))
                 print(f"bench.interface: round {i + 1} {name} done", flush=True)
 
-    def med(name: str, key: str) -> float:
-        return statistics.median(rows[name][key])
-
-    print(
-        f"Command: `python -m bench.interface --rounds {args.rounds}` "
-        f"({facts['date']}, {facts['CPU']}, load average at start "
-        f"{facts['load average (1/5/15 min) at start']}, "
-        f"runtime {time.monotonic() - started:.0f} s; medians of {args.rounds} rounds)\n"
-    )
+    med = rounds.med
+    print(rounds.header(f"medians of {args.rounds} rounds"))
     print(
         "| interface | saturation req/s | CPU ms/request at saturation: HTTP / pool "
         f"| open loop {args.rate} req/s: p50 / p99 ms | HTTP CPU ms/request there "

@@ -6,11 +6,12 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -132,6 +133,49 @@ class K6Run:
     def cpu_s(self) -> float:
         """Service CPU seconds during the run."""
         return sum(self.cpu_by_role.values())
+
+    def cpu_ms_per_request(self, role: str) -> float:
+        """CPU milliseconds one process role spent per HTTP request (NaN without requests)."""
+        count = self.value("http_reqs", "count")
+        return self.cpu_by_role.get(role, 0.0) * 1e3 / count if count else float("nan")
+
+
+class Rounds:
+    """Figures of two or more configurations measured in interleaved rounds.
+
+    The order of the sides is rotated every round, so the machine's drift hits every side
+    alike; the table reports medians over the rounds.
+    """
+
+    def __init__(self, command: str, sides: Sequence[str], facts: dict[str, str]) -> None:
+        """Start the clock; ``facts`` are the machine details of ``bench.machine()``."""
+        self.command = command
+        self.sides = list(sides)
+        self.facts = facts
+        self.started = time.monotonic()
+        self.rows: dict[str, dict[str, list[float]]] = {side: {} for side in sides}
+
+    def order(self, round_index: int) -> list[str]:
+        """The sides in the order of this round."""
+        shift = round_index % len(self.sides)
+        return self.sides[shift:] + self.sides[:shift]
+
+    def add(self, side: str, key: str, value: float) -> None:
+        """Record one figure of one round."""
+        self.rows[side].setdefault(key, []).append(value)
+
+    def med(self, side: str, key: str) -> float:
+        """Median of a figure over the rounds."""
+        return statistics.median(self.rows[side][key])
+
+    def header(self, detail: str) -> str:
+        """The line that says what produced the table, on which machine, when."""
+        facts = self.facts
+        return (
+            f"Command: `{self.command}` ({facts['date']}, {facts['CPU']}, load average at "
+            f"start {facts['load average (1/5/15 min) at start']}, runtime "
+            f"{time.monotonic() - self.started:.0f} s; {detail})\n"
+        )
 
 
 class Stack:
