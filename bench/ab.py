@@ -48,25 +48,19 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     envs = {"A": _env(args.a), "B": _env(args.b)}
     rounds = Rounds(f"python -m bench.ab --rounds {args.rounds}", ("A", "B"), machine())
-    with Stack(extra_env=envs["A"]) as a, Stack(extra_env=envs["B"]) as b:
-        stacks = {"A": a, "B": b}
-        for stack in stacks.values():
-            stack.k6("load.js", VUS=4, DURATION="3s")
-        for i in range(args.rounds):
-            for name in rounds.order(i):
-                stack = stacks[name]
-                before = _faults(stack)
-                run = stack.k6("load.js", VUS=16, DURATION=f"{args.seconds:g}s", P95_MS=100000)
-                after = _faults(stack)
-                count = run.value("http_reqs", "count")
-                rounds.add(name, "rps", count / args.seconds)
-                for role in ROLES:
-                    rounds.add(name, f"cpu {role}", run.cpu_ms_per_request(role))
-                    faults = sum(
-                        f - before.get(pid, (r, f))[1] for pid, (r, f) in after.items() if r == role
-                    )
-                    rounds.add(name, f"faults {role}", faults / count)
-            print(f"bench.ab: round {i + 1} of {args.rounds} done", flush=True)
+    for i, name, stack in rounds.run(envs, args.rounds):
+        before = _faults(stack)
+        run = stack.k6("load.js", VUS=16, DURATION=f"{args.seconds:g}s", P95_MS=100000)
+        after = _faults(stack)
+        count = run.value("http_reqs", "count")
+        rounds.add(name, "rps", count / args.seconds)
+        for role in ROLES:
+            rounds.add(name, f"cpu {role}", run.cpu_ms_per_request(role))
+            faults = sum(
+                f - before.get(pid, (r, f))[1] for pid, (r, f) in after.items() if r == role
+            )
+            rounds.add(name, f"faults {role}", faults / count)
+        print(f"bench.ab: round {i + 1} of {args.rounds}, {name} done", flush=True)
 
     med = rounds.med
     print("\n" + rounds.header(f"medians of {args.rounds} rounds of {args.seconds:g} s"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from bench.__main__ import machine
-from bench.service import Rounds, Stack
+from bench.service import Rounds
 
 HTTP = "HTTP worker (app)"
 POOL = "pool workers"
@@ -30,24 +30,19 @@ def main(argv: list[str] | None = None) -> int:
         f"python -m bench.interface --rounds {args.rounds}", ("rsgi", "asgi"), machine()
     )
     add = rounds.add
-    with Stack(extra_env={"HEIMDALL_INTERFACE": "asgi"}) as asgi, Stack() as rsgi:
-        stacks = {"rsgi": rsgi, "asgi": asgi}
-        for stack in stacks.values():
-            stack.k6("load.js", VUS=4, DURATION="3s")
-        for i in range(args.rounds):
-            for name in rounds.order(i):
-                stack = stacks[name]
-                sat = stack.k6("load.js", VUS=16, DURATION=dur, P95_MS=100000)
-                add(name, "sat_rps", sat.value("http_reqs", "count") / args.seconds)
-                add(name, "sat_http", sat.cpu_ms_per_request(HTTP))
-                add(name, "sat_pool", sat.cpu_ms_per_request(POOL))
-                half = stack.k6("arrival.js", RATE=args.rate, DURATION=dur)
-                add(name, "open_p50", half.value("http_req_duration", "med"))
-                add(name, "open_p99", half.value("http_req_duration", "p(99)"))
-                add(name, "open_http", half.cpu_ms_per_request(HTTP))
-                hits = stack.k6("cache.js", RATE=20, DURATION=dur)
-                add(name, "hit_p50", hits.value("cache_hit_duration", "med"))
-                print(f"bench.interface: round {i + 1} {name} done", flush=True)
+    envs = {"rsgi": {}, "asgi": {"HEIMDALL_INTERFACE": "asgi"}}
+    for i, name, stack in rounds.run(envs, args.rounds):
+        sat = stack.k6("load.js", VUS=16, DURATION=dur, P95_MS=100000)
+        add(name, "sat_rps", sat.value("http_reqs", "count") / args.seconds)
+        add(name, "sat_http", sat.cpu_ms_per_request(HTTP))
+        add(name, "sat_pool", sat.cpu_ms_per_request(POOL))
+        half = stack.k6("arrival.js", RATE=args.rate, DURATION=dur)
+        add(name, "open_p50", half.value("http_req_duration", "med"))
+        add(name, "open_p99", half.value("http_req_duration", "p(99)"))
+        add(name, "open_http", half.cpu_ms_per_request(HTTP))
+        hits = stack.k6("cache.js", RATE=20, DURATION=dur)
+        add(name, "hit_p50", hits.value("cache_hit_duration", "med"))
+        print(f"bench.interface: round {i + 1} {name} done", flush=True)
 
     med = rounds.med
     print(rounds.header(f"medians of {args.rounds} rounds"))

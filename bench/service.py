@@ -160,6 +160,17 @@ class Rounds:
         shift = round_index % len(self.sides)
         return self.sides[shift:] + self.sides[:shift]
 
+    def run(self, envs: dict[str, dict[str, str]], rounds: int) -> Iterator[tuple[int, str, Stack]]:
+        """Start one private stack per side (its extra environment), warm each up, then yield
+        ``(round, side, stack)`` in the rotated order; every stack stops at the end."""
+        with contextlib.ExitStack() as exit_stack:
+            stacks = {side: exit_stack.enter_context(Stack(envs[side])) for side in self.sides}
+            for stack in stacks.values():
+                stack.k6("load.js", VUS=4, DURATION="3s")
+            for i in range(rounds):
+                for side in self.order(i):
+                    yield i, side, stacks[side]
+
     def add(self, side: str, key: str, value: float) -> None:
         """Record one figure of one round."""
         self.rows[side].setdefault(key, []).append(value)
