@@ -48,7 +48,8 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     malloc_mmap_threshold_bytes: Annotated[int, Meta(ge=0, le=32 * 1024 * 1024)] = 8 * 1024 * 1024
     """glibc malloc: larger allocations use mmap (0: glibc's default); workers/malloc.py."""
     malloc_trim_threshold_bytes: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 64 * 1024 * 1024
-    """glibc malloc: free heap kept per process before it is returned (0: glibc's default)."""
+    """glibc malloc: free heap kept per process before it is returned (0: glibc's default;
+    applied only with a fixed mmap threshold)."""
     interface: Literal["rsgi", "asgi"] = "rsgi"
     """How Granian calls the app: rsgi (body in one piece, app/rsgi.py) or Granian's ASGI."""
 

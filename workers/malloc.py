@@ -33,7 +33,10 @@ def tune(mmap_threshold: int, trim_threshold: int) -> dict[str, int]:
     """Set the thresholds in this process and export them to the processes it starts.
 
     A value of 0 leaves that parameter to glibc. A parameter the operator already set through
-    its ``MALLOC_*_`` environment variable is left as the operator set it. Child processes
+    its ``MALLOC_*_`` environment variable is left as the operator set it. The trim threshold
+    is only applied together with a fixed mmap threshold: glibc freezes its dynamic mmap
+    threshold at 128 KiB as soon as either is set, so the trim threshold alone would send
+    every 0.2–0.3 MB buffer to ``mmap`` (one page fault per page it touches). Child processes
     started afterwards (Granian's forked HTTP worker, the spawned pool workers) inherit the
     settings: a fork copies the allocator's state, a spawned interpreter reads the exported
     environment variables when glibc starts.
@@ -43,6 +46,14 @@ def tune(mmap_threshold: int, trim_threshold: int) -> dict[str, int]:
     """
     if platform.libc_ver()[0] != "glibc":
         return {}
+    mmap_fixed = mmap_threshold > 0 or _ENV[M_MMAP_THRESHOLD] in os.environ
+    if trim_threshold > 0 and not mmap_fixed:
+        log.warning(
+            "malloc trim threshold %d not applied: without a fixed mmap threshold it would"
+            " freeze glibc's dynamic one at 128 KiB (every request buffer mmap'ed)",
+            trim_threshold,
+        )
+        trim_threshold = 0
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     applied: dict[str, int] = {}
     for param, value in ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold)):
