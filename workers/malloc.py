@@ -46,19 +46,18 @@ def tune(mmap_threshold: int, trim_threshold: int) -> dict[str, int]:
     """
     if platform.libc_ver()[0] != "glibc":
         return {}
-    mmap_fixed = mmap_threshold > 0 or _ENV[M_MMAP_THRESHOLD] in os.environ
-    if trim_threshold > 0 and not mmap_fixed:
-        log.warning(
-            "malloc trim threshold %d not applied: without a fixed mmap threshold it would"
-            " freeze glibc's dynamic one at 128 KiB (every request buffer mmap'ed)",
-            trim_threshold,
-        )
-        trim_threshold = 0
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     applied: dict[str, int] = {}
     for param, value in ((M_MMAP_THRESHOLD, mmap_threshold), (M_TRIM_THRESHOLD, trim_threshold)):
         name = _ENV[param]
         if value <= 0 or name in os.environ:
+            continue
+        if param == M_TRIM_THRESHOLD and _ENV[M_MMAP_THRESHOLD] not in os.environ:
+            log.warning(
+                "malloc trim threshold %d not applied: without a fixed mmap threshold it would"
+                " freeze glibc's dynamic one at 128 KiB (every request buffer mmap'ed)",
+                value,
+            )
             continue
         if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
             log.warning("mallopt(%s, %d) was refused; glibc's default stays", name, value)
