@@ -186,6 +186,18 @@ async def test_new_version_rolls_in_and_old_one_unloads(pool: WorkerPool) -> Non
         pool.submit("1", [[payload_item(PAYLOADS[0])]], 5.0)
 
 
+async def test_requests_on_a_killed_worker_are_computed_by_another(pool: WorkerPool) -> None:
+    items = [payload_item(p) for p in PAYLOADS]
+    futures = pool.submit("1", [[items[i % len(items)]] for i in range(64)], 30.0)
+    # No await since submit: the workers cannot have answered yet, the victim dies mid-batch.
+    busy = [w for w in pool.stats()["workers"] if w["in_flight"]]
+    assert busy, pool.stats()
+    os.kill(busy[0]["pid"], signal.SIGKILL)
+    results = await asyncio.gather(*futures)
+    assert all(isinstance(r.results[0], Prediction) for r in results)
+    assert pool.stats()["restarts"] == 1
+
+
 async def test_a_new_version_loads_on_one_worker_at_a_time_while_the_others_serve(
     pool: WorkerPool,
 ) -> None:
