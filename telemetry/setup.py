@@ -111,6 +111,7 @@ class Telemetry:
         self._requests = each["heimdall.inference.requests"]
         self._duration = each["heimdall.inference.duration"]
         self._cache = each["heimdall.cache.requests"]
+        self._domain = each["heimdall.inference.domain"]
         self._http = each["http.server.request.duration"]
 
     def shutdown(self) -> None:
@@ -140,6 +141,10 @@ class Telemetry:
     ) -> None:
         """Record one ``http.server.request.duration`` (no route for unmatched paths)."""
         self._http.record(seconds, method, status, scheme, route)
+
+    def domain(self, version: str, inside: bool) -> None:
+        """Count one answer by whether it lies inside the model's trained domain."""
+        self._domain.add(1, version, "true" if inside else "false")
 
     def cache(self, result: str, version: str = "", tier: str = "redis") -> None:
         """Count one cache lookup by result (hit, miss, error) and tier (local, redis)."""
@@ -331,6 +336,13 @@ def _per_request_instruments() -> list[Instrument]:
             ("model_version", "phase"),
             scope="heimdall.inference",
             bounds=DURATION_BUCKETS_S,
+        ),
+        Instrument(
+            "heimdall.inference.domain",
+            "1",
+            "Answers by whether the capture lies inside the model's trained domain",
+            ("model_version", "inside"),
+            scope="heimdall.inference",
         ),
         Instrument(
             "heimdall.cache.requests",
