@@ -21,11 +21,11 @@ import redis
 
 from tests.support.procs import ROOT, Server
 from tests.support.variants import register_variant, registry
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-BATCH = next(iter_batches(16, 777, chunk=16))
+BATCH = heard_batch(16, 777)
 BODIES = [request_payload(BATCH, i, cache=False) for i in range(16)]
 
 

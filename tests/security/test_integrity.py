@@ -23,11 +23,11 @@ from app.control_plane import ControlMessage, sign
 from tests.integration.test_rollout import cli, served_version, wait_for
 from tests.support.procs import REFERENCE, Server
 from tests.support.variants import register_variant
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 from workers.registry import sha256_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-BODY = request_payload(next(iter_batches(1, 992, chunk=1)), 0, cache=False)
+BODY = request_payload(heard_batch(1, 992), 0, cache=False)
 
 
 def test_replayed_old_signed_revision_has_no_effect(
