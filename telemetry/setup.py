@@ -149,6 +149,14 @@ class Telemetry:
         """Count one rollout apply by outcome."""
         self.instruments["reloads"].add(1, {"outcome": outcome})
 
+    def epoch_change(self) -> None:
+        """Count one change of the control plane's epoch (the revision counter was reset)."""
+        self.instruments["epoch_changes"].add(1)
+
+    def control_rejected(self, source: str, reason: str) -> None:
+        """Count one refused control message or document by source and reason."""
+        self.instruments["control_rejected"].add(1, {"source": source, "reason": reason})
+
     def shadow_distance(self, version: str, metres: float) -> None:
         """Record the distance between primary and shadow positions."""
         self.instruments["shadow"].record(metres, {"model_version": version})
@@ -440,6 +448,16 @@ def build_telemetry(
     instruments = {
         "reloads": meter.create_counter(
             "heimdall.model.reloads", unit="1", description="Rollout applies by outcome"
+        ),
+        "epoch_changes": meter.create_counter(
+            "heimdall.control.epoch_changes",
+            unit="1",
+            description="Desired states applied from a new control-plane epoch (counter reset)",
+        ),
+        "control_rejected": meter.create_counter(
+            "heimdall.control.rejected",
+            unit="1",
+            description="Refused control messages and desired-state documents",
         ),
         "shadow": meter.create_histogram(
             "heimdall.shadow.distance", unit="m", description="Primary-to-shadow position distance"
