@@ -21,8 +21,9 @@ import redis
 
 from app.control_protocol import ControlMessage, sign
 from tests.integration.test_rollout import cli, served_version, wait_for
+from tests.support.mlflow_rest import MlflowRestServer
 from tests.support.procs import ROOT, RedisServer, Server
-from tests.support.variants import register_variant
+from tests.support.variants import register_variant, registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 MODEL = "rf-localizer"
@@ -214,3 +215,68 @@ def test_concurrent_cli_publishers_get_distinct_increasing_revisions(
     status = json.loads(run_cli(env, "status", "--json").stdout)
     assert [h["revision"] for h in status["history"]] == [6, 5, 4, 3, 2, 1]
     assert status["desired"]["revision"] == 6
+
+
+# (redis-py itself imports opentelemetry for its own instrumentation.)
+HEAVY = ("mlflow", "sqlalchemy", "numpy", "onnxruntime", "telemetry", "litestar", "granian")
+PROBE = (
+    "import sys, time; t0 = time.perf_counter(); from app.cli import main; "
+    "rc = main(sys.argv[1:]); wall = time.perf_counter() - t0; "
+    f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})); "
+    "print('PROBE', rc, heavy, f'{wall:.3f}')"
+)
+
+
+def probe(env: dict[str, str], *args: str) -> tuple[int, list[str], float]:
+    """Run a verb in a fresh interpreter: exit code, heavy modules it imported, wall time."""
+    t0 = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    wall = time.perf_counter() - t0
+    line = next(x for x in done.stdout.splitlines() if x.startswith("PROBE"))
+    _, rc, *rest = line.split(" ", 2)
+    heavy = json.loads(rest[0].rsplit(" ", 1)[0].replace("'", '"'))
+    return int(rc), heavy, wall
+
+
+def test_operator_verbs_import_nothing_heavy_and_promote_talks_rest(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    rest = MlflowRestServer(registry_env["MLFLOW_TRACKING_URI"])
+    env = {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"f{uuid.uuid4().hex[:8]}",
+    }
+    remote = {**env, "MLFLOW_TRACKING_URI": rest.url}
+    alias = f"fast{uuid.uuid4().hex[:6]}"
+    try:
+        walls = {}
+        for verb, args, verb_env in (
+            ("promote (tracking server)", ("promote", "1", "--alias", alias), remote),
+            ("route", ("route", "1=1"), env),
+            ("status", ("status",), env),
+        ):
+            rc, heavy, walls[verb] = probe(verb_env, *args)
+            assert rc == 0 and heavy == [], (verb, heavy)
+        assert rest.calls == [
+            "GET /api/2.0/mlflow/model-versions/get",
+            "POST /api/2.0/mlflow/registered-models/alias",
+        ]
+        assert registry(registry_env).resolve(f"@{alias}").version == "1"
+        rc, _, walls["promote (sqlite, MLflow)"] = probe(env, "promote", "1", "--alias", alias)
+        assert rc == 0
+        missing = run_cli(remote, "promote", "999", "--alias", alias)
+        assert missing.returncode == 1 and "promote 999" in missing.stderr
+    finally:
+        rest.stop()
+    print(
+        "\nwall time per verb (fresh interpreter): "
+        + ", ".join(f"{verb} {wall:.2f}s" for verb, wall in walls.items())
+    )
