@@ -1,7 +1,8 @@
-"""The two MLflow REST endpoints ``promote`` uses, served over a real registry store.
+"""The MLflow REST endpoints ``promote`` uses, served over a real registry store.
 
 ``mlflow-skinny`` (what the service installs) cannot run ``mlflow server`` (no Flask, pandas),
-so tests serve MLflow's documented REST shapes for ``model-versions/get`` and
+so tests serve MLflow's documented REST shapes for ``model-versions/get``,
+``registered-models/get`` (what MLflow's own client also calls) and
 ``registered-models/alias`` from the test registry through MLflow's own client: the alias
 really moves in the registry the replicas read.
 """
@@ -48,15 +49,34 @@ class MlflowRestServer:
             def do_GET(self) -> None:
                 url = urllib.parse.urlparse(self.path)
                 calls.append(f"GET {url.path}")
-                if url.path != "/api/2.0/mlflow/model-versions/get":
-                    return self._answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": ""})
                 query = dict(urllib.parse.parse_qsl(url.query))
 
-                def get() -> dict[str, Any]:
+                def version() -> dict[str, Any]:
                     mv = client.get_model_version(query["name"], query["version"])
-                    return {"model_version": {"name": mv.name, "version": str(mv.version)}}
+                    return {
+                        "model_version": {
+                            "name": mv.name,
+                            "version": str(mv.version),
+                            "run_id": mv.run_id or "",
+                            "creation_timestamp": mv.creation_timestamp,
+                            "source": mv.source or "",
+                            "tags": [{"key": k, "value": v} for k, v in mv.tags.items()],
+                            "aliases": list(mv.aliases),
+                        }
+                    }
 
-                self._guard(get)
+                def model() -> dict[str, Any]:
+                    rm = client.get_registered_model(query["name"])
+                    aliases = [{"alias": a, "version": str(v)} for a, v in rm.aliases.items()]
+                    return {"registered_model": {"name": rm.name, "aliases": aliases}}
+
+                actions = {
+                    "/api/2.0/mlflow/model-versions/get": version,
+                    "/api/2.0/mlflow/registered-models/get": model,
+                }
+                if url.path not in actions:
+                    return self._answer(404, {"error_code": "ENDPOINT_NOT_FOUND", "message": ""})
+                self._guard(actions[url.path])
 
             def do_POST(self) -> None:
                 calls.append(f"POST {self.path}")
