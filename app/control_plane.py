@@ -28,6 +28,7 @@ from app.control import ControlSettings
 from app.control_protocol import (
     Current,
     ReplicaStatus,
+    VersionFigures,
     decode_message,
     keys,
     read_current,
@@ -330,6 +331,16 @@ class ControlPlane:
             with contextlib.suppress(Exception):
                 await self._report()
 
+    def _figures(self) -> dict[str, VersionFigures]:
+        if self.telemetry is None:
+            return {}
+        with contextlib.suppress(Exception):
+            return {
+                version: msgspec.convert(figures, VersionFigures)
+                for version, figures in self.telemetry.gate_figures().items()
+            }
+        return {}
+
     async def _report(self) -> None:
         if self.client is None or not self.settings.enabled:
             return
@@ -349,6 +360,7 @@ class ControlPlane:
             rejected=self.rejected + self.rejected_documents,
             last_rejection=f"{last['source']}: {last['detail']}" if last else None,
             epoch_changes=self.epoch_changes,
+            figures=self._figures(),
         )
         await self.client.set(
             self._status_key(), msgspec.json.encode(report), ex=self.settings.heartbeat_ttl_s

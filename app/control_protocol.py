@@ -62,6 +62,19 @@ class ControlMessage(Struct, frozen=True, forbid_unknown_fields=True):
     hmac: str = ""
 
 
+class VersionFigures(Struct, frozen=True):
+    """One version's cumulative figures on one replica (for rollout gates)."""
+
+    requests: int = 0
+    errors: int = 0
+    latency_bounds: list[float] = []
+    """Upper bounds (seconds) of the total-duration histogram buckets."""
+    latency_counts: list[int] = []
+    shadow_bounds: list[float] = []
+    """Upper bounds (metres) of the shadow-distance histogram buckets."""
+    shadow_counts: list[int] = []
+
+
 class ReplicaStatus(Struct, frozen=True):
     """What a replica reports (heartbeat with TTL)."""
 
@@ -79,6 +92,8 @@ class ReplicaStatus(Struct, frozen=True):
     """Refused messages and documents since start."""
     last_rejection: str | None = None
     epoch_changes: int = 0
+    figures: dict[str, VersionFigures] = {}
+    """Per-version cumulative figures since the replica started."""
 
 
 _doc_decoder = msgspec.json.Decoder(DesiredDoc)

@@ -13,6 +13,7 @@ from typing import Any
 
 import msgspec
 
+from app.canary import CanaryState, read_canary
 from app.control_protocol import (
     Current,
     DesiredDoc,
@@ -217,6 +218,7 @@ class FleetStatus(msgspec.Struct, frozen=True):
     desired: DesiredDoc | None
     replicas: list[ReplicaView]
     history: list[DesiredDoc]
+    canary: CanaryState | None = None
 
 
 def assess(
@@ -307,6 +309,10 @@ def _print_status(status: FleetStatus, model_uri: str) -> None:
                 f"  {stamp}Z  epoch {h.epoch or '-'} revision {h.revision}: "
                 f"{h.weights}  {h.reason or '-'} ({h.by or '?'})"
             )
+    if status.canary:
+        c = status.canary
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.updated_at))
+        print(f"canary {c.candidate}: {c.state} at {c.step:g}% ({c.reason}; {stamp}Z)")
     for warning in status.warnings:
         print(f"warning: {warning}")
     for error in status.errors:
@@ -321,9 +327,11 @@ async def fleet_status(settings: OperatorSettings, grace_s: float) -> FleetStatu
         current = await read_current(client, settings.control, model)
         replicas = await fleet(client, settings.control, model)
         past = await history(client, settings.control, model)
+        canary = await read_canary(client, settings.control, model)
     finally:
         await client.aclose()
-    return assess(current, replicas, past, grace_s, time.time())
+    status = assess(current, replicas, past, grace_s, time.time())
+    return msgspec.structs.replace(status, canary=canary)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -340,6 +348,67 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         _print_status(status, settings.registry.model_uri)
     return 0 if status.ok else 1
+
+
+def duration_s(text: str) -> float:
+    """``60s``, ``2m``, ``500ms`` or a number of seconds."""
+    for suffix, factor in (("ms", 1e-3), ("s", 1.0), ("m", 60.0), ("h", 3600.0)):
+        if text.endswith(suffix) and text[: -len(suffix)].replace(".", "", 1).isdigit():
+            return float(text[: -len(suffix)]) * factor
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 60s, 2m)") from None
+
+
+def steps_pct(text: str) -> list[float]:
+    """``5,25,50,100``: increasing percentages ending at 100."""
+    try:
+        steps = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of percentages: {text!r}") from None
+    if not steps or steps != sorted(set(steps)) or steps[0] <= 0 or steps[-1] != 100:
+        raise argparse.ArgumentTypeError("steps must increase and end at 100, e.g. 5,25,50,100")
+    return steps
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    """Raise VERSION's weight step by step; roll back by itself on a breach (exit 1)."""
+    from app.canary import Canary, Gates, LockHeld
+
+    settings = load_operator_settings()
+    gates = Gates(
+        args.max_error_rate_delta, args.max_p99_ratio, args.max_shadow_m, args.min_requests
+    )
+
+    async def run() -> bool:
+        client = _client(settings)
+        try:
+            if not settings.control.hmac_secret and not args.force:
+                model = settings.registry.model_name()
+                refusal = unsigned_refusal(
+                    await read_current(client, settings.control, model),
+                    await fleet(client, settings.control, model),
+                )
+                if refusal:
+                    raise SystemExit(refusal)
+            canary = Canary(
+                client,
+                settings.control,
+                settings.registry.model_name(),
+                str(args.version),
+                args.steps,
+                args.interval,
+                gates,
+            )
+            return await canary.run()
+        finally:
+            await client.aclose()
+
+    try:
+        return 0 if asyncio.run(run()) else 1
+    except LockHeld as exc:
+        raise SystemExit(str(exc)) from exc
 
 
 def _publisher_flags(parser: Any) -> None:
@@ -370,6 +439,18 @@ def add_operator_commands(sub: Any) -> None:
     shadow.add_argument("--off", action="store_true")
     _publisher_flags(shadow)
     shadow.set_defaults(func=cmd_shadow)
+    canary = sub.add_parser(
+        "canary", help="raise VERSION step by step under gates; roll back on a breach"
+    )
+    canary.add_argument("version")
+    canary.add_argument("--steps", type=steps_pct, default=[5.0, 25.0, 50.0, 100.0])
+    canary.add_argument("--interval", type=duration_s, default=60.0, help="per step (60s)")
+    canary.add_argument("--max-error-rate-delta", type=float, default=0.01)
+    canary.add_argument("--max-p99-ratio", type=float, default=1.5)
+    canary.add_argument("--max-shadow-m", type=float, default=None)
+    canary.add_argument("--min-requests", type=int, default=20)
+    canary.add_argument("--force", action="store_true", help="publish unsigned to a signed fleet")
+    canary.set_defaults(func=cmd_canary)
     status = sub.add_parser(
         "status", help="fleet: desired vs applied per replica, history; exit 1 on divergence"
     )

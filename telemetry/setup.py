@@ -222,6 +222,38 @@ class Telemetry:
             figures["cache_hit_rate"] = round(hits / lookups, 4) if lookups else None
         return out
 
+    def gate_figures(self) -> dict[str, dict[str, Any]]:
+        """Per-version cumulative counts for rollout gates (a leader diffs two of them).
+
+        ``requests``, ``errors`` (outcome not ok), and the bucket counts of the total
+        duration (seconds) and shadow distance (metres) histograms with their bounds.
+        """
+        data = self.snapshot()
+        out: dict[str, dict[str, Any]] = {}
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        attrs = dict(point.attributes or {})
+                        version = str(attrs.get("model_version", ""))
+                        if version:
+                            _gate_point(metric.name, attrs, point, out.setdefault(version, {}))
+        return out
+
+
+def _gate_point(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
+    if name == "heimdall.inference.requests" and isinstance(point, NumberDataPoint):
+        figures["requests"] = figures.get("requests", 0) + int(point.value)
+        if attrs.get("outcome") != "ok":
+            figures["errors"] = figures.get("errors", 0) + int(point.value)
+    elif isinstance(point, HistogramDataPoint) and (
+        (name == "heimdall.inference.duration" and attrs.get("phase") == "total")
+        or name == "heimdall.shadow.distance"
+    ):
+        kind = "latency" if name == "heimdall.inference.duration" else "shadow"
+        figures[f"{kind}_bounds"] = list(point.explicit_bounds)
+        figures[f"{kind}_counts"] = [int(c) for c in point.bucket_counts]
+
 
 def _accumulate(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
     if name == "heimdall.inference.requests" and isinstance(point, NumberDataPoint):
