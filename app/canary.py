@@ -274,6 +274,14 @@ class Canary:
                 (r.epoch, r.revision) == (doc.epoch, doc.revision) for r in replicas
             ):
                 return replicas
+            failed = [
+                r for r in replicas if r.outcome == "failed" and r.updated_at > doc.updated_at
+            ]
+            if failed:  # the replica's last attempt (ours, or a failure it keeps retrying)
+                r = failed[0]
+                raise TimeoutError(
+                    f"replica {r.replica} failed to apply revision {doc.revision}: {r.error}"
+                )
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the fleet did not apply revision {doc.revision} in time")
             await self._renew()
@@ -328,9 +336,14 @@ class Canary:
             weights = {**scaled, self.candidate: share} if share < 1 else {self.candidate: 1.0}
             doc = await self._publish(weights, f"canary {self.candidate} step {step:g}%", before)
             await self._state(step, "running", f"step {step:g}%")
-            cand, base = await self._observe(doc)
+            breach: str | None
+            try:
+                cand, base = await self._observe(doc)
+            except TimeoutError as exc:  # a replica cannot apply the step: take it back
+                cand, base, breach = Window(), Window(), str(exc)
+            else:
+                breach = judge(cand, base, self.gates)
             figures = summary(cand, base)
-            breach = judge(cand, base, self.gates)
             if breach is None and cand.requests < self.gates.min_requests:
                 breach = f"too little traffic: {cand.requests} < {self.gates.min_requests}"
             if breach:

@@ -127,3 +127,26 @@ async def test_the_signature_covers_epoch_revision_and_body(redis_url: str, fiel
         assert (await read_current(client, settings, MODEL)).reason == "hmac"
     finally:
         await client.aclose()
+
+
+async def test_new_epoch_on_request_restarts_revisions_and_keeps_history(redis_url: str) -> None:
+    settings = control()
+    client = aioredis.from_url(redis_url)
+    try:
+        first = await publish(client, settings, MODEL, {"1": 1.0})
+        second = await publish(client, settings, MODEL, {"2": 1.0})
+        fresh = await publish_change(
+            client, settings, MODEL, lambda _: Proposal({"3": 1.0}), start_epoch=True
+        )
+        current = await read_current(client, settings, MODEL)
+        past = await history(client, settings, MODEL)
+    finally:
+        await client.aclose()
+    assert first.epoch == second.epoch != fresh.epoch
+    assert (second.revision, fresh.revision) == (2, 1)
+    assert current.doc == fresh and current.epoch == fresh.epoch and current.revision == 1
+    assert [(h.epoch, h.revision) for h in past] == [
+        (fresh.epoch, 1),
+        (first.epoch, 2),
+        (first.epoch, 1),
+    ]

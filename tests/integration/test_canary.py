@@ -125,3 +125,25 @@ def test_a_second_leader_is_refused_while_a_canary_runs(
     assert refused.returncode == 1 and "another canary is running" in refused.stderr
     assert "someone@else" in refused.stderr
     client.close()
+
+
+def test_a_canary_the_fleet_cannot_apply_is_rolled_back(
+    start_server: Callable[..., Server], registry_env: dict[str, str], redis_url: str
+) -> None:
+    env = {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"m{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
+        "HEIMDALL_POOL_WORKERS": "1",
+    }
+    server = start_server(**env)
+    cli(env, "route", "1=1")
+    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    done = run_cli(env, "canary", "999", "--steps", "50,100", "--interval", "1s")
+    print(f"\n{done.stdout}")
+    assert done.returncode == 1, done.stderr
+    assert "rolled back at 50%: replica " in done.stdout
+    assert "failed to apply revision 2: " in done.stdout
+    wait_for(lambda: models(server)["control"]["revision"] == 3, 10.0)
+    assert served_version(server) == {"1": 1.0}
