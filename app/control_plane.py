@@ -72,7 +72,8 @@ class ControlPlane:
         self.epoch_changes = 0
         self.last_epoch_change: dict[str, Any] | None = None
         self._left_epochs: set[str] = set()
-        self._refused_raw: bytes | None = None
+        self._refused: tuple[bytes | None, str] | None = None
+        self._redis_down = False
         self._report_due = False
         self._wake = asyncio.Event()
         self._reresolve = False
@@ -219,8 +220,11 @@ class ControlPlane:
         if self.client is None or not self.settings.enabled:
             return None
         try:
-            return await asyncio.wait_for(read_current(self.client, self.settings, self.model), 2.0)
+            current = await asyncio.wait_for(
+                read_current(self.client, self.settings, self.model), 2.0
+            )
         except (TimeoutError, OSError, ConnectionError) as exc:
+            self._redis_down = True
             self.connected = False
             self.last_error = f"redis unreachable: {exc or type(exc).__name__}"
             if self._applied is None:
@@ -230,11 +234,17 @@ class ControlPlane:
                 return None
             raise
         except Exception as exc:  # redis-py errors
+            self._redis_down = True
             self.connected = False
             self.last_error = f"redis: {type(exc).__name__}: {exc}"
             if self._applied is None:
                 return None
             raise
+        if self._redis_down:
+            # Redis answers again (the subscriber may have reconnected before a read failed):
+            # do not keep showing a connection error that is over.
+            self._redis_down, self.connected, self.last_error = False, True, None
+        return current
 
     async def _desired(self) -> DesiredState | None:
         """What to converge on, or None to keep serving what is applied.
@@ -261,8 +271,8 @@ class ControlPlane:
                     "stale",
                 )
         if problem is not None:
-            if current.raw != self._refused_raw:
-                self._refused_raw = current.raw
+            if (current.raw, problem) != self._refused:  # each document and cause once
+                self._refused = (current.raw, problem)
                 self._refuse("document", reason or "invalid", problem)
             return None if applied else self.default
         assert doc is not None

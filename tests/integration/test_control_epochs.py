@@ -86,6 +86,12 @@ def test_replicas_follow_a_new_epoch_after_redis_loses_its_data_and_refuse_a_rep
 
     own_redis.stop()  # SIGKILL: no persistence, every key is gone
     own_redis.start()
+
+    def lost_state_flagged() -> bool:
+        status = run_cli(env, "status")
+        return status.returncode == 1 and "Redis lost its data?" in status.stdout
+
+    wait_for(lost_state_flagged, 15.0)  # once the replicas report again
     published = time.monotonic()
     out = cli(env, "route", "1=1")
     assert "revision 1:" in out, out
@@ -101,6 +107,7 @@ def test_replicas_follow_a_new_epoch_after_redis_loses_its_data_and_refuse_a_rep
     assert took <= 5.0
     for server in replicas:
         control = models(server)["control"]
+        assert control["connected"] and control["last_error"] is None
         assert control["epoch_changes"] == 1 and control["epoch"] != old_epoch
         assert control["last_epoch_change"]["from"] == {"epoch": old_epoch, "revision": 3}
         assert metric(server, "heimdall_control_epoch_changes_total") == 1
@@ -124,6 +131,16 @@ def test_replicas_follow_a_new_epoch_after_redis_loses_its_data_and_refuse_a_rep
         assert metric(server, "heimdall_control_rejected_total", reason="epoch") == 1
     status = run_cli(env, "status", "--grace", "0")
     assert status.returncode == 1 and "ERROR" in status.stdout and old_epoch in status.stdout
+    # Both keys of the old epoch written back (an old snapshot restored): the replicas have
+    # left that epoch and refuse it; `--new-epoch` is the deliberate way forward.
+    client.set(f"{env['HEIMDALL_CONTROL_NAMESPACE']}:{MODEL}:epoch", old_epoch)
+    wait_for(lambda: all(models(s)["control"]["rejected_documents"] == 2 for s in replicas), 5.0)
+    for server in replicas:
+        assert "was left earlier" in models(server)["control"]["last_rejection"]["detail"]
+        assert served_version(server) == {"1": 1.0}
+    cli(env, "route", f"{v2}=1", "--new-epoch")
+    wait_for(lambda: all(served_version(s) == {v2: 1.0} for s in replicas), 10.0)
+    assert all(models(s)["control"]["epoch_changes"] == 2 for s in replicas)
     client.close()
 
 
