@@ -92,6 +92,7 @@ class Components:
             settings.registry.model_uri,
             self.rollout,
             self.replica,
+            self.telemetry,
         )
 
     async def start(self) -> None:

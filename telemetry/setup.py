@@ -154,6 +154,14 @@ class Telemetry:
         """Count one rollout apply by outcome."""
         self.instruments["reloads"].add(1, {"outcome": outcome})
 
+    def epoch_change(self) -> None:
+        """Count one change of the control plane's epoch (the revision counter was reset)."""
+        self.instruments["epoch_changes"].add(1)
+
+    def control_rejected(self, source: str, reason: str) -> None:
+        """Count one refused control message or document by source and reason."""
+        self.instruments["control_rejected"].add(1, {"source": source, "reason": reason})
+
     def shadow_distance(self, version: str, metres: float) -> None:
         """Record the distance between primary and shadow positions."""
         self.instruments["shadow"].record(metres, {"model_version": version})
@@ -218,6 +226,38 @@ class Telemetry:
             hits = figures.pop("cache_hits")
             figures["cache_hit_rate"] = round(hits / lookups, 4) if lookups else None
         return out
+
+    def gate_figures(self) -> dict[str, dict[str, Any]]:
+        """Per-version cumulative counts for rollout gates (a leader diffs two of them).
+
+        ``requests``, ``errors`` (outcome not ok), and the bucket counts of the total
+        duration (seconds) and shadow distance (metres) histograms with their bounds.
+        """
+        data = self.snapshot()
+        out: dict[str, dict[str, Any]] = {}
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        attrs = dict(point.attributes or {})
+                        version = str(attrs.get("model_version", ""))
+                        if version:
+                            _gate_point(metric.name, attrs, point, out.setdefault(version, {}))
+        return out
+
+
+def _gate_point(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
+    if name == "heimdall.inference.requests" and isinstance(point, NumberDataPoint):
+        figures["requests"] = figures.get("requests", 0) + int(point.value)
+        if attrs.get("outcome") != "ok":
+            figures["errors"] = figures.get("errors", 0) + int(point.value)
+    elif isinstance(point, HistogramDataPoint) and (
+        (name == "heimdall.inference.duration" and attrs.get("phase") == "total")
+        or name == "heimdall.shadow.distance"
+    ):
+        kind = "latency" if name == "heimdall.inference.duration" else "shadow"
+        figures[f"{kind}_bounds"] = list(point.explicit_bounds)
+        figures[f"{kind}_counts"] = [int(c) for c in point.bucket_counts]
 
 
 def _accumulate(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
@@ -452,6 +492,16 @@ def build_telemetry(
     instruments = {
         "reloads": meter.create_counter(
             "heimdall.model.reloads", unit="1", description="Rollout applies by outcome"
+        ),
+        "epoch_changes": meter.create_counter(
+            "heimdall.control.epoch_changes",
+            unit="1",
+            description="Desired states applied from a new control-plane epoch (counter reset)",
+        ),
+        "control_rejected": meter.create_counter(
+            "heimdall.control.rejected",
+            unit="1",
+            description="Refused control messages and desired-state documents",
         ),
         "shadow": meter.create_histogram(
             "heimdall.shadow.distance", unit="m", description="Primary-to-shadow position distance"
