@@ -54,6 +54,14 @@ class Evaluation(NamedTuple):
     """Truth's distance from the receivers' centroid of each answered capture."""
     oracle_error_m: F64
     """Geodesic error of the grid-posterior oracle (empty unless asked for)."""
+    oracle_level: F64
+    """Posterior mass the oracle puts above the truth's cell: the truth is inside its
+    level-``p`` region when this is at most ``p`` (empty unless asked for)."""
+
+    def oracle_coverage(self, level: float, where: npt.NDArray[np.bool_] | None = None) -> float:
+        """Share of truths inside the oracle's own ``level`` highest-density region."""
+        levels = self.oracle_level if where is None else self.oracle_level[where]
+        return float(np.mean(levels <= level))
 
     def coverage(self, level: float, where: npt.NDArray[np.bool_] | None = None) -> float:
         """Share of true positions inside the ``level`` ellipse (optionally of a subset)."""
@@ -148,7 +156,8 @@ def evaluate(
     rx_lat, rx_lon = receiver_positions()
     scale = spec.output.position_scale_m
     detection = spec.domain.detection if spec.domain is not None else None
-    model_err, base_err, d2, sig, nuis, offsets, oracle_err = [], [], [], [], [], [], []
+    model_err, base_err, d2, sig, nuis, offsets = [], [], [], [], [], []
+    oracle_err, oracle_level = [], []
     refused = 0
     for batch in iter_batches(n, seed, chunk=500, domain=domain):
         packed, rows = [], []
@@ -167,8 +176,10 @@ def evaluate(
                 errs.append(distance_m(b_lat, b_lon, batch.tx_lat[i], batch.tx_lon[i])[0])
             base_err.append(errs)
             if oracle is not None:
-                o_lat, o_lon = oracle.estimate(slots, p.detection)
+                weights = oracle.posterior(slots, p.detection)
+                o_lat, o_lon = oracle.median(weights)
                 oracle_err.append(distance_m(o_lat, o_lon, batch.tx_lat[i], batch.tx_lon[i])[0])
+                oracle_level.append(oracle.level_of(weights, batch.tx_lat[i], batch.tx_lon[i]))
             nuis.append((batch.eirp_dbm[i], batch.exponent[i], batch.shadowing_db[i], len(slots)))
         if not packed:
             continue
@@ -201,4 +212,5 @@ def evaluate(
         n,
         np.array(offsets),
         np.array(oracle_err),
+        np.array(oracle_level),
     )

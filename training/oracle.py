@@ -36,13 +36,16 @@ class GridOracle:
 
     Args:
         domain: priors of the nuisance values (uniform over its ranges).
-        snr_threshold_db: the detection threshold the censoring uses.
+        snr_threshold_db: receivers whose estimated SNR is at least this are observations of
+            their received power; weaker ones only bound it (censored at noise + threshold).
+            Lower than the detection rule's threshold: the power of a receiver 10 dB under
+            the noise is still measured to about a dB over 4096 samples.
         step_deg: grid spacing in degrees of latitude (longitude scaled to about the same
             distance).
     """
 
     def __init__(
-        self, domain: Domain = WIDE, snr_threshold_db: float = 0.0, step_deg: float = 0.025
+        self, domain: Domain = WIDE, snr_threshold_db: float = -10.0, step_deg: float = 0.025
     ) -> None:
         lat = np.arange(REGION["lat_min"] + step_deg / 2, REGION["lat_max"], step_deg)
         lon_step = step_deg / np.cos(np.radians(np.mean(lat)))
@@ -98,9 +101,12 @@ class GridOracle:
 
     def estimate(self, slots: list[int], detection: Detection) -> tuple[float, float]:
         """Posterior spatial median (latitude, longitude) of one capture."""
-        w = self.posterior(slots, detection)
-        keep = w > w.max() * 1e-6
-        w, xy = w[keep] / w[keep].sum(), self.xy[keep]
+        return self.median(self.posterior(slots, detection))
+
+    def median(self, weights: F64) -> tuple[float, float]:
+        """Spatial median (latitude, longitude) of posterior ``weights`` over the grid."""
+        keep = weights > weights.max() * 1e-6
+        w, xy = weights[keep] / weights[keep].sum(), self.xy[keep]
         point = (w[:, None] * xy).sum(0)
         for _ in range(60):  # Weiszfeld iterations
             dist = np.maximum(np.hypot(*(xy - point).T), 1.0)
@@ -112,3 +118,13 @@ class GridOracle:
         lat = point[1] / 110_574.0 + self.lat.mean()
         lon = point[0] / (111_320.0 * np.cos(np.radians(self.lat.mean()))) + self.lon.mean()
         return float(lat), float(lon)
+
+    def level_of(self, weights: F64, lat: float, lon: float) -> float:
+        """Posterior mass of the grid cells more probable than the one holding (lat, lon).
+
+        The truth lies inside the posterior's highest-density region of level ``p`` exactly
+        when this is at most ``p``: the oracle's own coverage, to compare calibration with.
+        """
+        scale = np.cos(np.radians(self.lat.mean()))
+        cell = int(np.argmin((self.lat - lat) ** 2 + ((self.lon - lon) * scale) ** 2))
+        return float(weights[weights > weights[cell]].sum())
