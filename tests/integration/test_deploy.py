@@ -300,6 +300,9 @@ def test_compose_dependency_graph() -> None:
     assert services["k6"]["environment"]["BASE_URL"].startswith("http://lb:")
     # Grace period covers the pool drain (default 20 s) with margin.
     assert heimdall["stop_grace_period"] == "45s"
+    # /dev/shm holds 2 x 16 MiB of IQ slots per worker (Docker's default is 64 MiB).
+    workers = int(heimdall["environment"]["HEIMDALL_POOL_WORKERS"])
+    assert heimdall["shm_size"].endswith("m") and int(heimdall["shm_size"][:-1]) > workers * 32
 
 
 def test_compose_mounted_config_files_exist() -> None:
@@ -438,6 +441,13 @@ def test_k8s_deployment_contract(manifests: dict[str, dict[str, Any]]) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/app/.local", "/tmp"} <= mounts  # noqa: S108 - emptyDir mount point
+    # /dev/shm backs the pool's IQ slots: memory-backed and large enough for every worker.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]  # noqa: S108
+    workers = int(manifests["ConfigMap"]["data"]["HEIMDALL_POOL_WORKERS"])
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    limit = volumes[shm["name"]]["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Mi") and int(limit[:-2]) > workers * 2 * 16
     secret_refs = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     assert [(e["name"], e["valueFrom"]["secretKeyRef"]["optional"]) for e in secret_refs] == [
         ("HEIMDALL_CONTROL_HMAC_SECRET", True)
