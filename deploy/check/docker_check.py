@@ -610,7 +610,11 @@ def check_waits_for_model(engine: Engine) -> None:
         )
     health = box.health()
     # The serving process creates the empty sqlite registry's tables on its first lookup; a
-    # bootstrap racing that migration fails ("table ... already exists") and is run again.
+    # bootstrap racing that migration fails ("table ... already exists"), so wait for the
+    # lookup's outcome (the model is missing) and still allow a retry.
+    deadline = time.monotonic() + 60
+    while "applying revision 0 failed" not in box.logs() and time.monotonic() < deadline:
+        time.sleep(0.5)
     for attempt in range(1, 4):
         boot = box.exec("heimdall-inference", "bootstrap")
         if boot.returncode == 0:

@@ -366,6 +366,26 @@ def test_grafana_dashboard_covers_every_service_metric() -> None:
     assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
 
 
+def test_docker_check_override_only_swaps_images() -> None:
+    """The override `make docker-check` adds changes images (to stand-ins) and profiles only."""
+    override = yaml.safe_load((DEPLOY / "check" / "compose.check.yaml").read_text())
+    standins = (DEPLOY / "check" / "standins" / "Dockerfile").read_text()
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", standins, re.MULTILINE))
+    for name, service in override["services"].items():
+        assert name in COMPOSE["services"], name
+        assert set(service) <= {"image", "profiles"}, (name, set(service))
+        if "image" in service:
+            repo = service["image"].split(":")[0]
+            assert repo.startswith("heimdall-check/"), service["image"]
+            assert repo.removeprefix("heimdall-check/") in targets, repo
+    # Every upstream image of the default profile is replaced or left out; the project's own
+    # image (heimdall, bootstrap) is the one the check builds.
+    for name, service in COMPOSE["services"].items():
+        if name in ("heimdall", "bootstrap") or service.get("profiles"):
+            continue
+        assert name in override["services"], f"{name}: upstream image not replaced"
+
+
 # ---------------------------------------------------------------- kubernetes ------------------
 
 
