@@ -53,7 +53,9 @@ WORKDIR /app
 # MLFLOW_TRACKING_URI is unset); mount a volume / emptyDir there (and on /tmp) for a
 # read-only root. With that embedded registry and no model in it, `serve` first registers
 # the bundled reference model (HEIMDALL_BOOTSTRAP_REFERENCE=false: wait for one instead), so
-# `docker run -p 8000:8000 heimdall-inference:0.1.0` answers at once. Each pool worker maps
+# `docker run -p 8000:8000 heimdall-inference:0.1.0` answers at once. REDIS_URL is empty (no
+# cache, no control channel): the service's default, 127.0.0.1:6379, is the container itself
+# there; compose and Kubernetes set it. Each pool worker maps
 # HEIMDALL_POOL_MAX_INFLIGHT x HEIMDALL_POOL_SHM_SLOT_BYTES (2 x 16 MiB) of /dev/shm: give
 # the container --shm-size >= workers x 32 MiB + margin (Docker's default is 64 MiB).
 ENV PATH=/opt/venv/bin:$PATH \
@@ -62,7 +64,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     HEIMDALL_HOST=0.0.0.0 \
     HEIMDALL_PORT=8000 \
     HEIMDALL_ARTIFACT_CACHE=/app/.local/artifacts \
-    HEIMDALL_BOOTSTRAP_REFERENCE=true
+    HEIMDALL_BOOTSTRAP_REFERENCE=true \
+    REDIS_URL=
 USER 10001:10001
 EXPOSE 8000
 # Granian drains on SIGTERM; the pool gets HEIMDALL_POOL_DRAIN_TIMEOUT_S (default 20 s).

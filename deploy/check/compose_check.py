@@ -239,8 +239,11 @@ def check_stop(stack: Stack, replicas: list[str]) -> None:
         raise dc.Failure(f"replicas exited {codes} on stop")
 
 
-def check_compose(engine: dc.Engine) -> None:
-    """Bring the stack up, check the LB, Prometheus and a rollout under load, tear it down."""
+def check_compose(engine: dc.Engine) -> int:
+    """Bring the stack up, check the LB, Prometheus and a rollout under load, tear it down.
+
+    Returns the number of checks passed (4).
+    """
     for port in (8080, 5000, 9090, 4318):
         if dc.http(f"http://127.0.0.1:{port}/", timeout=2)[0] != 0:
             raise dc.Skip(f"host port 127.0.0.1:{port} is taken; compose.yaml publishes it")
@@ -252,5 +255,6 @@ def check_compose(engine: dc.Engine) -> None:
         check_prometheus()
         check_rollout(stack, replicas)
         check_stop(stack, replicas)
+        return 4
     finally:
         stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)

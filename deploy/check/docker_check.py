@@ -582,8 +582,11 @@ def check_bare_run(engine: Engine) -> None:
         f"bare docker run: ready after {ready:.1f} s (bootstrapped the reference model); "
         f"examples/request.json -> {check_answer(answer, 'bare run')}"
     )
-    if "bootstrapped the reference model" not in box.logs():
+    logs = box.logs()
+    if "bootstrapped the reference model" not in logs:
         raise Failure("bare run: no bootstrap message in the logs")
+    if "WARNING" in logs or "ERROR" in logs:
+        raise Failure(f"bare run: warnings or errors in the logs\n{logs}")
     box.stop()
 
 
@@ -689,6 +692,8 @@ def check_hardened(engine: Engine) -> None:
         ]
         seconds, code = box.stop()
         statuses = sorted({f.result()[0] for f in inflight})
+    if seconds > 5:  # slow but within the contract: say where the time went
+        log(engine.docker("logs", "-t", "--tail", "12", box.name, check=False).stdout)
     if code != 0:
         raise Failure(f"exit code {code} after SIGTERM\n{box.logs()}")
     if seconds > 20:
@@ -734,6 +739,7 @@ def main(argv: list[str] | None = None) -> int:
         help="drop the cached engine data (layers, build cache) first",
     )
     args = parser.parse_args(argv)
+    passed = 0
     try:
         if os.geteuid() != 0:
             raise Skip("needs root (it installs docker.io and runs a private dockerd)")
@@ -743,15 +749,14 @@ def main(argv: list[str] | None = None) -> int:
         with engine_running() as engine:
             import_python_image(engine)
             import_uv_image(engine)
-            build_image(engine)
             engine.docker("network", "create", "hdc", check=False)
-            check_bare_run(engine)
-            check_waits_for_model(engine)
-            check_hardened(engine)
+            for check in (build_image, check_bare_run, check_waits_for_model, check_hardened):
+                check(engine)
+                passed += 1
             if args.full:
                 from compose_check import check_compose
 
-                check_compose(engine)
+                passed += check_compose(engine)
     except Skip as exc:
         print(
             f"\ndocker-check SKIPPED (cannot run here, not a failure of the image): {exc}",
@@ -760,10 +765,12 @@ def main(argv: list[str] | None = None) -> int:
         return EX_SKIP
     except Failure as exc:
         print(f"\ndocker-check FAILED: {exc}", flush=True)
+        print(f"docker-check: {passed} passed, 1 failed")
         return 1
     print(f"\n== docker-check passed in {time.monotonic() - STARTED:.0f} s ==")
     for line in SUMMARY:
         print(f"  {line}")
+    print(f"docker-check: {passed} passed, 0 failed")
     return 0
 
 
