@@ -162,9 +162,25 @@ class Engine:
                         break
                     time.sleep(0.5)
 
+    def _lock(self) -> None:
+        """One check at a time per cache (they share the data root); wait up to 10 minutes."""
+        import fcntl
+
+        self.lock_file = (CACHE / "lock").open("w")
+        deadline = time.monotonic() + 600
+        while True:
+            try:
+                fcntl.flock(self.lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise Skip(f"another docker-check holds {CACHE / 'lock'}") from None
+                time.sleep(2)
+
     def start(self) -> None:
         """Start dockerd and wait for its API."""
         CACHE.mkdir(parents=True, exist_ok=True)
+        self._lock()
         self._stop_leftover()
         (self.tmp / "daemon.json").write_text("{}")
         cmd = [
