@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -54,7 +55,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         websockets=False,
         workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
     ).serve()
-    return 0
+    # Granian has stopped and joined its worker: nothing is left to clean up here. A normal
+    # interpreter exit runs onnxruntime's C++ exit handlers in this process (it imports ORT
+    # through the settings modules), which waited 5-10 s in containers (docs/deploy.md);
+    # flush what we wrote and leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def bootstrap_if_missing(settings: RegistrySettings) -> str | None:
