@@ -225,8 +225,11 @@ class Engine:
                 ids = self.docker("ps", "-aq", check=False).stdout.split()
                 if ids:
                     self.docker("rm", "-f", *ids, check=False, timeout=120)
-                # Keep the cache (layers, BuildKit) but not the images replaced by this build.
+                # Keep the cache (layers, BuildKit) but not the images replaced by this build,
+                # and bound the build cache (the most recently used 2 GB stay).
                 self.docker("image", "prune", "-f", check=False, timeout=120)
+                self.docker("builder", "prune", "-f", "--keep-storage", "2GB", check=False,
+                            timeout=300)  # fmt: skip
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(60)
