@@ -4,7 +4,8 @@ compose.yaml as users run it, plus ``compose.check.yaml`` which only swaps the u
 (unreachable here) for stand-ins built from Debian packages and leaves Grafana out. Then:
 predictions through the nginx load balancer, Prometheus scraping both replicas, and
 ``heimdall-inference promote`` of a second model version rolling out to both replicas while a
-short load runs through the load balancer, with every request counted.
+short load runs through the load balancer, with every request counted, and a promotion after
+Redis lost its data in a restart.
 """
 
 from __future__ import annotations
@@ -226,6 +227,36 @@ def check_rollout(stack: Stack, replicas: list[str]) -> None:
         raise dc.Failure(f"{failed} requests failed during the rollout: {dict(statuses)}")
 
 
+def check_redis_restart(stack: Stack, replicas: list[str]) -> None:
+    """After Redis lost its data in a restart, ``promote 1`` still reaches both replicas.
+
+    The stack's Redis runs without persistence, so the revision counter and the desired state
+    are gone; the LB must then answer with version 1.
+    """
+    stack.compose("restart", "redis", timeout=120)
+    if dc.wait_status(LB + "/health/ready", 200, 60) is None:
+        raise dc.Failure(f"not ready after the Redis restart\n{stack.diagnose()}")
+    promoted_at = time.monotonic()
+    dc.log(stack.operator("heimdall-inference", "promote", "1").strip())
+    converged: float | None = None
+    while time.monotonic() - promoted_at < 60:
+        weights = [stack.models_of(c).get("routing", {}).get("weights") for c in replicas]
+        if all(w == {"1": 1.0} for w in weights):
+            converged = time.monotonic() - promoted_at
+            break
+        time.sleep(0.5)
+    if converged is None:
+        fleet = stack.operator("heimdall-inference", "status")
+        raise dc.Failure(f"after a Redis restart, promote 1 did not converge: {weights}\n{fleet}")
+    answer = dc.predict_example(LB)
+    dc.summary(
+        f"redis restarted (data lost), then `promote 1`: both replicas on version 1 in "
+        f"{converged:.1f} s; LB answers version {answer['model']['version']}"
+    )
+    if answer["model"]["version"] != "1":
+        raise dc.Failure(f"LB answered version {answer['model']['version']} after promote 1")
+
+
 def check_stop(stack: Stack, replicas: list[str]) -> None:
     """docker-compose stop: both replicas drain and exit 0 within the grace period."""
     began = time.monotonic()
@@ -242,7 +273,7 @@ def check_stop(stack: Stack, replicas: list[str]) -> None:
 def check_compose(engine: dc.Engine) -> int:
     """Bring the stack up, check the LB, Prometheus and a rollout under load, tear it down.
 
-    Returns the number of checks passed (4).
+    Returns the number of checks passed (5).
     """
     for port in (8080, 5000, 9090, 4318):
         if dc.http(f"http://127.0.0.1:{port}/", timeout=2)[0] != 0:
@@ -254,7 +285,8 @@ def check_compose(engine: dc.Engine) -> int:
         replicas = bring_up(stack)
         check_prometheus()
         check_rollout(stack, replicas)
+        check_redis_restart(stack, replicas)
         check_stop(stack, replicas)
-        return 4
+        return 5
     finally:
         stack.compose("down", "-v", "--remove-orphans", check=False, timeout=300)
