@@ -283,6 +283,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val", type=int, default=24_000, help="simulated validation captures")
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1, help="training seed (validation: +1)")
+    parser.add_argument(
+        "--export-only",
+        type=Path,
+        help="skip training: calibrate and export the weights saved at this path (a run's "
+        "training/runs/last_model.pt)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -294,9 +300,15 @@ def main(argv: list[str] | None = None) -> None:
     val = cached_dataset(args.val, args.seed + 1, spec, shards=4)
     print(f"answerable captures: train {len(train.target)}, val {len(val.target)}", flush=True)
 
-    model = train_model(train, val, spec, args.epochs, args.seed)
-    RUNS.mkdir(exist_ok=True)
-    torch.save(model.state_dict(), RUNS / "last_model.pt")
+    if args.export_only is not None:
+        feat = spec.features
+        model = Localizer(feat.n_frames, feat.n_bands, feat.norm_std_db)
+        model.load_state_dict(torch.load(args.export_only))
+        model.eval()
+    else:
+        model = train_model(train, val, spec, args.epochs, args.seed)
+        RUNS.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), RUNS / "last_model.pt")
     from training.export import export_package  # local: export imports this module
 
     metrics = export_package(
