@@ -32,6 +32,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from msgspec import Meta, Struct
 
+from app import decoding
 from workers.errors import (
     InvalidInput,
     MalformedRequest,
@@ -190,22 +191,30 @@ def decode_body(body: bytes, header_length: str | None) -> tuple[InferRequest, b
             raise MalformedRequest(
                 f"{HEADER_LENGTH} is {size} but the body holds {len(body)} bytes"
             )
-    try:
-        request = _request_decoder.decode(body[:size])
-    except msgspec.ValidationError as exc:
-        raise MalformedRequest(f"invalid inference request: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        hint = "" if header_length else f" (binary data needs the {HEADER_LENGTH} header)"
-        raise MalformedRequest(f"the inference header is not valid JSON: {exc}{hint}") from exc
+    if header_length is None:
+        try:
+            request = decoding.decode(
+                _request_decoder.decode, body, "the inference header", fmt="JSON"
+            )
+        except MalformedRequest as exc:
+            if isinstance(exc.__cause__, msgspec.DecodeError):  # binary data, no header length?
+                exc.detail += f" (binary data needs the {HEADER_LENGTH} header)"
+            raise
+    else:
+        request = decoding.decode(
+            _request_decoder.decode, body[:size], "the inference header", fmt="JSON"
+        )
     return request, body[size:]
 
 
 def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
+    what = f"input {tensor.name!r}: data"
+    nested = decoding.decode(msgspec.json.decode, raw, what)
     try:
-        values = np.asarray(msgspec.json.decode(raw), dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+        values = np.asarray(nested, dtype=np.float32)
+    except Exception as exc:  # ragged, non-numeric, out of range: the client's data
         raise MalformedRequest(
-            f"input {tensor.name!r}: data must be numbers, flat or nested to the shape ({exc})"
+            f"{what} must be numbers, flat or nested to the shape ({type(exc).__name__}: {exc})"
         ) from exc
     if values.ndim > 1 and values.shape != shape:
         raise MalformedRequest(
@@ -218,9 +227,13 @@ def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...])
 def _json_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
     """Elements of a JSON ``data`` field (flat or nested) as float32 with ``shape``."""
     try:
-        values = np.asarray(_flat_decoder.decode(raw), dtype=np.float32)
+        flat = _flat_decoder.decode(raw)
     except msgspec.ValidationError:
         values = _nested_tensor(tensor, raw, shape)
+    except Exception as exc:  # any other decoder failure is the client's
+        raise decoding.reject(exc, f"input {tensor.name!r}: data") from exc
+    else:
+        values = np.asarray(flat, dtype=np.float32)
     if values.size != math.prod(shape):
         raise MalformedRequest(
             f"input {tensor.name!r}: data holds {values.size} elements but "
