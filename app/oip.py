@@ -69,6 +69,8 @@ _DTYPES: dict[str, str] = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL":
 _json_encoder = msgspec.json.Encoder()
 
 F32 = npt.NDArray[np.float32]
+Body = bytes | bytearray
+"""A request body: bytes as received, or the bytearray an encoded body inflates into."""
 
 
 class InferInput(Struct, frozen=True, forbid_unknown_fields=True):
@@ -173,7 +175,7 @@ EXCEPTION_HANDLERS: Mapping[type[Exception], Callable[..., Response[bytes]]] = {
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+def decode_body(body: Body, header_length: str | None) -> tuple[InferRequest, Body]:
     """Split a body into the JSON header (decoded) and the binary tensor data after it.
 
     Raises:
@@ -254,9 +256,7 @@ def _check_shape(tensor: InferInput, spec: TensorSpec) -> tuple[int, ...]:
     return shape
 
 
-def _read_input(
-    tensor: InferInput, want: TensorSpec, binary: bytes, offset: int
-) -> tuple[F32, int]:
+def _read_input(tensor: InferInput, want: TensorSpec, binary: Body, offset: int) -> tuple[F32, int]:
     """One input as float32 (from JSON ``data`` or the binary section at ``offset``)."""
     if tensor.datatype != want.datatype:
         raise MalformedRequest(
@@ -290,7 +290,7 @@ def _read_input(
 
 
 def _read_inputs(
-    request: InferRequest, binary: bytes, spec: ModelSpec
+    request: InferRequest, binary: Body, spec: ModelSpec
 ) -> tuple[int, dict[str, F32]]:
     """Validate the inputs against the spec and build one float32 array per input role."""
     roles = {t.name: role for role, t in spec.inputs.items() if role in INPUT_ROLES}
@@ -362,7 +362,7 @@ def _read_outputs(request: InferRequest, spec: ModelSpec) -> list[tuple[str, boo
     return chosen
 
 
-def prepare(request: InferRequest, binary: bytes, spec: ModelSpec) -> PreparedInfer:
+def prepare(request: InferRequest, binary: Body, spec: ModelSpec) -> PreparedInfer:
     """Validate an infer request against a version's spec.
 
     Raises:
@@ -495,7 +495,7 @@ class OipProtocol:
         return version in self.components.pool.ready_versions()
 
     async def infer(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
+        self, name: str, version: str | None, body: Body, header_length: str | None
     ) -> Response[bytes]:
         """Validate, dispatch to the pool as one Infer job, encode the outputs."""
         started = time.perf_counter()
@@ -543,30 +543,69 @@ class OipProtocol:
         return response
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
-    """The request body, inflated when sent with ``Content-Encoding: gzip`` or ``deflate``.
+INFLATE_SLICE = 1 << 20
+"""Output bytes inflated per step: the running total is checked after each one."""
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytearray:
+    """Inflate ``body`` step by step, stopping as soon as the output passes ``limit``.
+
+    At most ``limit`` bytes of output (plus the bytearray's growth slack, ≤ 1/8) exist at any
+    time, however small the input (a 1 MB gzip bomb expands to 1 GB). Runs in a thread: zlib
+    releases the GIL while it inflates.
+
+    Raises:
+        PayloadTooLarge: the inflated body exceeds ``limit``.
+        MalformedRequest: not valid ``encoding`` data, or truncated.
+    """
+    inflater = zlib.decompressobj(_WBITS[encoding])
+    out = bytearray()
+    data = body
+    try:
+        while True:
+            # One byte past the limit is enough to know; never inflate more than that.
+            want = min(INFLATE_SLICE, limit + 1 - len(out))
+            piece = inflater.decompress(data, want)
+            if len(out) + len(piece) > limit:
+                raise PayloadTooLarge(
+                    f"the {encoding} body inflates to more than {limit} bytes (stopped there)"
+                )
+            out += piece
+            data = inflater.unconsumed_tail
+            if inflater.eof or (not data and len(piece) < want):
+                break
+    except zlib.error as exc:
+        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from exc
+    if not inflater.eof:
+        raise MalformedRequest(f"the {encoding} body is truncated")
+    return out
+
+
+async def read_body(
+    request: Request[Any, Any, Any], limit: int, inflating: asyncio.Semaphore
+) -> Body:
+    """The request body, inflated (off the event loop) when sent gzip- or deflate-encoded.
+
+    ``inflating`` lets one body inflate at a time, so compression bombs sent together cost
+    the limit in memory once, not once each.
 
     Raises:
         UnsupportedMediaType: another content encoding.
         PayloadTooLarge: the inflated body exceeds ``limit``.
+        MalformedRequest: the encoded body is corrupt or truncated.
     """
     body = await request.body()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return body
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
+    if encoding not in _WBITS:
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate"
         )
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from exc
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the inflated body exceeds {limit} bytes")
-    return data
+    # Kept as a bytearray (msgspec and numpy read any buffer): no copy of the inflated body.
+    async with inflating:
+        return await asyncio.to_thread(inflate, body, encoding, limit)
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -579,6 +618,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
     """Route handlers of the ``/v2`` protocol bound to ``components``."""
     oip = OipProtocol(components)
     limit = components.settings.server.max_batch_body_bytes
+    inflating = asyncio.Semaphore(1)
     common: dict[str, Any] = {"exception_handlers": EXCEPTION_HANDLERS, "tags": ["v2"]}
 
     @get("/v2/health/live", summary="Server live (OIP)", **common)
@@ -631,7 +671,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         **common,
     )
     async def infer(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, inflating)
         return await oip.infer(name, None, body, request.headers.get(HEADER_LENGTH))
 
     @post(
@@ -644,7 +684,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
     async def infer_version(
         request: Request[Any, Any, Any], name: FromPath[str], version: FromPath[str]
     ) -> Response[bytes]:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, inflating)
         return await oip.infer(name, version, body, request.headers.get(HEADER_LENGTH))
 
     return [
