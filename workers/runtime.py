@@ -11,7 +11,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from workers.errors import InvalidInput, ModelLoadError, ServiceError
+from workers.errors import InvalidInput, ModelLoadError, NonFiniteOutput, ServiceError
 from workers.geo import from_local
 from workers.inputs import pack_capture
 from workers.messages import Ellipse, ItemError, Prediction, PredictItem, Timings
@@ -181,8 +181,15 @@ class LoadedModel:
         out = self.spec.output
         east, north = (float(v) * out.position_scale_m for v in mean)
         s_e, s_n = (float(v) * out.position_scale_m * out.calibration_factor for v in sigma)
-        if not all(math.isfinite(v) for v in (east, north, s_e, s_n, rho)):
-            return ItemError("internal", "the model produced a non-finite output")
+        values = {"mean": (east, north), "sigma": (s_e, s_n), "rho": (rho,)}
+        bad = [role for role, vs in values.items() if not all(math.isfinite(v) for v in vs)]
+        if bad:
+            names = ", ".join(repr(self.spec.outputs[role].name) for role in bad)
+            return ItemError(
+                NonFiniteOutput.code,
+                f"the model produced a non-finite value in output {names} for this capture; "
+                "it is outside what the model can compute (check the IQ scaling)",
+            )
         lat, lon = from_local(lat0, lon0, [east], [north])
         cov = covariance(s_e, s_n, rho)
         ellipses = []
