@@ -8,8 +8,8 @@ thousand of them starve every other client. Here:
 - **Deadline.** The whole body must arrive by ``start + min(timeout, grace + length / rate)``:
   after ``grace`` seconds the client must have kept up an average of ``rate`` bytes per second.
   With a ``Content-Length`` the deadline is known at once (one timer for a one-piece read); a
-  chunked body is checked before each chunk with the bytes received so far. Past it: 408 and
-  the connection is closed.
+  chunked body is checked before each chunk with the bytes received so far. Past it the read
+  is cancelled (Granian drops the body), the client gets 408 and the connection is closed.
 - **Upload cap.** At most ``max_uploads`` requests may be receiving a body at once; one more is
   answered 503 with ``Retry-After`` and ``Connection: close`` before any of its body is read,
   which frees its connection. Requests without a body (health checks, metadata) never wait for
@@ -84,17 +84,20 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
 async def within(deadline: float, read: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
     """Await ``read()`` until ``deadline`` (loop time): ``(True, value)`` or ``(False, None)``.
 
-    Granian's read futures ignore cancellation, so a read that misses the deadline is left to
-    end by itself when the connection closes; its outcome is consumed then.
+    A read that misses the deadline is cancelled: Granian then drops the request body, and
+    hyper closes the connection once the answer is written (a pending read would keep it
+    open, holding one of Granian's connection slots, for as long as the client wants).
     """
     task: asyncio.Future[T] = asyncio.ensure_future(read())
     try:
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         done, _ = await asyncio.wait((task,), timeout=timeout)
     except BaseException:
+        task.cancel()
         task.add_done_callback(_retrieve)
         raise
     if not done:
+        task.cancel()
         task.add_done_callback(_retrieve)
         return False, None
     return True, task.result()
