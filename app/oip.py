@@ -209,11 +209,28 @@ def decode_body(body: Body, header_length: str | None) -> tuple[InferRequest, Bo
     return request, body[size:]
 
 
+def _as_float32(tensor: InferInput, values: Any) -> F32:
+    """``values`` as float32; a finite value beyond float32's range is the client's error.
+
+    Raises:
+        MalformedRequest: a value overflows float32 (it would become infinity).
+    """
+    try:
+        with np.errstate(over="raise"):
+            return np.asarray(values, dtype=np.float32)
+    except FloatingPointError:
+        raise MalformedRequest(
+            f"input {tensor.name!r} holds a value outside the FP32 range (±3.4e38)"
+        ) from None
+
+
 def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
     what = f"input {tensor.name!r}: data"
     nested = decoding.decode(msgspec.json.decode, raw, what)
     try:
-        values = np.asarray(nested, dtype=np.float32)
+        values = _as_float32(tensor, nested)
+    except MalformedRequest:
+        raise
     except Exception as exc:  # ragged, non-numeric, out of range: the client's data
         raise MalformedRequest(
             f"{what} must be numbers, flat or nested to the shape ({type(exc).__name__}: {exc})"
@@ -235,7 +252,7 @@ def _json_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -
     except Exception as exc:  # any other decoder failure is the client's
         raise decoding.reject(exc, f"input {tensor.name!r}: data") from exc
     else:
-        values = np.asarray(flat, dtype=np.float32)
+        values = _as_float32(tensor, flat)
     if values.size != math.prod(shape):
         raise MalformedRequest(
             f"input {tensor.name!r}: data holds {values.size} elements but "
@@ -286,7 +303,7 @@ def _read_input(tensor: InferInput, want: TensorSpec, binary: Body, offset: int)
     values = np.frombuffer(
         binary, dtype=_DTYPES[want.datatype], count=math.prod(shape), offset=offset
     )
-    return values.astype(np.float32, copy=False).reshape(shape), offset + size
+    return _as_float32(tensor, values).reshape(shape), offset + size
 
 
 def _read_inputs(

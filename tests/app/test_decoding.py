@@ -88,12 +88,20 @@ def v2_body(data: bytes) -> bytes:
         b"[1" + b"0" * 400 + b"]",  # in flat data
         b"[[1, [2]]]",  # ragged
         b'[["a"]]',  # not numbers
+        b"[1e300]",  # finite in JSON, infinite in FP32 (found by make fuzz)
+        b"[[-1e300]]",
     ],
-    ids=["huge-int-nested", "nesting-bomb", "huge-int-flat", "ragged", "strings"],
+    ids=["huge-int-nested", "nesting-bomb", "huge-int-flat", "ragged", "strings", "fp32-over",
+         "fp32-over-nested"],
 )
 def test_v2_tensor_data_bombs_are_a_400(data: bytes) -> None:
     with pytest.raises(MalformedRequest):
         prepare(*decode_body(v2_body(data), None), reference_spec())
+
+
+def test_v2_value_beyond_fp32_says_so() -> None:
+    with pytest.raises(MalformedRequest, match="outside the FP32 range"):
+        prepare(*decode_body(v2_body(b"[1e300]"), None), reference_spec())
 
 
 def test_v2_header_nesting_bomb_is_a_400() -> None:

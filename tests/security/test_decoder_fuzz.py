@@ -234,6 +234,7 @@ def test_v2_infer_decoding_raises_only_client_errors() -> None:
     @example(body=with_value(V2_JSON, ("inputs", 0, "data"), [[10**400]]), split=None)
     @example(body=with_value(V2_JSON, ("inputs", 0, "data"), [10**400]), split=None)
     @example(body=NESTING, split=None)
+    @example(body=with_value(V2_JSON, ("inputs", 0, "data"), [1e300]), split=None)
     def run(body: bytes, split: int | None) -> None:
         only_client_errors(
             "v2-infer", lambda: v2_infer(body, None if split is None else str(split))
