@@ -10,6 +10,10 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
   check answers 413 before anything is read), in one piece when ``Content-Length`` is present
   and at most ``one_piece_limit``; otherwise (chunked, or larger) it is streamed chunk by chunk
   and Litestar counts and caps it as under ASGI.
+- Body reads follow the intake rules of app/intake.py: a deadline from the request's arrival
+  and a minimum rate (408), an upload cap (503 before reading), and a body cut short by the
+  client (closed connection, chunked body without its last chunk) is an ``IncompleteBody``
+  (400) — the app renders these as problems; the front logs one line and counts them.
 - After the body, ``receive`` waits for the client to disconnect (``http.disconnect``).
 - A response sent in one ``http.response.body`` message goes out with ``response_bytes``; one
   sent in several is streamed.
