@@ -193,19 +193,16 @@ def decode_body(body: Body, header_length: str | None) -> tuple[InferRequest, Bo
             raise MalformedRequest(
                 f"{HEADER_LENGTH} is {size} but the body holds {len(body)} bytes"
             )
-    if header_length is None:
-        try:
-            request = decoding.decode(
-                _request_decoder.decode, body, "the inference header", fmt="JSON"
-            )
-        except MalformedRequest as exc:
-            if isinstance(exc.__cause__, msgspec.DecodeError):  # binary data, no header length?
-                exc.detail += f" (binary data needs the {HEADER_LENGTH} header)"
-            raise
-    else:
-        request = decoding.decode(
-            _request_decoder.decode, body[:size], "the inference header", fmt="JSON"
-        )
+    header = body if header_length is None else body[:size]
+    try:
+        request = decoding.decode(_request_decoder.decode, header, "the inference header")
+    except MalformedRequest as exc:
+        cause = exc.__cause__
+        if isinstance(cause, msgspec.ValidationError):
+            exc.detail = f"invalid inference request: {exc.detail}"
+        elif isinstance(cause, msgspec.DecodeError) and header_length is None:
+            exc.detail += f" (binary data needs the {HEADER_LENGTH} header)"
+        raise
     return request, body[size:]
 
 

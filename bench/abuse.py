@@ -219,6 +219,11 @@ def inflate_lag(count: int, limit: int = 128 << 20) -> tuple[float, float]:
     return asyncio.run(_loop_lag(threaded)), asyncio.run(_loop_lag(on_loop))
 
 
+def idle_lag(seconds: float = 1.5) -> float:
+    """The same ticker's longest stall with nothing else running: this machine's noise floor."""
+    return asyncio.run(_loop_lag(lambda: asyncio.sleep(seconds)))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--connections", type=int, default=2000)
@@ -258,6 +263,7 @@ def main() -> int:
             log = server.log_path.read_text()
         finally:
             server.stop()
+    lag_idle = idle_lag()
     lag_thread, lag_loop = inflate_lag(args.bombs)
     mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
@@ -314,8 +320,8 @@ def main() -> int:
         ("tracebacks in the server log", str(log.count("Traceback"))),
         (
             f"in process: longest event-loop stall while {args.bombs} bombs inflate "
-            "(in a thread, one at a time / before: on the loop)",
-            f"{ms(lag_thread)} / {ms(lag_loop)}",
+            "(in a thread, one at a time / before: on the loop / nothing running)",
+            f"{ms(lag_thread)} / {ms(lag_loop)} / {ms(lag_idle)}",
         ),
     ]
     print("| measure | value |\n| --- | --- |")
