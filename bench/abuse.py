@@ -29,6 +29,7 @@ import contextlib
 import json
 import resource
 import socket
+import statistics
 import sys
 import tempfile
 import threading
@@ -219,6 +220,12 @@ def inflate_lag(count: int, limit: int = 128 << 20) -> tuple[float, float]:
     return asyncio.run(_loop_lag(threaded)), asyncio.run(_loop_lag(on_loop))
 
 
+def repeat(measure_once: Any, times: int = 5) -> tuple[float, float]:
+    """Median and max of ``times`` measurements (the shared machine preempts us at times)."""
+    values = [measure_once() for _ in range(times)]
+    return statistics.median(values), max(values)
+
+
 def idle_lag(seconds: float = 1.5) -> float:
     """The same ticker's longest stall with nothing else running: this machine's noise floor."""
     return asyncio.run(_loop_lag(lambda: asyncio.sleep(seconds)))
@@ -263,8 +270,10 @@ def main() -> int:
             log = server.log_path.read_text()
         finally:
             server.stop()
-    lag_idle = idle_lag()
-    lag_thread, lag_loop = inflate_lag(args.bombs)
+    lag_idle = repeat(idle_lag)
+    lags = [inflate_lag(args.bombs) for _ in range(5)]
+    lag_thread = (statistics.median(t for t, _ in lags), max(t for t, _ in lags))
+    lag_loop = statistics.median(loop for _, loop in lags)
     mib = lambda n: f"{n / 2**20:.1f} MiB"  # noqa: E731
     ms = lambda s: f"{s * 1000:.1f} ms"  # noqa: E731
     n = args.connections
@@ -314,14 +323,16 @@ def main() -> int:
             f"{ms(quantile(bomb_probe.latencies, 0.99))} / {ms(max(bomb_probe.latencies))}",
         ),
         (
-            "during bombs: peak RSS above baseline (inflate limit 128 MiB)",
-            f"{mib(bomb_peak - after_rss)}; 2 s after: {mib(after_bombs)}",
+            "during bombs: peak RSS above the RSS before them (inflate limit 128 MiB)",
+            f"{mib(bomb_peak - after_rounds[-1])}; 2 s after: {mib(after_bombs)}",
         ),
         ("tracebacks in the server log", str(log.count("Traceback"))),
         (
             f"in process: longest event-loop stall while {args.bombs} bombs inflate "
-            "(in a thread, one at a time / before: on the loop / nothing running)",
-            f"{ms(lag_thread)} / {ms(lag_loop)} / {ms(lag_idle)}",
+            "(5 runs, median and max: in a thread, one at a time / nothing running; median "
+            "before: on the loop)",
+            f"{ms(lag_thread[0])}, {ms(lag_thread[1])} / {ms(lag_idle[0])}, {ms(lag_idle[1])}"
+            f" / {ms(lag_loop)}",
         ),
     ]
     print("| measure | value |\n| --- | --- |")
@@ -334,7 +345,7 @@ def main() -> int:
         and abs(after_rss - base_rss) <= 0.1 * base_rss
         and set(statuses) == {413}
         and "Traceback" not in log
-        and lag_thread <= 0.02
+        and lag_thread[0] <= 0.02
     )
     return 0 if ok else 1
 
