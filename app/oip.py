@@ -33,6 +33,7 @@ from litestar.params import FromPath
 from msgspec import Meta, Struct
 
 from app import decoding
+from workers import malloc
 from workers.errors import (
     InvalidInput,
     MalformedRequest,
@@ -559,17 +560,23 @@ class OipProtocol:
 
 INFLATE_SLICE = 1 << 20
 """Output bytes inflated per step: the running total is checked after each one."""
+TRIM_AFTER = 16 << 20
+"""Inflated bytes above which their memory is handed back to the kernel once freed."""
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
 def _drop(pieces: list[bytes]) -> None:
-    """Free inflated pieces one at a time.
+    """Free inflated pieces one at a time, then give the memory back to the kernel.
 
-    The event loop's thread can take the GIL between them; freeing 128 MiB at once holds it
-    for ≈ 15 ms.
+    The event loop's thread can take the GIL between pieces (freeing 128 MiB at once holds it
+    for ≈ 15 ms). The pieces live in this thread's malloc arena, which glibc trims only from
+    its top: without ``malloc_trim`` a bomb left ≈ 190 MiB resident after it was refused.
     """
+    size = sum(len(p) for p in pieces)
     while pieces:
         pieces.pop()
+    if size > TRIM_AFTER:
+        malloc.trim()
 
 
 def inflate(body: bytes, encoding: str, limit: int) -> bytes:
@@ -609,7 +616,11 @@ def inflate(body: bytes, encoding: str, limit: int) -> bytes:
     if not inflater.eof:
         _drop(pieces)
         raise MalformedRequest(f"the {encoding} body is truncated")
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
+    if len(pieces) == 1:
+        return pieces[0]
+    body = b"".join(pieces)
+    _drop(pieces)
+    return body
 
 
 async def read_body(
