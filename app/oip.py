@@ -71,7 +71,7 @@ _json_encoder = msgspec.json.Encoder()
 
 F32 = npt.NDArray[np.float32]
 Body = bytes | bytearray
-"""A request body: bytes as received, or the bytearray an encoded body inflates into."""
+"""A request body (any contiguous buffer msgspec and numpy can read)."""
 
 
 class InferInput(Struct, frozen=True, forbid_unknown_fields=True):
