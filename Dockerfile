@@ -10,6 +10,8 @@ FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 # ---- build stage: a self-contained virtualenv in /opt/venv --------------------------------
 FROM ${PYTHON_IMAGE} AS builder
 COPY --from=uv /uv /usr/local/bin/uv
+# A package index other than PyPI (a mirror, a proxy): --build-arg UV_DEFAULT_INDEX=URL.
+ARG UV_DEFAULT_INDEX
 ENV UV_COMPILE_BYTECODE=1 \
     UV_LINK_MODE=copy \
     UV_PYTHON_DOWNLOADS=never
@@ -34,8 +36,11 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 
 # ---- runtime stage ---------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
+# tini is not pinned to a Debian revision: the base image's tag already fixes the release
+# (bookworm carries one tini, 0.19.0), and Debian rebuilds it under new revisions (0.19.0-1+b3)
+# while dropping the old ones from the mirror, so a `tini=0.19.0-1` pin broke the build.
 RUN apt-get update \
- && apt-get install -y --no-install-recommends tini=0.19.0-1 \
+ && apt-get install -y --no-install-recommends tini \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 heimdall \
  && useradd --system --uid 10001 --gid 10001 --home-dir /app --no-create-home \
@@ -45,13 +50,22 @@ RUN apt-get update \
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 # /app/.local holds the artifact cache (and the embedded sqlite registry when
-# MLFLOW_TRACKING_URI is unset); mount a volume / emptyDir there for a read-only root.
+# MLFLOW_TRACKING_URI is unset); mount a volume / emptyDir there (and on /tmp) for a
+# read-only root. With that embedded registry and no model in it, `serve` first registers
+# the bundled reference model (HEIMDALL_BOOTSTRAP_REFERENCE=false: wait for one instead), so
+# `docker run -p 8000:8000 heimdall-inference:0.1.0` answers at once. REDIS_URL is empty (no
+# cache, no control channel): the service's default, 127.0.0.1:6379, is the container itself
+# there; compose and Kubernetes set it. Each pool worker maps
+# HEIMDALL_POOL_MAX_INFLIGHT x HEIMDALL_POOL_SHM_SLOT_BYTES (2 x 16 MiB) of /dev/shm: give
+# the container --shm-size >= workers x 32 MiB + margin (Docker's default is 64 MiB).
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HEIMDALL_HOST=0.0.0.0 \
     HEIMDALL_PORT=8000 \
-    HEIMDALL_ARTIFACT_CACHE=/app/.local/artifacts
+    HEIMDALL_ARTIFACT_CACHE=/app/.local/artifacts \
+    HEIMDALL_BOOTSTRAP_REFERENCE=true \
+    REDIS_URL=
 USER 10001:10001
 EXPOSE 8000
 # Granian drains on SIGTERM; the pool gets HEIMDALL_POOL_DRAIN_TIMEOUT_S (default 20 s).

@@ -8,7 +8,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup run bootstrap test lint typecheck pytest audit k6-smoke bench fuzz train lock settings-table clean
+.PHONY: help setup run bootstrap test lint typecheck pytest audit k6-smoke bench fuzz train lock settings-table clean docker-check docker-check-short
 
 help:
 	@echo "make run    - set up and serve on http://$(HOST):$(PORT) with the embedded registry"
@@ -16,6 +16,7 @@ help:
 	@echo "make bench  - benchmark raw ONNX Runtime vs the service (writes docs/benchmarks.md)"
 	@echo "make fuzz   - long fuzzing run of every body decoder (>= 100,000 inputs, a few minutes)"
 	@echo "make train  - retrain the reference model (needs the train extra: torch 2.13.0 CPU)"
+	@echo "make docker-check - as root: build the image on a private dockerd and run it (docs/deploy.md)"
 
 $(STAMP):
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -70,6 +71,15 @@ lock: setup
 
 settings-table: setup
 	$(BIN)/heimdall-inference settings
+
+# As root: private dockerd, stand-in base images from Debian, the image built and run for real
+# (see docs/deploy.md). Needs only python3 from the host. Exit 75: could not run here.
+docker-check:
+	$(PYTHON) deploy/check/docker_check.py --full
+
+# What .ci/run runs: the image only (build, bare run, no-model readiness, hardened run).
+docker-check-short:
+	$(PYTHON) deploy/check/docker_check.py
 
 clean:
 	rm -rf $(VENV) .local .pytest_cache .mypy_cache .ruff_cache .coverage*

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 from app.settings import SettingsError, load_settings, settings_table
 from workers import malloc
+from workers.registry import RegistrySettings
 
 REFERENCE_PACKAGE = Path(__file__).resolve().parent.parent / "training" / "reference"
 
@@ -33,6 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if pid:
                     os.kill(pid, signal.SIGHUP)
 
+    bootstrap_if_missing(settings.registry)
     server = settings.server
     _raise_fd_limit(server.granian_backpressure + 1024)
     # Before Granian forks the HTTP process (which spawns the pool workers): both inherit.
@@ -53,7 +56,43 @@ def cmd_serve(args: argparse.Namespace) -> int:
         websockets=False,
         workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
     ).serve()
-    return 0
+    # Granian has stopped and joined its worker: nothing is left to clean up here. A normal
+    # interpreter exit runs onnxruntime's C++ exit handlers in this process (it imports ORT
+    # through the settings modules), which waited 5-10 s in containers (docs/deploy.md);
+    # flush what we wrote and leave at once.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def bootstrap_if_missing(settings: RegistrySettings) -> str | None:
+    """Register the reference package when asked to and the embedded registry lacks the model.
+
+    Only for a ``sqlite:`` registry (the one inside the container or the working directory)
+    and an ``@alias`` reference: a remote registry is the operator's, and a pinned version
+    number cannot be created on demand. Returns the version registered, or None.
+    """
+    if not settings.bootstrap_reference or not settings.tracking_uri.startswith("sqlite:"):
+        return None
+    from workers.errors import NotFound
+    from workers.registry import ModelRegistry, parse_ref
+
+    name, _, alias = parse_ref(settings.model_uri, "")
+    if alias is None:
+        return None
+    registry = ModelRegistry(settings)
+    try:
+        registry.resolve(settings.model_uri)
+    except NotFound:
+        version = registry.register(REFERENCE_PACKAGE, name, alias=alias)
+        print(
+            f"bootstrapped the reference model as {name} version {version} (alias {alias}) in "
+            f"{registry.tracking_uri}; HEIMDALL_BOOTSTRAP_REFERENCE=false turns this off",
+            flush=True,
+        )
+        return version
+    return None
 
 
 def _raise_fd_limit(wanted: int) -> None:

@@ -19,6 +19,10 @@ class ControlSettings(Struct, frozen=True, forbid_unknown_fields=True):
     heartbeat_ttl_s: Annotated[int, Meta(ge=2)] = 15
     """TTL of this replica's status key; refreshed every third of it."""
     hmac_secret: str = ""
-    """Shared secret; when set, control messages and states must carry a valid HMAC."""
+    """Shared secret; when set, messages and states must carry a valid HMAC (over namespace,
+    model, epoch, revision and body) and the CLI signs what it publishes."""
     retry_max_s: Annotated[float, Meta(gt=0)] = 30.0
     """Longest back-off between retries of a failed apply or a lost connection."""
+    divergence_grace_s: Annotated[float, Meta(ge=0)] = 30.0
+    """``status`` reports a replica whose applied (epoch, revision) differs from the desired
+    one for longer than this as an error (exit code 1)."""

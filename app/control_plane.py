@@ -1,140 +1,46 @@
-"""Redis control plane: a level-triggered desired state, pushed by pub/sub.
+"""Redis control plane, replica side: a level-triggered desired state, pushed by pub/sub.
 
-Publishers write the desired-state document to ``{ns}:{model}:desired`` (with a revision from
-``INCR {ns}:{model}:revision``), then publish the revision on ``{ns}:{model}:control``. Every
-replica reads the key and converges on it: on a message, on (re)connect, at start, on a slow
-poll and on SIGHUP (which also re-resolves aliases). A missed message only delays
-convergence. Documents and messages are decoded into declared types; junk is logged and
-ignored; with a shared secret both must carry a valid HMAC-SHA256, and a revision older than
-the applied one is refused (no replay). Each replica writes what it applied to
-``{ns}:{model}:replicas:{replica}`` with a TTL (its heartbeat).
+Publishers write the desired-state document atomically (see :mod:`app.control_protocol`),
+then announce its (epoch, revision) on ``{ns}:{model}:control``. Every replica reads the key
+and converges on it: on a message, on (re)connect, at start, on a slow poll and on SIGHUP
+(which also re-resolves aliases). A missed message only delays convergence.
+
+A document is accepted when it decodes, verifies (with a shared secret: HMAC over namespace,
+model, epoch, revision and body), carries the current epoch key, and is not older than what
+was applied in the same epoch. A document of another epoch than the applied one is a fresh
+start after Redis lost its data: the replica converges on it and says so (log, status, metric
+``heimdall_control_epoch_changes_total``); an epoch this replica has already left is refused.
+Refusals, from the channel or from reading the key, are counted and shown. Each replica
+writes what it applied to ``{ns}:{model}:replicas:{replica}`` with a TTL (its heartbeat).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
-from msgspec import Meta, Struct
 
 from app.control import ControlSettings
+from app.control_protocol import (
+    Current,
+    ReplicaStatus,
+    VersionFigures,
+    decode_message,
+    keys,
+    read_current,
+    verified,
+)
 from app.rollout import DesiredState, Rollout
 from workers.errors import ServiceError
 
+if TYPE_CHECKING:
+    from telemetry.setup import Telemetry
+
 log = logging.getLogger("heimdall.control")
-
-Weight = Annotated[float, Meta(ge=0.0)]
-
-
-class DesiredDoc(Struct, frozen=True, forbid_unknown_fields=True):
-    """The desired-state document stored in Redis."""
-
-    revision: Annotated[int, Meta(ge=1)]
-    weights: Annotated[dict[str, Weight], Meta(min_length=1)]
-    shadow: str | None = None
-    shadow_fraction: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
-    updated_at: float = 0.0
-    hmac: str = ""
-
-
-class ControlMessage(Struct, frozen=True, forbid_unknown_fields=True):
-    """What is published on the channel: just the revision to converge on."""
-
-    revision: Annotated[int, Meta(ge=1)]
-    hmac: str = ""
-
-
-class ReplicaStatus(Struct, frozen=True):
-    """What a replica reports (heartbeat with TTL)."""
-
-    replica: str
-    revision: int
-    versions: dict[str, float]
-    shadow: str | None
-    outcome: str
-    error: str | None
-    updated_at: float
-
-
-_doc_decoder = msgspec.json.Decoder(DesiredDoc)
-_msg_decoder = msgspec.json.Decoder(ControlMessage)
-_status_decoder = msgspec.json.Decoder(ReplicaStatus)
-
-
-def keys(namespace: str, model: str) -> tuple[str, str, str, str]:
-    """(desired key, channel, revision counter, replica-status prefix)."""
-    base = f"{namespace}:{model}"
-    return f"{base}:desired", f"{base}:control", f"{base}:revision", f"{base}:replicas:"
-
-
-def sign(value: Struct, secret: str) -> str:
-    """HMAC-SHA256 (hex) of the value's canonical JSON without its ``hmac`` field."""
-    fields = msgspec.structs.asdict(value)
-    fields.pop("hmac", None)
-    payload = msgspec.json.encode(fields, order="sorted")
-    return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
-
-
-def verified(value: DesiredDoc | ControlMessage, secret: str) -> bool:
-    """True when no secret is configured or the HMAC matches."""
-    return not secret or hmac.compare_digest(value.hmac, sign(value, secret))
-
-
-async def publish(
-    client: Any,
-    settings: ControlSettings,
-    model: str,
-    weights: dict[str, float],
-    shadow: str | None = None,
-    shadow_fraction: float = 0.0,
-) -> DesiredDoc:
-    """Write a new desired state (next revision) and announce it. Returns the document."""
-    desired_key, channel, counter, _ = keys(settings.namespace, model)
-    revision = int(await client.incr(counter))
-    doc = DesiredDoc(revision, weights, shadow, shadow_fraction if shadow else 0.0, time.time())
-    if settings.hmac_secret:
-        doc = msgspec.structs.replace(doc, hmac=sign(doc, settings.hmac_secret))
-    await client.set(desired_key, msgspec.json.encode(doc))
-    message = ControlMessage(revision)
-    if settings.hmac_secret:
-        message = ControlMessage(revision, sign(message, settings.hmac_secret))
-    await client.publish(channel, msgspec.json.encode(message))
-    return doc
-
-
-async def read_desired(client: Any, settings: ControlSettings, model: str) -> DesiredDoc | None:
-    """The current document, or None when absent or invalid (logged)."""
-    raw = await client.get(keys(settings.namespace, model)[0])
-    if raw is None:
-        return None
-    try:
-        doc = _doc_decoder.decode(raw)
-    except msgspec.DecodeError as exc:
-        log.error("ignoring an invalid desired-state document: %s", exc)
-        return None
-    if not verified(doc, settings.hmac_secret):
-        log.error("ignoring desired state revision %d: bad or missing HMAC", doc.revision)
-        return None
-    return doc
-
-
-async def fleet(client: Any, settings: ControlSettings, model: str) -> list[ReplicaStatus]:
-    """Every live replica's last report."""
-    prefix = keys(settings.namespace, model)[3]
-    out = []
-    async for key in client.scan_iter(match=prefix + "*"):
-        raw = await client.get(key)
-        if raw is None:
-            continue
-        with contextlib.suppress(msgspec.DecodeError):
-            out.append(_status_decoder.decode(raw))
-    return sorted(out, key=lambda s: s.replica)
 
 
 class ControlPlane:
@@ -148,6 +54,7 @@ class ControlPlane:
         default_ref: str,
         rollout: Rollout,
         replica: str,
+        telemetry: Telemetry | None = None,
     ) -> None:
         """Keep collaborators; :meth:`run` does the work."""
         self.settings = settings
@@ -156,12 +63,21 @@ class ControlPlane:
         self.default = DesiredState({default_ref: 1.0}, revision=0)
         self.rollout = rollout
         self.replica = replica
+        self.telemetry = telemetry
         self.connected = False
         self.last_error: str | None = None
         self.rejected = 0
+        self.rejected_documents = 0
+        self.last_rejection: dict[str, Any] | None = None
+        self.epoch_changes = 0
+        self.last_epoch_change: dict[str, Any] | None = None
+        self._left_epochs: set[str] = set()
+        self._refused: tuple[bytes | None, str] | None = None
+        self._redis_down = False
+        self._report_due = False
         self._wake = asyncio.Event()
         self._reresolve = False
-        self._applied: tuple[int, tuple[tuple[str, str], ...]] | None = None
+        self._applied: tuple[str, int, tuple[tuple[str, str], ...]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -189,21 +105,46 @@ class ControlPlane:
 
     def state(self) -> dict[str, Any]:
         """For /health/ready and /v1/models."""
+        status = self.rollout.status
         return {
             "enabled": self.settings.enabled and self.client is not None,
             "connected": self.connected,
             "last_error": self.last_error,
+            "signed": bool(self.settings.hmac_secret),
+            "epoch": status.applied_epoch,
+            "revision": status.applied_revision,
             "rejected_messages": self.rejected,
+            "rejected_documents": self.rejected_documents,
+            "last_rejection": self.last_rejection,
+            "epoch_changes": self.epoch_changes,
+            "last_epoch_change": self.last_epoch_change,
         }
 
     def _status_key(self) -> str:
-        return keys(self.settings.namespace, self.model)[3] + self.replica
+        return keys(self.settings.namespace, self.model).replicas + self.replica
+
+    def _refuse(self, source: str, reason: str, detail: str) -> None:
+        """Count and record one refused message or document."""
+        if source == "message":
+            self.rejected += 1
+        else:
+            self.rejected_documents += 1
+        self.last_rejection = {
+            "source": source,
+            "reason": reason,
+            "detail": detail,
+            "at": time.time(),
+        }
+        self._report_due = True
+        if self.telemetry is not None:
+            self.telemetry.control_rejected(source, reason)
+        log.warning("refused a control %s (%s): %s", source, reason, detail)
 
     # ------------------------------------------------------------------ loops
 
     async def _subscribe_loop(self) -> None:
         assert self.client is not None
-        channel = keys(self.settings.namespace, self.model)[1]
+        channel = keys(self.settings.namespace, self.model).channel
         delay = 0.5
         while True:
             pubsub = self.client.pubsub()
@@ -230,20 +171,21 @@ class ControlPlane:
 
     def _on_message(self, data: Any) -> None:
         try:
-            message = _msg_decoder.decode(data if isinstance(data, bytes) else str(data).encode())
+            message = decode_message(data if isinstance(data, bytes) else str(data).encode())
         except msgspec.DecodeError as exc:
-            self.rejected += 1
-            log.warning("ignoring a junk control message: %s", exc)
+            self._refuse("message", "invalid", f"junk: {exc}")
             return
-        if not verified(message, self.settings.hmac_secret):
-            self.rejected += 1
-            log.warning(
-                "rejecting control message revision %d: bad or missing HMAC", message.revision
+        if not verified(message, self.settings.hmac_secret, self.settings.namespace, self.model):
+            self._refuse("message", "hmac", f"revision {message.revision}: bad or missing HMAC")
+            return
+        status = self.rollout.status
+        if message.epoch == status.applied_epoch and message.revision < status.applied_revision:
+            self._refuse(
+                "message",
+                "stale",
+                f"revision {message.revision} is older than the applied "
+                f"{status.applied_revision} of epoch {message.epoch or '-'}",
             )
-            return
-        if message.revision < self.rollout.status.applied_revision:
-            self.rejected += 1
-            log.warning("ignoring control message for old revision %d", message.revision)
             return
         self._wake.set()
 
@@ -254,6 +196,9 @@ class ControlPlane:
             try:
                 await self._converge()
                 delay = 1.0
+                if self._report_due:  # a refusal: show it in the fleet status now
+                    self._report_due = False
+                    await self._report()
             except ServiceError as exc:
                 failed = True
                 self.last_error = exc.detail
@@ -270,49 +215,114 @@ class ControlPlane:
                 await asyncio.wait_for(self._wake.wait(), timeout)
             self._wake.clear()
 
-    async def _desired(self) -> DesiredState:
+    async def _read(self) -> Current | None:
+        """The current desired state in Redis; None to serve the default."""
         if self.client is None or not self.settings.enabled:
-            return self.default
+            return None
         try:
-            doc = await asyncio.wait_for(read_desired(self.client, self.settings, self.model), 2.0)
+            current = await asyncio.wait_for(
+                read_current(self.client, self.settings, self.model), 2.0
+            )
         except (TimeoutError, OSError, ConnectionError) as exc:
+            self._redis_down = True
             self.connected = False
             self.last_error = f"redis unreachable: {exc or type(exc).__name__}"
             if self._applied is None:
                 log.warning(
                     "%s; serving the default %s", self.last_error, list(self.default.weights)
                 )
-                return self.default
+                return None
             raise
         except Exception as exc:  # redis-py errors
+            self._redis_down = True
             self.connected = False
             self.last_error = f"redis: {type(exc).__name__}: {exc}"
             if self._applied is None:
-                return self.default
+                return None
             raise
-        if doc is None:
-            return self.default
-        return DesiredState(dict(doc.weights), doc.shadow, doc.shadow_fraction, doc.revision)
+        if self._redis_down:
+            # Redis answers again (the subscriber may have reconnected before a read failed):
+            # do not keep showing a connection error that is over.
+            self._redis_down, self.connected, self.last_error = False, True, None
+        return current
+
+    async def _desired(self) -> DesiredState | None:
+        """What to converge on, or None to keep serving what is applied.
+
+        Refuses (and counts once per distinct document) what fails the checks of
+        :func:`~app.control_protocol.read_current`, a document of an epoch this replica
+        has left, and an older revision of the applied epoch.
+        """
+        current = await self._read()
+        applied = self.rollout.status.applied_revision >= 1
+        if current is None or (current.doc is None and current.problem is None):
+            # No document (never published, or Redis lost it): keep what is applied.
+            return None if applied else self.default
+        problem, reason = current.problem, current.reason
+        doc = current.doc
+        status = self.rollout.status
+        if doc is not None and applied:
+            if doc.epoch in self._left_epochs:
+                problem, reason = f"epoch {doc.epoch} was left earlier (a replay?)", "epoch"
+            elif doc.epoch == status.applied_epoch and doc.revision < status.applied_revision:
+                problem, reason = (
+                    f"revision {doc.revision} is older than the applied "
+                    f"{status.applied_revision} of epoch {doc.epoch or '-'}",
+                    "stale",
+                )
+        if problem is not None:
+            if (current.raw, problem) != self._refused:  # each document and cause once
+                self._refused = (current.raw, problem)
+                self._refuse("document", reason or "invalid", problem)
+            return None if applied else self.default
+        assert doc is not None
+        return DesiredState(
+            dict(doc.weights), doc.shadow, doc.shadow_fraction, doc.revision, doc.epoch
+        )
 
     async def _converge(self) -> None:
         desired = await self._desired()
-        if desired.revision < self.rollout.status.applied_revision and not self._reresolve:
+        if desired is None:
             return
         try:
             resolved = await self._resolve_refs(desired)
         except ServiceError as exc:
             self.rollout.record_failure(desired, exc.detail)
             raise
-        fingerprint = (desired.revision, resolved)
+        fingerprint = (desired.epoch, desired.revision, resolved)
         if fingerprint == self._applied and not self._reresolve:
             return
         self._reresolve = False
+        before = self.rollout.status
+        old_epoch, old_revision = before.applied_epoch, before.applied_revision
         try:
             await self.rollout.apply(desired)
+            self._applied = fingerprint
+            if old_revision >= 1 and desired.epoch != old_epoch:
+                self._epoch_changed(old_epoch, old_revision, desired)
         finally:
             with contextlib.suppress(Exception):
                 await self._report()
-        self._applied = fingerprint
+
+    def _epoch_changed(self, old_epoch: str, old_revision: int, desired: DesiredState) -> None:
+        self.epoch_changes += 1
+        self._left_epochs.add(old_epoch)
+        self.last_epoch_change = {
+            "from": {"epoch": old_epoch, "revision": old_revision},
+            "to": {"epoch": desired.epoch, "revision": desired.revision},
+            "at": time.time(),
+        }
+        if self.telemetry is not None:
+            self.telemetry.epoch_change()
+        log.warning(
+            "control epoch changed from %s (revision %d) to %s (revision %d): the revision "
+            "counter was reset (Redis lost its data?) or a new epoch was started; applied the "
+            "new epoch's state",
+            old_epoch or "-",
+            old_revision,
+            desired.epoch or "-",
+            desired.revision,
+        )
 
     async def _resolve_refs(self, desired: DesiredState) -> tuple[tuple[str, str], ...]:
         refs = sorted(set(desired.weights) | ({desired.shadow} if desired.shadow else set()))
@@ -331,11 +341,22 @@ class ControlPlane:
             with contextlib.suppress(Exception):
                 await self._report()
 
+    def _figures(self) -> dict[str, VersionFigures]:
+        if self.telemetry is None:
+            return {}
+        with contextlib.suppress(Exception):
+            return {
+                version: msgspec.convert(figures, VersionFigures)
+                for version, figures in self.telemetry.gate_figures().items()
+            }
+        return {}
+
     async def _report(self) -> None:
         if self.client is None or not self.settings.enabled:
             return
         routing = self.rollout.service.routing
         status = self.rollout.status
+        last = self.last_rejection
         report = ReplicaStatus(
             replica=self.replica,
             revision=status.applied_revision,
@@ -344,6 +365,12 @@ class ControlPlane:
             outcome=status.last_outcome,
             error=status.last_error,
             updated_at=time.time(),
+            epoch=status.applied_epoch,
+            signed=bool(self.settings.hmac_secret),
+            rejected=self.rejected + self.rejected_documents,
+            last_rejection=f"{last['source']}: {last['detail']}" if last else None,
+            epoch_changes=self.epoch_changes,
+            figures=self._figures(),
         )
         await self.client.set(
             self._status_key(), msgspec.json.encode(report), ex=self.settings.heartbeat_ttl_s

@@ -93,6 +93,7 @@ class Components:
             settings.registry.model_uri,
             self.rollout,
             self.replica,
+            self.telemetry,
         )
 
     async def start(self) -> None:

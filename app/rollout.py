@@ -32,6 +32,7 @@ class DesiredState:
     shadow: str | None = None
     shadow_fraction: float = 0.0
     revision: int = 0
+    epoch: str = ""
 
 
 @dataclass
@@ -39,6 +40,7 @@ class RolloutStatus:
     """Outcome of the last apply, for /v1/models and the fleet status."""
 
     applied_revision: int = -1
+    applied_epoch: str = ""
     applied_at: float = 0.0
     last_outcome: str = "pending"
     last_error: str | None = None
@@ -94,10 +96,12 @@ class Rollout:
         status.last_error = error
         if outcome == "applied":
             status.applied_revision = state.revision
+            status.applied_epoch = state.epoch
             status.applied_at = time.time()
         status.history = [
             *status.history[-9:],
             {
+                "epoch": state.epoch,
                 "revision": state.revision,
                 "outcome": outcome,
                 "error": error,
@@ -152,6 +156,7 @@ class Rollout:
         """Status for /v1/models."""
         s = self.status
         return {
+            "applied_epoch": s.applied_epoch,
             "applied_revision": s.applied_revision,
             "applied_at": s.applied_at,
             "last_outcome": s.last_outcome,

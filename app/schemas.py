@@ -89,6 +89,16 @@ class Timing(Struct, frozen=True):
     total: float
 
 
+class DomainFlags(Struct, frozen=True):
+    """Whether the capture lies inside the model's trained domain, and why not."""
+
+    inside: bool
+    """False when the received power, noise floor or estimated position lies beyond what the
+    model was trained on; its sigmas are then widened to at least the in-domain median."""
+    reasons: list[str]
+    """One sentence per reason (empty when inside)."""
+
+
 class PredictResponse(Struct, frozen=True, omit_defaults=True, tag_field="kind", tag="prediction"):
     """One localization."""
 
@@ -98,6 +108,7 @@ class PredictResponse(Struct, frozen=True, omit_defaults=True, tag_field="kind",
     model: ModelRef
     cached: bool
     timing_ms: Timing
+    domain: DomainFlags
     geojson: dict[str, Any] | None = None
 
 

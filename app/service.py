@@ -24,6 +24,7 @@ from opentelemetry import trace
 from app.cache import PredictionCache, input_digest
 from app.models import Routing, VersionContext
 from app.schemas import (
+    DomainFlags,
     FieldError,
     ModelRef,
     Position,
@@ -66,6 +67,7 @@ def problem_from(error: ServiceError, request_id: str | None = None) -> Problem:
         title=error.title,
         status=int(error.status),
         detail=error.detail,
+        type=error.problem_type,
         errors=errors,
         request_id=request_id,
     )
@@ -297,11 +299,15 @@ class InferenceService:
             if isinstance(outcome, Prediction):
                 self.telemetry.shadow_distance(version, positions_distance_m(primary, outcome))
 
-    def count(self, version: str, outcome: str, started: float) -> None:
-        """Count one answer (or failure) of ``version`` and its total duration."""
+    def count(
+        self, version: str, outcome: str, started: float, answer: Prediction | None = None
+    ) -> None:
+        """Count one answer (or failure) of ``version``, its duration and its domain flag."""
         if self.telemetry is not None:
             self.telemetry.request(version, outcome)
             self.telemetry.duration(version, "total", time.perf_counter() - started)
+            if answer is not None:
+                self.telemetry.domain(version, answer.domain_inside)
 
     def _trace(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
         """Queue, features and inference spans (worker-side times) and phase metrics."""
@@ -382,7 +388,7 @@ class InferenceService:
     ) -> PredictResponse:
         """The answer built from a cached prediction (counted as a request of ``ctx``)."""
         total_ms = (time.perf_counter() - started) * 1e3
-        self.count(ctx.version, "ok", started)
+        self.count(ctx.version, "ok", started, hit)
         return build_response(
             request_id,
             hit,
@@ -445,7 +451,7 @@ class InferenceService:
         if isinstance(outcome, ItemError):
             field = outcome.field.replace("$", prefix, 1) if outcome.field else None
             raise from_code(outcome.code, outcome.detail, field)
-        self.count(ctx.version, "ok", started)
+        self.count(ctx.version, "ok", started, outcome)
         t = result.timings
         return build_response(
             prepared.request_id,
@@ -477,6 +483,7 @@ def build_response(
         model=model,
         cached=cached,
         timing_ms=timing,
+        domain=DomainFlags(p.domain_inside, p.domain_reasons),
         geojson=p.geojson,
     )
 

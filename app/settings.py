@@ -8,22 +8,24 @@ by the OpenTelemetry SDK itself); ours carry the ``HEIMDALL_`` prefix.
 from __future__ import annotations
 
 import ast
+import importlib
 import inspect
 import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
-from app.cache import CacheSettings
-from app.control import ControlSettings
-from app.service import ServiceSettings
-from telemetry.setup import TelemetrySettings
-from workers.pool import PoolSettings
-from workers.registry import RegistrySettings
+if TYPE_CHECKING:  # imported when a section is loaded: the operator verbs need only a few
+    from app.cache import CacheSettings
+    from app.control import ControlSettings
+    from app.service import ServiceSettings
+    from telemetry.setup import TelemetrySettings
+    from workers.pool import PoolSettings
+    from workers.registry import RegistrySettings
 
 
 class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -63,16 +65,28 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """How Granian calls the app: rsgi (body in one piece, app/rsgi.py) or Granian's ASGI."""
 
 
-# (struct, prefix, {field: standard variable name})
-SECTIONS: dict[str, tuple[type[Struct], str, dict[str, str]]] = {
-    "server": (ServerSettings, "HEIMDALL_", {}),
-    "service": (ServiceSettings, "HEIMDALL_", {}),
-    "registry": (RegistrySettings, "HEIMDALL_", {"tracking_uri": "MLFLOW_TRACKING_URI"}),
-    "pool": (PoolSettings, "HEIMDALL_POOL_", {}),
-    "cache": (CacheSettings, "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
-    "control": (ControlSettings, "HEIMDALL_CONTROL_", {}),
-    "telemetry": (TelemetrySettings, "HEIMDALL_TELEMETRY_", {}),
+# ("module:Struct", prefix, {field: standard variable name}); modules are imported on use,
+# so the operator verbs do not pay for numpy, ONNX Runtime or OpenTelemetry.
+SECTIONS: dict[str, tuple[str, str, dict[str, str]]] = {
+    "server": ("app.settings:ServerSettings", "HEIMDALL_", {}),
+    "service": ("app.service:ServiceSettings", "HEIMDALL_", {}),
+    "registry": (
+        "workers.registry:RegistrySettings",
+        "HEIMDALL_",
+        {"tracking_uri": "MLFLOW_TRACKING_URI"},
+    ),
+    "pool": ("workers.pool:PoolSettings", "HEIMDALL_POOL_", {}),
+    "cache": ("app.cache:CacheSettings", "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
+    "control": ("app.control:ControlSettings", "HEIMDALL_CONTROL_", {}),
+    "telemetry": ("telemetry.setup:TelemetrySettings", "HEIMDALL_TELEMETRY_", {}),
 }
+
+
+def section_struct(section: str) -> type[Struct]:
+    """The settings struct of ``section`` (importing its module)."""
+    module, _, name = SECTIONS[section][0].partition(":")
+    cls: type[Struct] = getattr(importlib.import_module(module), name)
+    return cls
 
 
 class SettingsError(ValueError):
@@ -127,26 +141,49 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         SettingsError: a variable does not parse or violates its constraint.
     """
     source = os.environ if env is None else env
-    parts: dict[str, Struct] = {}
-    for section, (cls, _, _) in SECTIONS.items():
-        values: dict[str, Any] = {}
-        for field in msgspec.structs.fields(cls):
-            name = env_name(section, field.name)
-            # An empty string means "unset", except for text settings where it is a value
-            # (``REDIS_URL=`` disables Redis).
-            if name in source and (source[name] != "" or field.type is str):
-                values[field.name] = source[name]
-        values.update(overrides.get(section, {}))
-        try:
-            parts[section] = msgspec.convert(values, cls, strict=False)
-        except msgspec.ValidationError as exc:
-            message = str(exc)
-            for field in msgspec.structs.fields(cls):
-                message = message.replace(f"`$.{field.name}`", env_name(section, field.name))
-            raise SettingsError(f"invalid setting: {message}") from exc
+    parts = {section: _load_section(section, source, overrides) for section in SECTIONS}
     settings = Settings(**parts)  # type: ignore[arg-type]
     _check_combinations(settings)
     return settings
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """What the operator verbs (promote, route, shadow, status) need."""
+
+    registry: RegistrySettings
+    cache: CacheSettings
+    control: ControlSettings
+
+
+def load_operator_settings(env: Mapping[str, str] | None = None) -> OperatorSettings:
+    """Like :func:`load_settings` for the registry, cache and control sections only.
+
+    Raises:
+        SettingsError: a variable does not parse or violates its constraint.
+    """
+    source = os.environ if env is None else env
+    parts = {section: _load_section(section, source, {}) for section in ("registry", "cache")}
+    return OperatorSettings(**parts, control=_load_section("control", source, {}))  # type: ignore[arg-type]
+
+
+def _load_section(section: str, source: Mapping[str, str], overrides: Mapping[str, Any]) -> Struct:
+    cls = section_struct(section)
+    values: dict[str, Any] = {}
+    for field in msgspec.structs.fields(cls):
+        name = env_name(section, field.name)
+        # An empty string means "unset", except for text settings where it is a value
+        # (``REDIS_URL=`` disables Redis).
+        if name in source and (source[name] != "" or field.type is str):
+            values[field.name] = source[name]
+    values.update(overrides.get(section, {}))
+    try:
+        return msgspec.convert(values, cls, strict=False)
+    except msgspec.ValidationError as exc:
+        message = str(exc)
+        for field in msgspec.structs.fields(cls):
+            message = message.replace(f"`$.{field.name}`", env_name(section, field.name))
+        raise SettingsError(f"invalid setting: {message}") from exc
 
 
 def _docstrings(cls: type) -> dict[str, str]:
@@ -167,7 +204,8 @@ def _docstrings(cls: type) -> dict[str, str]:
 def settings_table() -> str:
     """Markdown table of every variable, its default and its meaning."""
     rows = ["| Variable | Default | Meaning |", "| --- | --- | --- |"]
-    for section, (cls, _, _) in SECTIONS.items():
+    for section in SECTIONS:
+        cls = section_struct(section)
         docs = _docstrings(cls)
         for field in msgspec.structs.fields(cls):
             default = field.default if field.default is not msgspec.NODEFAULT else ""
@@ -182,6 +220,6 @@ def all_env_names() -> set[str]:
     """Every environment variable the service reads itself."""
     return {
         env_name(section, f.name)
-        for section, (cls, _, _) in SECTIONS.items()
-        for f in msgspec.structs.fields(cls)
+        for section in SECTIONS
+        for f in msgspec.structs.fields(section_struct(section))
     }

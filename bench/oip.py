@@ -74,11 +74,11 @@ def ensure_venv(venv: Path) -> Path:
 def tensors() -> dict[str, np.ndarray]:
     """Batch-1 model inputs of one simulated capture, packed by the serving code."""
     from tests.support.reference import payload_arrays, reference_spec
-    from training.simulate import iter_batches, request_payload
+    from training.simulate import heard_batch, request_payload
     from workers.inputs import pack_capture
 
     spec = reference_spec()
-    batch = next(iter_batches(1, 3003, chunk=1))
+    batch = heard_batch(1, 3003)
     packed = pack_capture(*payload_arrays(request_payload(batch, 0)), spec)
     return {
         spec.inputs["features"].name: packed.features[None].astype(np.float32),

@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "k6" / "data"
@@ -33,14 +33,13 @@ CACHE_SEED = 2002
 
 
 def payloads(count: int, seed: int, cache: bool, tag: str) -> list[dict[str, Any]]:
-    """``count`` distinct predict bodies simulated from ``seed``."""
-    out: list[dict[str, Any]] = []
-    for batch in iter_batches(count, seed, chunk=min(count, 256)):
-        for i in range(len(batch)):
-            out.append(
-                request_payload(batch, i, cache=cache, request_id=f"{tag}-{seed}-{len(out)}")
-            )
-    return out
+    """``count`` distinct predict bodies simulated from ``seed`` (captures the service answers:
+    at least three receivers hear the transmitter well)."""
+    batch = heard_batch(count, seed)
+    return [
+        request_payload(batch, i, cache=cache, request_id=f"{tag}-{seed}-{i}")
+        for i in range(len(batch))
+    ]
 
 
 def as_msgpack(body: dict[str, Any]) -> bytes:

@@ -111,6 +111,7 @@ class Telemetry:
         self._requests = each["heimdall.inference.requests"]
         self._duration = each["heimdall.inference.duration"]
         self._cache = each["heimdall.cache.requests"]
+        self._domain = each["heimdall.inference.domain"]
         self._http = each["http.server.request.duration"]
 
     def shutdown(self) -> None:
@@ -141,6 +142,10 @@ class Telemetry:
         """Record one ``http.server.request.duration`` (no route for unmatched paths)."""
         self._http.record(seconds, method, status, scheme, route)
 
+    def domain(self, version: str, inside: bool) -> None:
+        """Count one answer by whether it lies inside the model's trained domain."""
+        self._domain.add(1, version, "true" if inside else "false")
+
     def cache(self, result: str, version: str = "", tier: str = "redis") -> None:
         """Count one cache lookup by result (hit, miss, error) and tier (local, redis)."""
         self._cache.add(1, result, tier, version)
@@ -152,6 +157,14 @@ class Telemetry:
     def reload(self, outcome: str) -> None:
         """Count one rollout apply by outcome."""
         self.instruments["reloads"].add(1, {"outcome": outcome})
+
+    def epoch_change(self) -> None:
+        """Count one change of the control plane's epoch (the revision counter was reset)."""
+        self.instruments["epoch_changes"].add(1)
+
+    def control_rejected(self, source: str, reason: str) -> None:
+        """Count one refused control message or document by source and reason."""
+        self.instruments["control_rejected"].add(1, {"source": source, "reason": reason})
 
     def shadow_distance(self, version: str, metres: float) -> None:
         """Record the distance between primary and shadow positions."""
@@ -217,6 +230,38 @@ class Telemetry:
             hits = figures.pop("cache_hits")
             figures["cache_hit_rate"] = round(hits / lookups, 4) if lookups else None
         return out
+
+    def gate_figures(self) -> dict[str, dict[str, Any]]:
+        """Per-version cumulative counts for rollout gates (a leader diffs two of them).
+
+        ``requests``, ``errors`` (outcome not ok), and the bucket counts of the total
+        duration (seconds) and shadow distance (metres) histograms with their bounds.
+        """
+        data = self.snapshot()
+        out: dict[str, dict[str, Any]] = {}
+        for rm in data.resource_metrics if data else []:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for point in metric.data.data_points:
+                        attrs = dict(point.attributes or {})
+                        version = str(attrs.get("model_version", ""))
+                        if version:
+                            _gate_point(metric.name, attrs, point, out.setdefault(version, {}))
+        return out
+
+
+def _gate_point(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
+    if name == "heimdall.inference.requests" and isinstance(point, NumberDataPoint):
+        figures["requests"] = figures.get("requests", 0) + int(point.value)
+        if attrs.get("outcome") != "ok":
+            figures["errors"] = figures.get("errors", 0) + int(point.value)
+    elif isinstance(point, HistogramDataPoint) and (
+        (name == "heimdall.inference.duration" and attrs.get("phase") == "total")
+        or name == "heimdall.shadow.distance"
+    ):
+        kind = "latency" if name == "heimdall.inference.duration" else "shadow"
+        figures[f"{kind}_bounds"] = list(point.explicit_bounds)
+        figures[f"{kind}_counts"] = [int(c) for c in point.bucket_counts]
 
 
 def _accumulate(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:
@@ -337,6 +382,13 @@ def _per_request_instruments() -> list[Instrument]:
             bounds=DURATION_BUCKETS_S,
         ),
         Instrument(
+            "heimdall.inference.domain",
+            "1",
+            "Answers by whether the capture lies inside the model's trained domain",
+            ("model_version", "inside"),
+            scope="heimdall.inference",
+        ),
+        Instrument(
             "heimdall.cache.requests",
             "1",
             "Prediction cache lookups by result",
@@ -450,6 +502,16 @@ def build_telemetry(
             unit="1",
             description="Requests refused for the client's behaviour (incomplete, slow, excess "
             "uploads), by reason; not server errors",
+        ),
+        "epoch_changes": meter.create_counter(
+            "heimdall.control.epoch_changes",
+            unit="1",
+            description="Desired states applied from a new control-plane epoch (counter reset)",
+        ),
+        "control_rejected": meter.create_counter(
+            "heimdall.control.rejected",
+            unit="1",
+            description="Refused control messages and desired-state documents",
         ),
         "shadow": meter.create_histogram(
             "heimdall.shadow.distance", unit="m", description="Primary-to-shadow position distance"

@@ -19,7 +19,9 @@ from training.simulate import (
     RECEIVERS,
     SAMPLE_RATE_HZ,
     SAMPLES,
+    WIDE,
     CaptureBatch,
+    Domain,
     iter_batches,
     receiver_positions,
 )
@@ -27,7 +29,10 @@ from workers.features import band_power_db
 from workers.geo import to_local
 from workers.inputs import ModelInputs, pack_capture
 from workers.spec import (
+    CalibrationSpec,
     CaptureSpec,
+    DetectionSpec,
+    DomainSpec,
     FeatureSpec,
     ModelSpec,
     OutputSpec,
@@ -45,6 +50,8 @@ N_BANDS = 32
 N_FRAMES = 1 + (SAMPLES - N_FFT) // HOP
 DB_FLOOR = -150.0
 MODEL_NAME = "heimdall-reference"
+SNR_THRESHOLD_DB = 0.0
+MIN_DETECTED = 3
 
 
 class PackedSet(NamedTuple):
@@ -62,6 +69,10 @@ class PackedSet(NamedTuple):
     """``(n, 2)`` latitude/longitude of each capture's local-frame origin."""
     truth: npt.NDArray[np.float64]
     """``(n, 2)`` true transmitter latitude/longitude."""
+    nuisance: npt.NDArray[np.float64]
+    """``(n, 7)`` EIRP, exponent, shadowing, receivers present, receivers detecting, the
+    strongest estimated received power and the highest estimated noise power (dBm) of each
+    capture, for strata and the domain."""
 
 
 def feature_spec(norm_mean_db: float = 0.0, norm_std_db: float = 1.0) -> FeatureSpec:
@@ -93,12 +104,26 @@ def capture_spec() -> CaptureSpec:
     )
 
 
+def detection_spec() -> DetectionSpec:
+    """The detection rule the reference model is trained and served with."""
+    return DetectionSpec(
+        method="band_median_noise", snr_threshold_db=SNR_THRESHOLD_DB, min_detected=MIN_DETECTED
+    )
+
+
+def detected(inputs: ModelInputs) -> int:
+    """Receivers of one packed capture that detect the signal under :func:`detection_spec`."""
+    return int(np.sum(inputs.detection.snr_db >= SNR_THRESHOLD_DB))
+
+
 def build_spec(
     features: FeatureSpec,
     calibration_factor: float = 1.0,
     training_data: str = "",
     seed: int = 0,
     metrics: dict[str, float] | None = None,
+    domain: DomainSpec | None = None,
+    calibration: CalibrationSpec | None = None,
 ) -> ModelSpec:
     """The complete model spec of the reference model.
 
@@ -108,6 +133,8 @@ def build_spec(
         training_data: description of the training data.
         seed: training seed.
         metrics: held-out figures.
+        domain: the trained domain and detection rule.
+        calibration: the spread-dependent sigma scaling.
 
     Returns:
         The spec to write as ``model_spec.json``.
@@ -132,6 +159,7 @@ def build_spec(
             frame="aeqd_receiver_centroid",
             position_scale_m=POSITION_SCALE_M,
             calibration_factor=float(calibration_factor),
+            calibration=calibration,
         ),
         provenance=Provenance(
             training_data=training_data,
@@ -139,14 +167,15 @@ def build_spec(
             metrics=dict(metrics or {}),
             created_by="training.export",
         ),
+        domain=domain,
     )
 
 
-def norm_constants(n: int, seed: int) -> tuple[float, float]:
+def norm_constants(n: int, seed: int, domain: Domain = WIDE) -> tuple[float, float]:
     """Global mean and std of :func:`band_power_db` over present receivers of ``n`` captures."""
     total, total_sq, count = 0.0, 0.0, 0
     spec = feature_spec()
-    for batch in iter_batches(n, seed, chunk=512):
+    for batch in iter_batches(n, seed, chunk=512, domain=domain):
         db = band_power_db(batch.iq[batch.present], spec).astype(np.float64)
         total += float(db.sum())
         total_sq += float((db**2).sum())
@@ -176,19 +205,28 @@ def pack_one(batch: CaptureBatch, i: int, spec: ModelSpec) -> tuple[ModelInputs,
 
 
 def build_dataset(
-    n: int, seed: int, spec: ModelSpec, chunk: int = 512, log: bool = True
+    n: int,
+    seed: int,
+    spec: ModelSpec,
+    chunk: int = 512,
+    log: bool = True,
+    domain: Domain = WIDE,
 ) -> PackedSet:
-    """Simulate ``n`` captures from ``seed`` and pack them with :func:`pack_one`.
+    """Simulate ``n`` captures from ``seed``, pack them with :func:`pack_one`, keep answerable.
+
+    Only captures the server would answer are kept: at least ``MIN_DETECTED`` receivers
+    detect the signal (:mod:`workers.detection`, the server's own rule).
 
     Args:
-        n: number of captures.
+        n: number of captures to simulate (fewer are returned).
         seed: simulator seed.
         spec: model spec with the final normalisation constants.
         chunk: simulation chunk size.
         log: print progress.
+        domain: simulator domain.
 
     Returns:
-        The packed dataset.
+        The packed dataset of the answerable captures.
     """
     k, f, b = MAX_RECEIVERS, spec.features.n_frames, spec.features.n_bands
     features = np.zeros((n, k, f, b), dtype=np.float32)
@@ -197,20 +235,35 @@ def build_dataset(
     target = np.zeros((n, 2), dtype=np.float32)
     origin = np.zeros((n, 2), dtype=np.float64)
     truth = np.zeros((n, 2), dtype=np.float64)
-    start, done = time.perf_counter(), 0
-    for batch in iter_batches(n, seed, chunk=chunk):
+    nuisance = np.zeros((n, 7), dtype=np.float64)
+    start, done, kept = time.perf_counter(), 0, 0
+    for batch in iter_batches(n, seed, chunk=chunk, domain=domain):
         for i in range(len(batch)):
             inputs, tgt = pack_one(batch, i, spec)
-            j = done + i
+            hits = detected(inputs)
+            if hits < MIN_DETECTED:
+                continue
+            j = kept
             features[j], receivers[j], mask[j] = inputs.features, inputs.receivers, inputs.mask
             target[j] = tgt
             origin[j] = (inputs.origin_lat, inputs.origin_lon)
             truth[j] = (batch.tx_lat[i], batch.tx_lon[i])
+            nuisance[j] = (
+                batch.eirp_dbm[i],
+                batch.exponent[i],
+                batch.shadowing_db[i],
+                len(batch.receivers_of(i)),
+                hits,
+                float(np.max(inputs.detection.signal_dbm)),
+                float(np.max(inputs.detection.noise_dbm)),
+            )
+            kept += 1
         done += len(batch)
         if log and (done // chunk) % 10 == 0:
             rate = (time.perf_counter() - start) / done * 1e3
-            print(f"  seed {seed}: {done}/{n} captures ({rate:.2f} ms/capture)", flush=True)
-    return PackedSet(features, receivers, mask, target, origin, truth)
+            print(f"  seed {seed}: {done}/{n} captures, {kept} kept ({rate:.2f} ms)", flush=True)
+    arrays = (features, receivers, mask, target, origin, truth, nuisance)
+    return PackedSet(*(a[:kept] for a in arrays))
 
 
 def save_dataset(data: PackedSet, directory: Path) -> None:
@@ -227,7 +280,9 @@ def load_dataset(directory: Path) -> PackedSet:
     )
 
 
-def build_sharded(n: int, seed: int, spec: ModelSpec, shards: int, workers: int = 2) -> PackedSet:
+def build_sharded(
+    n: int, seed: int, spec: ModelSpec, shards: int, workers: int = 2, domain: Domain = WIDE
+) -> PackedSet:
     """Build ``n`` captures as ``shards`` independent simulator streams, in parallel.
 
     Shard ``s`` simulates ``n // shards`` (the last one the remainder) captures from seed
@@ -239,6 +294,7 @@ def build_sharded(n: int, seed: int, spec: ModelSpec, shards: int, workers: int 
         spec: model spec with the final normalisation constants.
         shards: number of simulator streams.
         workers: worker processes.
+        domain: simulator domain.
 
     Returns:
         The concatenated packed dataset.
@@ -251,6 +307,14 @@ def build_sharded(n: int, seed: int, spec: ModelSpec, shards: int, workers: int 
     seeds = [seed * 1000 + s for s in range(shards)]
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
         parts = list(
-            pool.map(build_dataset, sizes, seeds, [spec] * shards, [512] * shards, [False] * shards)
+            pool.map(
+                build_dataset,
+                sizes,
+                seeds,
+                [spec] * shards,
+                [512] * shards,
+                [False] * shards,
+                [domain] * shards,
+            )
         )
     return PackedSet(*(np.concatenate(f) for f in zip(*parts, strict=True)))

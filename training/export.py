@@ -13,14 +13,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.dataset import PackedSet, build_spec
+from training import simulate
+from training.dataset import PackedSet, build_spec, detection_spec
 from training.evaluate import evaluate, load_package, run_session
-from workers.spec import ModelSpec, decode_spec, encode_spec
+from workers.spec import CalibrationSpec, DomainSpec, ModelSpec, decode_spec, encode_spec
 
 INPUT_NAMES = ("features", "receivers", "mask")
 OUTPUT_NAMES = ("mean", "sigma", "rho")
 EVAL_SEED = 3
-EVAL_CAPTURES = 2_000
+EVAL_CAPTURES = 4_000
 
 
 def export_onnx(model: nn.Module, spec: ModelSpec, path: Path) -> None:
@@ -56,25 +57,90 @@ def check_parity(model: nn.Module, directory: Path, data: PackedSet, n: int = 25
     return diff
 
 
+def calibrate(
+    model: nn.Module, spec: ModelSpec, val: PackedSet
+) -> tuple[float, CalibrationSpec, dict[str, float]]:
+    """Fit the global sigma factor and the spread table on validation data.
+
+    Returns:
+        The global factor, the spread table and the validation coverages before/after.
+    """
+    from training.train import (  # local: train imports torch-heavy modules lazily
+        LEVELS,
+        coverage,
+        fit_calibration,
+        fit_spread_calibration,
+        mahalanobis_sq,
+        predict,
+        spread_factor,
+    )
+
+    scale = spec.output.position_scale_m
+    vm, vs, vr = predict(model, val)
+    err = vm - val.target
+    factor = fit_calibration(err, vs, vr)
+    knots, factors = fit_spread_calibration(err, vs * factor, vr, scale)
+    table = CalibrationSpec(
+        log_sigma_m=[round(k, 4) for k in knots],
+        factor=[round(f, 4) for f in factors],
+        method=(
+            f"per spread bin (8 equal-count bins of log sigma on {len(err)} validation "
+            "captures), the factor minimising the worst coverage deviation at 50/90/95 %; "
+            "linear in log sigma between bin medians"
+        ),
+    )
+    final = spread_factor(vs * factor, scale, table.log_sigma_m, table.factor)
+    before = coverage(mahalanobis_sq(err, vs, vr, factor))
+    after = coverage(mahalanobis_sq(err, vs * factor * final[:, None], vr))
+    figures: dict[str, float] = {}
+    for level, b, a in zip(LEVELS, before, after, strict=True):
+        figures[f"val_coverage_global_{round(level * 100)}"] = round(float(b), 4)
+        figures[f"val_coverage_{round(level * 100)}"] = round(float(a), 4)
+    sig = np.sqrt(vs[:, 0] * vs[:, 1]) * scale * factor * final
+    figures["val_median_sigma_m"] = round(float(np.median(sig)), 1)
+    return factor, table, figures
+
+
+def domain_spec(train: PackedSet, median_sigma_m: float, scale_m: float) -> DomainSpec:
+    """The trained domain: simulator ranges and what the training captures reached."""
+    d = simulate.WIDE
+    offsets = np.hypot(train.target[:, 0], train.target[:, 1]) * scale_m
+    return DomainSpec(
+        description=d.describe(),
+        eirp_dbm=list(d.eirp_dbm),
+        path_loss_exponent=list(d.path_loss_exponent),
+        shadowing_db=list(d.shadowing_db),
+        noise_dbm=[
+            simulate.THERMAL_NOISE_DBM,
+            simulate.THERMAL_NOISE_DBM + d.noise_figure_spread_db,
+        ],
+        detection=detection_spec(),
+        max_signal_dbm=round(float(np.max(train.nuisance[:, 5])) + 3.0, 1),
+        max_noise_dbm=round(float(np.percentile(train.nuisance[:, 6], 99.9)) + 3.0, 1),
+        max_offset_m=round(float(np.max(offsets)) * 1.05, -2),
+        out_of_domain_min_sigma_m=round(median_sigma_m, -1),
+    )
+
+
 def export_package(
     model: nn.Module,
     spec: ModelSpec,
-    calibration_factor: float,
     out: Path,
     training_data: str,
     seed: int,
+    train: PackedSet,
     val: PackedSet,
 ) -> dict[str, float]:
-    """Write ``model.onnx`` and ``model_spec.json`` to ``out`` and return the figures.
+    """Calibrate, write ``model.onnx`` and ``model_spec.json`` to ``out``, return the figures.
 
     Args:
         model: trained network.
         spec: spec with the final feature normalisation (its provenance is replaced).
-        calibration_factor: fitted sigma multiplier.
         out: package directory.
         training_data: description for the provenance.
         seed: training seed.
-        val: validation data, used for the torch/ONNX parity check.
+        train: training data (the domain's reached ranges).
+        val: validation data: calibration and the torch/ONNX parity check.
 
     Returns:
         The metrics written into the spec's provenance.
@@ -82,22 +148,29 @@ def export_package(
     out.mkdir(parents=True, exist_ok=True)
     export_onnx(model, spec, out / "model.onnx")
     n_params = sum(p.numel() for p in model.parameters())
-    final = build_spec(spec.features, calibration_factor, training_data, seed)
-    (out / "model_spec.json").write_bytes(encode_spec(final))
+    factor, table, cal_figures = calibrate(model, spec, val)
+    domain = domain_spec(train, cal_figures["val_median_sigma_m"], spec.output.position_scale_m)
+
+    def package(metrics: dict[str, float] | None) -> ModelSpec:
+        return build_spec(
+            spec.features, factor, training_data, seed, metrics, domain, calibration=table
+        )
+
+    (out / "model_spec.json").write_bytes(encode_spec(package(None)))
     diff = check_parity(model, out, val)
     session, _ = load_package(out)
-    figures = evaluate(session, final, EVAL_CAPTURES, EVAL_SEED).metrics()
+    figures = evaluate(session, package(None), EVAL_CAPTURES, EVAL_SEED).metrics()
     metrics: dict[str, float] = {
         **figures,
+        **cal_figures,
         "eval_captures": EVAL_CAPTURES,
         "eval_seed": EVAL_SEED,
-        "calibration_factor": round(calibration_factor, 4),
+        "calibration_factor": round(factor, 4),
         "n_params": n_params,
         "onnx_bytes": (out / "model.onnx").stat().st_size,
         "onnx_torch_max_abs_diff": diff,
     }
-    final = build_spec(spec.features, calibration_factor, training_data, seed, metrics)
-    raw = encode_spec(final)
+    raw = encode_spec(package(metrics))
     decode_spec(raw)
     (out / "model_spec.json").write_bytes(raw)
     return metrics

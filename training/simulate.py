@@ -2,15 +2,20 @@
 
 Seven fixed receivers in Piedmont, north-west Italy, cover a region of about 122 km × 122 km
 (latitude 44.55–45.65°N, longitude 7.00–8.55°E). A transmitter is drawn uniformly in the
-region with a random power (35–45 dBm), a VHF carrier near 145 MHz with one of three
-modulations (CW, FM, noise-like) and a random frequency offset (±6 kHz). Each receiver sees
-log-distance path loss (exponent 3.5, free-space reference at 1 km) with log-normal shadowing
-(σ = 4 dB), plus its own thermal noise (−121 dBm in 48 kHz, with 0–3 dB of receiver-to-receiver
-variation). 0–3 receivers are absent from each capture. A capture is 4096 complex64 samples at
-48 kHz per present receiver; sample power 1.0 corresponds to 0 dBm.
+region, with a VHF carrier near 145 MHz, one of four modulations (CW, FM, 2-FSK, noise-like)
+and a random frequency offset (±6 kHz). Each receiver sees log-distance path loss (free-space
+reference at 1 km) with log-normal shadowing, plus its own thermal noise. 0–3 receivers are
+absent from each capture. A capture is 4096 complex64 samples at 48 kHz per present receiver;
+sample power 1.0 corresponds to 0 dBm.
+
+The nuisance values are drawn per capture from a :class:`Domain`. The default, ``WIDE``, is
+the reference model's domain: EIRP 10–60 dBm (a handheld far away to a repeater), path-loss
+exponent 2.8–4.2 (open country to dense clutter), shadowing 4–9 dB, noise floors 0–6 dB
+above −121 dBm. ``LAB`` is the narrow world of the first reference model (exponent 3.5,
+shadowing 4 dB, 35–45 dBm), kept as a named preset for comparison.
 
 Distances for the path loss use the haversine on the mean Earth radius: enough for a
-propagation model with 4 dB shadowing (the service's own geodesy uses pyproj).
+propagation model with several dB of shadowing (the service's own geodesy uses pyproj).
 """
 
 from __future__ import annotations
@@ -39,14 +44,64 @@ RECEIVERS: tuple[tuple[str, str, float, float], ...] = (
     ("CAS", "Casale Monferrato", 45.1335, 8.4530),
 )
 
-PATH_LOSS_EXPONENT = 3.5
 REFERENCE_LOSS_DB = 75.7  # free-space loss at 1 km and 145 MHz
-SHADOWING_DB = 4.0
-NOISE_FLOOR_DBM = -121.0
-TX_POWER_DBM = (35.0, 45.0)
+THERMAL_NOISE_DBM = -121.0  # kTB in 48 kHz with a 5 dB noise figure
 FREQ_OFFSET_HZ = 6_000.0
-MODULATIONS = ("cw", "fm", "noise")
+MODULATIONS = ("cw", "fm", "fsk", "noise")
 EARTH_RADIUS_M = 6_371_008.8
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The world a simulated capture is drawn from (every range is sampled uniformly).
+
+    The ``wide`` preset is the reference model's trained domain; ``lab`` is the narrow world
+    of the first reference model (fixed propagation, 35–45 dBm), kept for comparison.
+    """
+
+    name: str
+    """Preset name."""
+    eirp_dbm: tuple[float, float]
+    """Transmitter EIRP range."""
+    path_loss_exponent: tuple[float, float]
+    """Log-distance path-loss exponent range (one value per capture)."""
+    shadowing_db: tuple[float, float]
+    """Log-normal shadowing standard deviation range (one value per capture)."""
+    noise_figure_spread_db: float
+    """Receiver noise floors lie between the thermal floor and this much above it."""
+    modulations: tuple[str, ...]
+    """Modulations drawn with equal probability."""
+    absent: tuple[int, int] = (0, 3)
+    """Fewest and most receivers absent from a capture."""
+
+    def describe(self) -> str:
+        """One line for provenance and cache keys."""
+        return (
+            f"{self.name}: EIRP {self.eirp_dbm[0]:g}-{self.eirp_dbm[1]:g} dBm, path-loss exponent "
+            f"{self.path_loss_exponent[0]:g}-{self.path_loss_exponent[1]:g}, shadowing "
+            f"{self.shadowing_db[0]:g}-{self.shadowing_db[1]:g} dB, noise floor "
+            f"{THERMAL_NOISE_DBM:g} dBm + 0-{self.noise_figure_spread_db:g} dB, "
+            f"{self.absent[0]}-{self.absent[1]} receivers absent, {'/'.join(self.modulations)}"
+        )
+
+
+WIDE = Domain(
+    name="wide",
+    eirp_dbm=(10.0, 60.0),
+    path_loss_exponent=(2.8, 4.2),
+    shadowing_db=(4.0, 9.0),
+    noise_figure_spread_db=6.0,
+    modulations=MODULATIONS,
+)
+LAB = Domain(
+    name="lab",
+    eirp_dbm=(35.0, 45.0),
+    path_loss_exponent=(3.5, 3.5),
+    shadowing_db=(4.0, 4.0),
+    noise_figure_spread_db=3.0,
+    modulations=("cw", "fm", "noise"),
+)
+PRESETS = {d.name: d for d in (WIDE, LAB)}
 
 
 @dataclass(frozen=True)
@@ -62,13 +117,36 @@ class CaptureBatch:
     tx_lon: npt.NDArray[np.float64]
     """True transmitter longitudes."""
     modulation: list[str]
-    """Modulation of each capture."""
+    """Modulation of each capture (``none`` for noise-only captures)."""
     order: npt.NDArray[np.int64]
     """``(n, 7)`` a random order of the slots, used to shuffle receivers in payloads."""
+    eirp_dbm: npt.NDArray[np.float64]
+    """``(n,)`` transmitter EIRP (``-inf`` for noise-only captures)."""
+    exponent: npt.NDArray[np.float64]
+    """``(n,)`` path-loss exponent of each capture."""
+    shadowing_db: npt.NDArray[np.float64]
+    """``(n,)`` shadowing standard deviation of each capture."""
+    snr_db: npt.NDArray[np.float64]
+    """``(n, 7)`` true received signal power over noise power in the whole 48 kHz band."""
 
     def __len__(self) -> int:
         """Number of captures."""
         return len(self.tx_lat)
+
+    def select(self, rows: npt.NDArray[np.int64]) -> CaptureBatch:
+        """The captures at ``rows``, in that order."""
+        return CaptureBatch(
+            self.iq[rows],
+            self.present[rows],
+            self.tx_lat[rows],
+            self.tx_lon[rows],
+            [self.modulation[r] for r in rows],
+            self.order[rows],
+            self.eirp_dbm[rows],
+            self.exponent[rows],
+            self.shadowing_db[rows],
+            self.snr_db[rows],
+        )
 
     def receivers_of(self, i: int) -> list[int]:
         """Slots of capture ``i``'s present receivers, in the capture's shuffled order."""
@@ -94,69 +172,150 @@ def haversine_m(
     return np.asarray(2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(a)), dtype=np.float64)
 
 
-def _waveforms(rng: np.random.Generator, n: int) -> tuple[npt.NDArray[np.complex64], list[str]]:
-    """Unit-power baseband waveforms ``(n, samples)`` with random modulation and offset."""
+def _band_limited_noise(
+    rng: np.random.Generator, offset: npt.NDArray[np.float64], width: npt.NDArray[np.float64]
+) -> npt.NDArray[np.complex128]:
+    """Unit-power complex Gaussian noise in ``offset ± width / 2`` (rows = captures)."""
+    m = len(offset)
+    white = rng.standard_normal((m, SAMPLES)) + 1j * rng.standard_normal((m, SAMPLES))
+    freqs = np.fft.fftfreq(SAMPLES, 1.0 / SAMPLE_RATE_HZ)
+    band = np.abs(freqs[None, :] - offset) <= width / 2
+    shaped = np.fft.ifft(np.fft.fft(white, axis=1) * band, axis=1)
+    return np.asarray(shaped / np.sqrt(np.mean(np.abs(shaped) ** 2, axis=1, keepdims=True)))
+
+
+def _waveforms(
+    rng: np.random.Generator, n: int, modulations: tuple[str, ...]
+) -> tuple[npt.NDArray[np.complex64], list[str]]:
+    """Unit-power baseband waveforms ``(n, samples)`` with random modulation and offset.
+
+    CW: a carrier. FM: tone modulation, 300–3000 Hz, deviation 1.5–5 kHz. FSK: 2-FSK at
+    1200–9600 Bd with a ±1–3 kHz shift and random bits. Noise-like: Gaussian noise
+    band-limited to 2–12 kHz (e.g. a wideband digital mode).
+    """
     t = np.arange(SAMPLES, dtype=np.float64) / SAMPLE_RATE_HZ
-    kinds = rng.integers(0, len(MODULATIONS), size=n)
+    kinds = rng.integers(0, len(modulations), size=n)
+    names = [modulations[k] for k in kinds]
     offset = rng.uniform(-FREQ_OFFSET_HZ, FREQ_OFFSET_HZ, size=(n, 1))
     phase = 2 * np.pi * offset * t + rng.uniform(0, 2 * np.pi, size=(n, 1))
-    # FM: tone modulation, modulating frequency 300–3000 Hz, deviation 1.5–5 kHz.
     f_mod = rng.uniform(300.0, 3000.0, size=(n, 1))
     deviation = rng.uniform(1500.0, 5000.0, size=(n, 1))
-    fm_phase = (deviation / f_mod) * np.sin(2 * np.pi * f_mod * t)
-    phase = phase + np.where((kinds == 1)[:, None], fm_phase, 0.0)
+    is_fm = np.array([m == "fm" for m in names])[:, None]
+    phase = phase + np.where(is_fm, (deviation / f_mod) * np.sin(2 * np.pi * f_mod * t), 0.0)
+    baud = rng.uniform(1200.0, 9600.0, size=(n, 1))
+    shift = rng.uniform(1000.0, 3000.0, size=(n, 1))
+    symbols = rng.integers(0, 2, size=(n, int(SAMPLES * 9600 / SAMPLE_RATE_HZ) + 2)) * 2 - 1
+    index = np.minimum((t[None, :] * baud).astype(np.int64), symbols.shape[1] - 1)
+    freq = shift * np.take_along_axis(symbols, index, axis=1)
+    is_fsk = np.array([m == "fsk" for m in names])[:, None]
+    phase = phase + np.where(is_fsk, 2 * np.pi * np.cumsum(freq, axis=1) / SAMPLE_RATE_HZ, 0.0)
     wave = np.exp(1j * phase)
-    noisy = kinds == 2
+    noisy = np.array([m == "noise" for m in names])
     if noisy.any():
-        # Noise-like: complex Gaussian noise band-limited to 2–12 kHz around the offset.
-        m = int(noisy.sum())
-        white = rng.standard_normal((m, SAMPLES)) + 1j * rng.standard_normal((m, SAMPLES))
-        freqs = np.fft.fftfreq(SAMPLES, 1.0 / SAMPLE_RATE_HZ)
-        width = rng.uniform(2000.0, 12000.0, size=(m, 1))
-        band = np.abs(freqs[None, :] - offset[noisy]) <= width / 2
-        shaped = np.fft.ifft(np.fft.fft(white, axis=1) * band, axis=1)
-        shaped /= np.sqrt(np.mean(np.abs(shaped) ** 2, axis=1, keepdims=True))
-        wave[noisy] = shaped
-    return wave.astype(np.complex64), [MODULATIONS[k] for k in kinds]
+        width = rng.uniform(2000.0, 12000.0, size=(int(noisy.sum()), 1))
+        wave[noisy] = _band_limited_noise(rng, offset[noisy], width)
+    return wave.astype(np.complex64), names
 
 
-def simulate_batch(rng: np.random.Generator, n: int) -> CaptureBatch:
-    """Simulate ``n`` captures with the given generator."""
+def simulate_batch(
+    rng: np.random.Generator, n: int, domain: Domain = WIDE, signal: bool = True
+) -> CaptureBatch:
+    """Simulate ``n`` captures of ``domain`` with the given generator.
+
+    Args:
+        rng: random generator (the only source of randomness).
+        n: number of captures.
+        domain: the world to draw transmitters and propagation from.
+        signal: ``False`` for noise-only captures (no transmitter: receiver noise only).
+    """
     rx_lat, rx_lon = receiver_positions()
     k = len(RECEIVERS)
     tx_lat = rng.uniform(REGION["lat_min"], REGION["lat_max"], size=n)
     tx_lon = rng.uniform(REGION["lon_min"], REGION["lon_max"], size=n)
-    tx_dbm = rng.uniform(*TX_POWER_DBM, size=(n, 1))
+    eirp = rng.uniform(*domain.eirp_dbm, size=n)
+    exponent = rng.uniform(*domain.path_loss_exponent, size=n)
+    shadow = rng.uniform(*domain.shadowing_db, size=n)
     dist_km = np.maximum(haversine_m(tx_lat[:, None], tx_lon[:, None], rx_lat, rx_lon) / 1e3, 0.1)
-    loss = REFERENCE_LOSS_DB + 10 * PATH_LOSS_EXPONENT * np.log10(dist_km)
-    rx_dbm = tx_dbm - loss + rng.normal(0.0, SHADOWING_DB, size=(n, k))
-    noise_dbm = NOISE_FLOOR_DBM + rng.uniform(0.0, 3.0, size=(n, k))
-    wave, kinds = _waveforms(rng, n)
+    loss = REFERENCE_LOSS_DB + 10 * exponent[:, None] * np.log10(dist_km)
+    rx_dbm = eirp[:, None] - loss + rng.normal(0.0, 1.0, size=(n, k)) * shadow[:, None]
+    noise_dbm = THERMAL_NOISE_DBM + rng.uniform(0.0, domain.noise_figure_spread_db, size=(n, k))
+    wave, kinds = _waveforms(rng, n, domain.modulations)
     amp = np.sqrt(10 ** (rx_dbm / 10))[..., None]
     carrier_phase = np.exp(1j * rng.uniform(0, 2 * np.pi, size=(n, k, 1)))
     noise_amp = np.sqrt(10 ** (noise_dbm / 10) / 2)[..., None].astype(np.float32)
     noise = rng.standard_normal((n, k, SAMPLES), dtype=np.float32) + 1j * rng.standard_normal(
         (n, k, SAMPLES), dtype=np.float32
     )
-    iq = (amp * carrier_phase * wave[:, None, :]).astype(np.complex64) + noise * noise_amp
-    absent_count = rng.integers(0, 4, size=n)
+    iq = noise * noise_amp
+    if signal:
+        iq = (amp * carrier_phase * wave[:, None, :]).astype(np.complex64) + iq
+        snr = rx_dbm - noise_dbm
+    else:
+        eirp = np.full(n, -np.inf)
+        kinds = ["none"] * n
+        snr = np.full((n, k), -np.inf)
+    absent_count = rng.integers(domain.absent[0], domain.absent[1] + 1, size=n)
     order = np.argsort(rng.random((n, k)), axis=1)
     present = np.ones((n, k), dtype=bool)
     for i in range(n):
         present[i, order[i, : absent_count[i]]] = False
     iq[~present] = 0
     shuffle = np.argsort(rng.random((n, k)), axis=1)
-    return CaptureBatch(iq.astype(np.complex64), present, tx_lat, tx_lon, kinds, shuffle)
+    return CaptureBatch(
+        iq.astype(np.complex64),
+        present,
+        tx_lat,
+        tx_lon,
+        kinds,
+        shuffle,
+        eirp,
+        exponent,
+        shadow,
+        snr,
+    )
 
 
-def iter_batches(n: int, seed: int, chunk: int = 1024) -> Iterator[CaptureBatch]:
-    """Yield ``n`` captures in chunks, deterministically from ``seed``."""
+def iter_batches(
+    n: int, seed: int, chunk: int = 1024, domain: Domain = WIDE, signal: bool = True
+) -> Iterator[CaptureBatch]:
+    """Yield ``n`` captures of ``domain`` in chunks, deterministically from ``seed``."""
     rng = np.random.default_rng(seed)
     done = 0
     while done < n:
         size = min(chunk, n - done)
-        yield simulate_batch(rng, size)
+        yield simulate_batch(rng, size, domain, signal)
         done += size
+
+
+def heard_batch(
+    n: int, seed: int, domain: Domain = WIDE, min_snr_db: float = 10.0, receivers: int = 3
+) -> CaptureBatch:
+    """``n`` captures of ``domain`` that at least ``receivers`` present receivers hear well.
+
+    Captures are drawn from ``seed`` and kept when ``receivers`` or more present receivers
+    have a true SNR of ``min_snr_db`` or more: the captures a service must answer (tests and
+    benchmarks of the serving path use these; refusals have tests of their own).
+    """
+    parts, kept = [], 0
+    for batch in iter_batches(4 * n + 16, seed, chunk=min(max(2 * n, 16), 512), domain=domain):
+        snr = np.where(batch.present, batch.snr_db, -np.inf)
+        rows = np.flatnonzero(np.sum(snr >= min_snr_db, axis=1) >= receivers)[: n - kept]
+        parts.append(batch.select(rows))
+        kept += len(rows)
+        if kept >= n:
+            break
+    return CaptureBatch(
+        np.concatenate([p.iq for p in parts]),
+        np.concatenate([p.present for p in parts]),
+        np.concatenate([p.tx_lat for p in parts]),
+        np.concatenate([p.tx_lon for p in parts]),
+        [m for p in parts for m in p.modulation],
+        np.concatenate([p.order for p in parts]),
+        np.concatenate([p.eirp_dbm for p in parts]),
+        np.concatenate([p.exponent for p in parts]),
+        np.concatenate([p.shadowing_db for p in parts]),
+        np.concatenate([p.snr_db for p in parts]),
+    )
 
 
 def request_payload(batch: CaptureBatch, i: int, **options: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import time
@@ -28,6 +29,7 @@ from training.dataset import (
     PackedSet,
     build_sharded,
     build_spec,
+    detection_spec,
     feature_spec,
     load_dataset,
     norm_constants,
@@ -165,6 +167,34 @@ def fit_calibration(err: np.ndarray, sigma: np.ndarray, rho: np.ndarray) -> floa
     return float(grid[int(np.argmin(worst))])
 
 
+def fit_spread_calibration(
+    err: np.ndarray, sigma: np.ndarray, rho: np.ndarray, scale_m: float, bins: int = 8
+) -> tuple[list[float], list[float]]:
+    """Piecewise sigma multipliers by predicted spread (equal-count bins of log σ).
+
+    One global factor leaves narrow predictions over-confident and wide ones too cautious
+    when the model's sigma does not grow exactly with its error; a factor per spread bin,
+    interpolated in log σ between the bins' medians, makes every spread honest.
+
+    Returns:
+        Knots (natural log of the geometric-mean sigma in metres) and factors.
+    """
+    log_sigma = np.log(np.sqrt(sigma[:, 0] * sigma[:, 1]) * scale_m)
+    edges = np.quantile(log_sigma, np.linspace(0.0, 1.0, bins + 1))
+    knots, factors = [], []
+    for lo, hi in itertools.pairwise(edges):
+        inside = (log_sigma >= lo) & (log_sigma <= hi)
+        knots.append(float(np.median(log_sigma[inside])))
+        factors.append(fit_calibration(err[inside], sigma[inside], rho[inside]))
+    return knots, factors
+
+
+def spread_factor(sigma: np.ndarray, scale_m: float, knots: list[float], factors: list[float]):
+    """The factor of :func:`fit_spread_calibration` for each prediction."""
+    log_sigma = np.log(np.sqrt(sigma[:, 0] * sigma[:, 1]) * scale_m)
+    return np.interp(log_sigma, knots, factors)
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module, data: PackedSet, batch: int = 2048
@@ -185,10 +215,7 @@ def predict(
 
 def cached_dataset(n: int, seed: int, spec: ModelSpec, shards: int) -> PackedSet:
     """Build or load (from ``training/runs/``) the packed dataset for ``(n, seed, spec)``."""
-    physics = (
-        f"{simulate.PATH_LOSS_EXPONENT}/{simulate.SHADOWING_DB}/{simulate.TX_POWER_DBM}/"
-        f"{simulate.NOISE_FLOOR_DBM}"
-    )
+    physics = f"{simulate.WIDE.describe()}/{detection_spec()}/v2"
     text = encode_spec(spec) + f"{n}/{seed}/{shards}/{physics}".encode()
     key = hashlib.sha256(text).hexdigest()[:12]
     directory = RUNS / f"data_seed{seed}_n{n}_{key}"
@@ -252,9 +279,9 @@ def main(argv: list[str] | None = None) -> None:
     """Command-line entry point: build data, train, calibrate, export the package."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("training/reference"))
-    parser.add_argument("--train", type=int, default=64_000, help="training captures")
-    parser.add_argument("--val", type=int, default=6_000, help="validation captures")
-    parser.add_argument("--epochs", type=int, default=24)
+    parser.add_argument("--train", type=int, default=120_000, help="simulated training captures")
+    parser.add_argument("--val", type=int, default=24_000, help="simulated validation captures")
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=1, help="training seed (validation: +1)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
@@ -264,27 +291,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"feature normalisation: mean {norm_mean:.3f} dB, std {norm_std:.3f} dB", flush=True)
     spec = build_spec(feature_spec(norm_mean, norm_std))
     train = cached_dataset(args.train, args.seed, spec, shards=8)
-    val = cached_dataset(args.val, args.seed + 1, spec, shards=2)
+    val = cached_dataset(args.val, args.seed + 1, spec, shards=4)
+    print(f"answerable captures: train {len(train.target)}, val {len(val.target)}", flush=True)
 
     model = train_model(train, val, spec, args.epochs, args.seed)
-    vm, vs, vr = predict(model, val)
-    factor = fit_calibration(vm - val.target, vs, vr)
-    cov = coverage(mahalanobis_sq(vm - val.target, vs, vr, factor))
-    print(f"calibration factor {factor:.4f}; validation coverage {np.round(cov, 4)}", flush=True)
-
+    RUNS.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), RUNS / "last_model.pt")
     from training.export import export_package  # local: export imports this module
 
     metrics = export_package(
         model,
         spec,
-        factor,
         args.out,
         training_data=(
-            f"training.simulate: {args.train} captures (8 streams from seed {args.seed}), "
-            f"validation {args.val} captures (seed {args.seed + 1}), "
-            "Piedmont 7-receiver VHF network, 0-3 receivers absent"
+            f"training.simulate ({simulate.WIDE.describe()}): {args.train} simulated captures "
+            f"(8 streams from seed {args.seed}), validation {args.val} (seed {args.seed + 1}); "
+            "only captures the server answers (signal detected by >= 3 receivers) are kept"
         ),
         seed=args.seed,
+        train=train,
         val=val,
     )
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)

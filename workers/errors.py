@@ -16,6 +16,8 @@ class ServiceError(Exception):
     status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
     title = "Internal error"
     code = "internal"
+    problem_type = "about:blank"
+    """RFC 9457 ``type``: ``about:blank`` unless the class names a problem of its own."""
 
     def __init__(self, detail: str, *, field: str | None = None, retry_after: int | None = None):
         """Create the error.
@@ -37,6 +39,14 @@ class InvalidInput(ServiceError):
     status = HTTPStatus.UNPROCESSABLE_ENTITY
     title = "Invalid input"
     code = "invalid_input"
+
+
+class NoSignal(InvalidInput):
+    """Too few receivers detect a signal to localise anything (422, type ``…:no-signal``)."""
+
+    title = "No signal"
+    code = "no_signal"
+    problem_type = "urn:heimdall:problem:no-signal"
 
 
 class MalformedRequest(ServiceError):
@@ -152,6 +162,7 @@ _BY_CODE: dict[str, type[ServiceError]] = {
     for cls in (
         ServiceError,
         InvalidInput,
+        NoSignal,
         MalformedRequest,
         UnsupportedMediaType,
         NotAcceptable,

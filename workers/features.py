@@ -71,7 +71,11 @@ def extract_features(iq: npt.NDArray[np.complex64], spec: FeatureSpec) -> npt.ND
     Returns:
         float32 array of shape ``(..., n_frames, n_bands)``.
     """
-    db = band_power_db(np.asarray(iq, dtype=np.complex64), spec)
+    return normalise(band_power_db(np.asarray(iq, dtype=np.complex64), spec), spec)
+
+
+def normalise(db: npt.NDArray[np.float32], spec: FeatureSpec) -> npt.NDArray[np.float32]:
+    """Global normalisation of :func:`band_power_db` output with the training-set constants."""
     return ((db - np.float32(spec.norm_mean_db)) / np.float32(spec.norm_std_db)).astype(
         np.float32, copy=False
     )

@@ -11,7 +11,8 @@ from typing import NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from workers.features import extract_features
+from workers.detection import Detection, detect
+from workers.features import band_power_db, normalise
 from workers.geo import centroid, to_local
 from workers.spec import ModelSpec
 
@@ -29,6 +30,8 @@ class ModelInputs(NamedTuple):
     """Latitude of the local frame's origin (receiver centroid)."""
     origin_lon: float
     """Longitude of the local frame's origin (receiver centroid)."""
+    detection: Detection
+    """Per-receiver noise, signal power and SNR estimated from the capture itself."""
 
 
 def pack_capture(
@@ -46,7 +49,8 @@ def pack_capture(
     slots = spec.capture.max_receivers
     feat = spec.features
     features = np.zeros((slots, feat.n_frames, feat.n_bands), dtype=np.float32)
-    features[:count] = extract_features(iq, feat)
+    band_db = band_power_db(np.asarray(iq, dtype=np.complex64), feat)
+    features[:count] = normalise(band_db, feat)
     lat0, lon0 = centroid(latitudes, longitudes)
     east, north = to_local(lat0, lon0, latitudes, longitudes)
     receivers = np.zeros((slots, 2), dtype=np.float32)
@@ -55,4 +59,4 @@ def pack_capture(
     receivers[:count, 1] = north / scale
     mask = np.zeros(slots, dtype=np.float32)
     mask[:count] = 1.0
-    return ModelInputs(features, receivers, mask, lat0, lon0)
+    return ModelInputs(features, receivers, mask, lat0, lon0, detect(band_db, feat))

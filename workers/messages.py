@@ -47,6 +47,10 @@ class Prediction(Struct, tag="ok", frozen=True):
     correlation: float
     ellipses: list[Ellipse]
     geojson: dict[str, Any] | None = None
+    domain_inside: bool = True
+    """Whether the capture lies inside the model's trained domain."""
+    domain_reasons: list[str] = []
+    """Why it does not (empty when inside)."""
 
 
 class ItemError(Struct, tag="err", frozen=True):

@@ -43,6 +43,10 @@ class RegistrySettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Model served at start: ``models:/NAME@ALIAS`` or ``models:/NAME/VERSION``."""
     artifact_cache: str = ".local/artifacts"
     """Local directory for downloaded, verified model packages."""
+    bootstrap_reference: bool = False
+    """At start, register the bundled reference model when the registry is an embedded
+    ``sqlite:`` one that lacks ``model_uri`` (what ``make run`` does by hand); the image turns
+    this on so a bare ``docker run`` serves. Never acts on a remote registry."""
 
     def model_name(self) -> str:
         """The registered model name in ``model_uri``."""

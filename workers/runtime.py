@@ -11,12 +11,18 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from workers.domain import check_signal, outside_reasons, widen
 from workers.errors import InvalidInput, ModelLoadError, NonFiniteOutput, ServiceError
 from workers.geo import from_local
-from workers.inputs import pack_capture
+from workers.inputs import ModelInputs, pack_capture
 from workers.messages import Ellipse, ItemError, Prediction, PredictItem, Timings
 from workers.spec import ModelSpec, decode_spec
-from workers.uncertainty import covariance, ellipse_axes, feature_collection
+from workers.uncertainty import (
+    calibrated_sigmas,
+    covariance,
+    ellipse_axes,
+    feature_collection,
+)
 
 F32 = npt.NDArray[np.float32]
 
@@ -142,7 +148,10 @@ class LoadedModel:
                         "IQ samples contain NaN or Inf; send finite float32 values",
                         field=f"$.receivers[{first}].iq",
                     )
-                packed.append((index, pack_capture(iq, item.latitudes, item.longitudes, self.spec)))
+                inputs = pack_capture(iq, item.latitudes, item.longitudes, self.spec)
+                if self.spec.domain is not None:
+                    check_signal(inputs.detection, self.spec.domain)
+                packed.append((index, inputs))
             except ServiceError as exc:
                 results[index] = ItemError(exc.code, exc.detail, exc.field)
             except ValueError as exc:
@@ -158,29 +167,18 @@ class LoadedModel:
             t3 = time.time_ns()
             for row, (index, inputs) in enumerate(packed):
                 results[index] = self.decode(
-                    mean[row],
-                    sigma[row],
-                    float(rho[row]),
-                    inputs.origin_lat,
-                    inputs.origin_lon,
-                    items[index],
+                    mean[row], sigma[row], float(rho[row]), inputs, items[index]
                 )
         done = [r if r is not None else ItemError("internal", "no result") for r in results]
         return done, Timings(t0, t2 if packed else t1, t2, t3)
 
     def decode(
-        self,
-        mean: F32,
-        sigma: F32,
-        rho: float,
-        lat0: float,
-        lon0: float,
-        item: PredictItem,
+        self, mean: F32, sigma: F32, rho: float, inputs: ModelInputs, item: PredictItem
     ) -> Prediction | ItemError:
-        """Model outputs → position on WGS84, covariance in m², ellipses and GeoJSON."""
+        """Model outputs → position on WGS84, covariance in m², ellipses, GeoJSON, domain."""
         out = self.spec.output
         east, north = (float(v) * out.position_scale_m for v in mean)
-        s_e, s_n = (float(v) * out.position_scale_m * out.calibration_factor for v in sigma)
+        s_e, s_n = calibrated_sigmas(float(sigma[0]), float(sigma[1]), out)
         values = {"mean": (east, north), "sigma": (s_e, s_n), "rho": (rho,)}
         bad = [role for role, vs in values.items() if not all(math.isfinite(v) for v in vs)]
         if bad:
@@ -190,7 +188,13 @@ class LoadedModel:
                 f"the model produced a non-finite value in output {names} for this capture; "
                 "it is outside what the model can compute (check the IQ scaling)",
             )
-        lat, lon = from_local(lat0, lon0, [east], [north])
+        reasons: list[str] = []
+        if self.spec.domain is not None:
+            offset = math.hypot(east, north)
+            reasons = outside_reasons(inputs.detection, offset, self.spec.domain)
+            if reasons:
+                s_e, s_n = widen(s_e, s_n, self.spec.domain)
+        lat, lon = from_local(inputs.origin_lat, inputs.origin_lon, [east], [north])
         cov = covariance(s_e, s_n, rho)
         ellipses = []
         for level in item.levels:
@@ -206,4 +210,6 @@ class LoadedModel:
             correlation=rho,
             ellipses=ellipses,
             geojson=feature_collection(lat_f, lon_f, cov, item.levels) if item.geojson else None,
+            domain_inside=not reasons,
+            domain_reasons=reasons,
         )

@@ -91,6 +91,57 @@ class OutputSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """Metres per unit of the position inputs and of the mean/sigma outputs."""
     calibration_factor: PositiveFloat = 1.0
     """Multiplier on the predicted sigmas fitted on held-out data so ellipses cover their level."""
+    calibration: CalibrationSpec | None = None
+    """Spread-dependent sigma scaling applied after ``calibration_factor``, if any."""
+
+
+class DetectionSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """The per-receiver signal-detection rule applied before inference."""
+
+    method: Literal["band_median_noise"]
+    """Noise = median of the time-averaged band powers; signal = total power above it."""
+    snr_threshold_db: float
+    """A receiver detects the signal when its estimated SNR (whole band) is at least this."""
+    min_detected: PositiveInt
+    """Fewest detecting receivers; below it the capture is refused as ``no-signal``."""
+
+
+class CalibrationSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """Sigma scaling as a function of the predicted spread (piecewise linear in log σ)."""
+
+    log_sigma_m: list[float]
+    """Knots: natural log of the geometric-mean predicted sigma in metres (ascending)."""
+    factor: list[float]
+    """Multiplier on the sigmas at each knot (held constant beyond the ends)."""
+    method: str = ""
+    """How the table was fitted, on which data."""
+
+
+class DomainSpec(Struct, frozen=True, forbid_unknown_fields=True):
+    """The conditions the model was trained and calibrated for, and how the server checks them."""
+
+    description: str
+    """The trained world in one line (transmitters, propagation, receivers)."""
+    eirp_dbm: list[float]
+    """Transmit EIRP range trained on."""
+    path_loss_exponent: list[float]
+    """Path-loss exponent range trained on."""
+    shadowing_db: list[float]
+    """Log-normal shadowing standard deviation range trained on."""
+    noise_dbm: list[float]
+    """Receiver noise power range (whole band) trained on."""
+    detection: DetectionSpec
+    """Signal-detection rule applied before inference."""
+    max_signal_dbm: float
+    """Strongest received signal power seen in training; above it a capture is outside."""
+    max_noise_dbm: float
+    """Highest noise floor seen in training; above it (interference?) a capture is outside."""
+    max_offset_m: float
+    """Farthest trained transmitter from the receivers' centroid; a predicted position beyond
+    it lies outside the region the network can resolve."""
+    out_of_domain_min_sigma_m: float
+    """Sigmas of an answer outside the domain are widened to at least this (the model's
+    in-domain median sigma), so out-of-domain inputs never get a tight ellipse."""
 
 
 class Provenance(Struct, frozen=True):
@@ -125,6 +176,8 @@ class ModelSpec(Struct, frozen=True, forbid_unknown_fields=True):
     """Output decoding."""
     provenance: Provenance
     """Provenance and figures."""
+    domain: DomainSpec | None = None
+    """Trained domain and signal detection; without it the server detects nothing."""
 
 
 INPUT_ROLES = ("features", "receivers", "mask")
@@ -160,6 +213,16 @@ def decode_spec(raw: bytes) -> ModelSpec:
         raise SpecError(f"features.n_frames is {feat.n_frames} but the capture yields {frames}")
     if feat.n_fft % feat.n_bands:
         raise SpecError("features.n_fft must be a multiple of features.n_bands")
+    table = spec.output.calibration
+    if table is not None and (
+        len(table.log_sigma_m) != len(table.factor)
+        or not table.factor
+        or any(f <= 0 for f in table.factor)
+        or any(b <= a for a, b in zip(table.log_sigma_m, table.log_sigma_m[1:], strict=False))
+    ):
+        raise SpecError("output.calibration needs ascending knots and as many positive factors")
+    if spec.domain is not None and spec.domain.detection.min_detected > cap.max_receivers:
+        raise SpecError("domain.detection.min_detected exceeds capture.max_receivers")
     return spec
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from workers.geo import from_local
+from workers.spec import OutputSpec
 
 
 def chi2_2dof_scale(level: float) -> float:
@@ -101,3 +102,25 @@ def feature_collection(
             }
         )
     return {"type": "FeatureCollection", "features": features}
+
+
+def calibrated_sigmas(
+    sigma_east: float, sigma_north: float, output: OutputSpec
+) -> tuple[float, float]:
+    """Metres from the model's sigma outputs: scale, global factor, then the spread table.
+
+    Args:
+        sigma_east: ``sigma`` output, east, in model units.
+        sigma_north: ``sigma`` output, north, in model units.
+        output: the spec's output decoding.
+
+    Returns:
+        Calibrated east and north standard deviations in metres.
+    """
+    factor = output.position_scale_m * output.calibration_factor
+    s_e, s_n = sigma_east * factor, sigma_north * factor
+    table = output.calibration
+    if table is not None and s_e > 0 and s_n > 0:
+        spread = float(np.interp(0.5 * math.log(s_e * s_n), table.log_sigma_m, table.factor))
+        s_e, s_n = s_e * spread, s_n * spread
+    return s_e, s_n

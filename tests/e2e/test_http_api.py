@@ -13,14 +13,14 @@ import pytest
 
 from tests.support.procs import ROOT, Server
 from tests.support.reference import reference_predict
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 from workers.geo import distance_m
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def payloads(n: int, seed: int) -> list[dict[str, Any]]:
-    batch = next(iter_batches(n, seed, chunk=n))
+    batch = heard_batch(n, seed)
     return [request_payload(batch, i, cache=False) for i in range(n)]
 
 

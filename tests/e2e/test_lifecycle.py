@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.support.procs import ROOT, Server
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ def test_not_ready_until_the_model_exists_then_ready(
             break
         time.sleep(0.2)
     assert "canary" in ready.json()["rollout"]["last_error"]
-    body = request_payload(next(iter_batches(1, 900, chunk=1)), 0)
+    body = request_payload(heard_batch(1, 900), 0)
     refused = httpx.post(server.url + "/v1/predict", json=body, timeout=10)
     assert refused.status_code == 503 and refused.headers["retry-after"]
     subprocess.run(
@@ -58,7 +58,7 @@ def test_sigterm_drains_in_flight_requests(
     # Both ways Granian can call the app (HEIMDALL_INTERFACE): the RSGI front runs the
     # lifespan shutdown from its own hook, after Granian has drained the requests.
     server = start_server(HEIMDALL_POOL_WORKERS="1", HEIMDALL_INTERFACE=interface)
-    batch = next(iter_batches(8, 901, chunk=8))
+    batch = heard_batch(8, 901)
     content = json.dumps(
         {"items": [request_payload(batch, i, cache=False) for i in range(8)]}
     ).encode()

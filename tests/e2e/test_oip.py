@@ -15,7 +15,7 @@ from tritonclient.utils import InferenceServerException
 
 from tests.support.procs import Server
 from tests.support.reference import payload_arrays, reference_session, reference_spec
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 from workers.inputs import pack_capture
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -27,7 +27,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 def model_inputs(n: int, seed: int) -> dict[str, np.ndarray]:
     """Input tensors of ``n`` simulated captures, built by the serving code's own packer."""
     spec = reference_spec()
-    batch = next(iter_batches(n, seed, chunk=n))
+    batch = heard_batch(n, seed)
     packed = [pack_capture(*payload_arrays(request_payload(batch, i)), spec) for i in range(n)]
     return {
         spec.inputs["features"].name: np.stack([p.features for p in packed]),

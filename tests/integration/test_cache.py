@@ -11,13 +11,13 @@ import pytest
 import redis
 
 from tests.support.procs import RedisServer, Server
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
 def payload(seed: int, **options: object) -> dict:
-    batch = next(iter_batches(1, seed, chunk=1))
+    batch = heard_batch(1, seed)
     return request_payload(batch, 0, **options)
 
 

@@ -300,6 +300,13 @@ def test_compose_dependency_graph() -> None:
     assert services["k6"]["environment"]["BASE_URL"].startswith("http://lb:")
     # Grace period covers the pool drain (default 20 s) with margin.
     assert heimdall["stop_grace_period"] == "45s"
+    # The artifact cache is writable by the image's user (UID 10001), not root-owned.
+    assert any(
+        t.startswith("/app/.local:") and "uid=10001" in t for t in heimdall["tmpfs"]
+    ), heimdall.get("tmpfs")
+    # /dev/shm holds 2 x 16 MiB of IQ slots per worker (Docker's default is 64 MiB).
+    workers = int(heimdall["environment"]["HEIMDALL_POOL_WORKERS"])
+    assert heimdall["shm_size"].endswith("m") and int(heimdall["shm_size"][:-1]) > workers * 32
 
 
 def test_compose_mounted_config_files_exist() -> None:
@@ -357,6 +364,26 @@ def test_grafana_dashboard_covers_every_service_metric() -> None:
     )
     uid = datasources["datasources"][0]["uid"]
     assert all(p["datasource"]["uid"] == uid for p in dashboard["panels"])
+
+
+def test_docker_check_override_only_swaps_images() -> None:
+    """The override `make docker-check` adds changes images (to stand-ins) and profiles only."""
+    override = yaml.safe_load((DEPLOY / "check" / "compose.check.yaml").read_text())
+    standins = (DEPLOY / "check" / "standins" / "Dockerfile").read_text()
+    targets = set(re.findall(r"^FROM \S+ AS (\S+)$", standins, re.MULTILINE))
+    for name, service in override["services"].items():
+        assert name in COMPOSE["services"], name
+        assert set(service) <= {"image", "profiles"}, (name, set(service))
+        if "image" in service:
+            repo = service["image"].split(":")[0]
+            assert repo.startswith("heimdall-check/"), service["image"]
+            assert repo.removeprefix("heimdall-check/") in targets, repo
+    # Every upstream image of the default profile is replaced or left out; the project's own
+    # image (heimdall, bootstrap) is the one the check builds.
+    for name, service in COMPOSE["services"].items():
+        if name in ("heimdall", "bootstrap") or service.get("profiles"):
+            continue
+        assert name in override["services"], f"{name}: upstream image not replaced"
 
 
 # ---------------------------------------------------------------- kubernetes ------------------
@@ -438,6 +465,13 @@ def test_k8s_deployment_contract(manifests: dict[str, dict[str, Any]]) -> None:
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/app/.local", "/tmp"} <= mounts  # noqa: S108 - emptyDir mount point
+    # /dev/shm backs the pool's IQ slots: memory-backed and large enough for every worker.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (shm,) = [m for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm"]  # noqa: S108
+    workers = int(manifests["ConfigMap"]["data"]["HEIMDALL_POOL_WORKERS"])
+    assert volumes[shm["name"]]["emptyDir"]["medium"] == "Memory"
+    limit = volumes[shm["name"]]["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Mi") and int(limit[:-2]) > workers * 2 * 16
     secret_refs = [e for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     assert [(e["name"], e["valueFrom"]["secretKeyRef"]["optional"]) for e in secret_refs] == [
         ("HEIMDALL_CONTROL_HMAC_SECRET", True)

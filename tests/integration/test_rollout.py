@@ -21,11 +21,11 @@ import redis
 
 from tests.support.procs import ROOT, Server
 from tests.support.variants import register_variant, registry
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
-BATCH = next(iter_batches(16, 777, chunk=16))
+BATCH = heard_batch(16, 777)
 BODIES = [request_payload(BATCH, i, cache=False) for i in range(16)]
 
 
@@ -223,7 +223,8 @@ def test_hmac_rejects_unsigned_wrong_key_and_junk_messages(
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.45)
     signed = {**control_env, "HEIMDALL_CONTROL_HMAC_SECRET": "s3cret"}
     server = start_server(**signed)
-    cli(control_env, "route", f"{v2}=1")  # unsigned
+    # Unsigned (forced: the CLI refuses by itself to publish unsigned to a signed fleet).
+    cli(control_env, "route", f"{v2}=1", "--force")
     cli({**control_env, "HEIMDALL_CONTROL_HMAC_SECRET": "wrong"}, "route", f"{v2}=1")
     channel = f"{control_env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:control"
     junk = redis.Redis.from_url(redis_url)

@@ -26,11 +26,11 @@ import pytest
 from tests.integration.test_rollout import cli, served_version, wait_for
 from tests.support.procs import Server
 from tests.support.variants import register_variant
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-BATCH = next(iter_batches(64, 991, chunk=64))
+BATCH = heard_batch(64, 991)
 BODIES = [request_payload(BATCH, i, cache=False) for i in range(64)]
 
 

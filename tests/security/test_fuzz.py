@@ -21,7 +21,7 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from tests.support.procs import Server
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -111,7 +111,7 @@ def assert_pool_healthy(server: Server) -> None:
 
 # ------------------------------------------------------------- mutated valid payloads
 
-BASE = request_payload(next(iter_batches(1, 4242, chunk=1)), 0, cache=False)
+BASE = request_payload(heard_batch(1, 4242), 0, cache=False)
 IQ = [np.frombuffer(base64.b64decode(r["iq"]), dtype="<f4") for r in BASE["receivers"]]
 COORD = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),

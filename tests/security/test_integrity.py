@@ -19,15 +19,15 @@ import msgspec
 import pytest
 import redis
 
-from app.control_plane import ControlMessage, sign
+from app.control_protocol import ControlMessage, sign
 from tests.integration.test_rollout import cli, served_version, wait_for
 from tests.support.procs import REFERENCE, Server
 from tests.support.variants import register_variant
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 from workers.registry import sha256_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-BODY = request_payload(next(iter_batches(1, 992, chunk=1)), 0, cache=False)
+BODY = request_payload(heard_batch(1, 992), 0, cache=False)
 
 
 def test_replayed_old_signed_revision_has_no_effect(
@@ -57,13 +57,17 @@ def test_replayed_old_signed_revision_has_no_effect(
     rejected = httpx.get(server.url + "/v1/models").json()["control"]["rejected_messages"]
     # Replay: the old signed document back into the key, and its signed message on the channel.
     client.set(desired, old_doc)
-    revision = int(json.loads(old_doc)["revision"])
-    message = ControlMessage(revision, sign(ControlMessage(revision), "s3cret"))
+    old = json.loads(old_doc)
+    revision, epoch = int(old["revision"]), str(old["epoch"])
+    unsigned = ControlMessage(revision, epoch)
+    message = ControlMessage(revision, epoch, sign(unsigned, "s3cret", namespace, "rf-localizer"))
     client.publish(channel, msgspec.json.encode(message))
     time.sleep(3.0)  # three polls and the message
     state = httpx.get(server.url + "/v1/models").json()
     assert served_version(server) == {v2: 1.0}
     assert state["control"]["rejected_messages"] > rejected
+    assert state["control"]["rejected_documents"] >= 1
+    assert state["control"]["last_rejection"]["reason"] in {"stale", "epoch"}
     answer = httpx.post(server.url + "/v1/predict", json=BODY, timeout=10)
     assert answer.json()["model"]["version"] == v2
     client.close()

@@ -10,10 +10,12 @@ import numpy as np
 import onnxruntime as ort
 
 from tests.support.procs import REFERENCE
+from workers.domain import outside_reasons, widen
 from workers.geo import from_local
 from workers.inputs import pack_capture
 from workers.messages import PredictItem
 from workers.spec import ModelSpec, decode_spec
+from workers.uncertainty import calibrated_sigmas
 
 
 @lru_cache(maxsize=1)
@@ -52,18 +54,21 @@ def reference_predict(payloads: list[dict[str, Any]]) -> list[dict[str, float]]:
     outs = [spec.outputs[r].name for r in ("mean", "sigma", "rho")]
     mean, sigma, rho = reference_session().run(outs, feeds)
     scale = spec.output.position_scale_m
-    calib = spec.output.calibration_factor
     results = []
     for i, p in enumerate(packed):
         lat, lon = from_local(
             p.origin_lat, p.origin_lon, [mean[i][0] * scale], [mean[i][1] * scale]
         )
+        s_e, s_n = calibrated_sigmas(float(sigma[i][0]), float(sigma[i][1]), spec.output)
+        offset = float(np.hypot(mean[i][0] * scale, mean[i][1] * scale))
+        if spec.domain is not None and outside_reasons(p.detection, offset, spec.domain):
+            s_e, s_n = widen(s_e, s_n, spec.domain)
         results.append(
             {
                 "latitude": float(lat[0]),
                 "longitude": float(lon[0]),
-                "sigma_east_m": float(sigma[i][0] * scale * calib),
-                "sigma_north_m": float(sigma[i][1] * scale * calib),
+                "sigma_east_m": s_e,
+                "sigma_north_m": s_n,
                 "correlation": float(np.asarray(rho).reshape(-1)[i]),
             }
         )

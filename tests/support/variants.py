@@ -27,7 +27,9 @@ def register_variant(
     Kinds: ``good`` (a different calibration factor: a distinguishable, valid model),
     ``corrupt`` (model.onnx bytes are garbage), ``bad_sha`` (the sha256 tag lies),
     ``bad_shape`` (the spec declares a tensor shape the graph does not have),
-    ``nan_outputs`` (a graph with the right signature whose outputs are NaN).
+    ``nan_outputs`` (a graph with the right signature whose outputs are NaN),
+    ``flaky`` (the reference graph, but NaN positions for captures with 7 receivers: it loads
+    and warms up, then fails a share of requests).
     """
     target = folder / f"{kind}-{calibration}"
     if target.exists():
@@ -41,6 +43,8 @@ def register_variant(
         spec["inputs"]["receivers"]["shape"] = [-1, 7, 3]
     if kind == "nan_outputs":
         (target / "model.onnx").write_bytes(nan_model())
+    if kind == "flaky":
+        (target / "model.onnx").write_bytes(flaky_model(target / "model.onnx", above=6.5))
     (target / "model_spec.json").write_text(json.dumps(spec, indent=2))
     reg = registry(env)
     version = reg.register(target, "rf-localizer", alias=None)
@@ -76,4 +80,34 @@ def nan_model() -> bytes:
     graph = helper.make_graph(nodes, "nan", inputs, outputs, initializer=[nan, axis])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return bytes(model.SerializeToString())
+
+
+def flaky_model(path: Path, above: float) -> bytes:
+    """The graph at ``path`` with its ``mean`` output NaN where more than ``above`` receivers."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    for node in graph.node:
+        node.output[:] = ["mean_raw" if o == "mean" else o for o in node.output]
+        node.input[:] = ["mean_raw" if i == "mean" else i for i in node.input]
+    graph.initializer.extend(
+        [
+            helper.make_tensor("flaky_axis", TensorProto.INT64, [1], [1]),
+            helper.make_tensor("flaky_above", TensorProto.FLOAT, [], [above]),
+            helper.make_tensor("flaky_nan", TensorProto.FLOAT, [], [float("nan")]),
+            helper.make_tensor("flaky_one", TensorProto.FLOAT, [], [1.0]),
+        ]
+    )
+    graph.node.extend(
+        [
+            helper.make_node("ReduceSum", ["mask", "flaky_axis"], ["flaky_count"], keepdims=1),
+            helper.make_node("Greater", ["flaky_count", "flaky_above"], ["flaky_cond"]),
+            helper.make_node("Where", ["flaky_cond", "flaky_nan", "flaky_one"], ["flaky_f"]),
+            helper.make_node("Mul", ["mean_raw", "flaky_f"], ["mean"]),
+        ]
+    )
+    onnx.checker.check_model(model)
     return bytes(model.SerializeToString())

@@ -27,10 +27,10 @@ from app.factory import create_app
 from app.settings import load_settings
 from telemetry.setup import TelemetrySettings, build_telemetry
 from tests.support.procs import Server, free_port
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 
 pytestmark = pytest.mark.slow
-BATCH = next(iter_batches(8, 4242, chunk=8))
+BATCH = heard_batch(8, 4242)
 
 
 @contextlib.asynccontextmanager

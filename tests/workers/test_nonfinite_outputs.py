@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 
 from tests.support.procs import REFERENCE
-from tests.support.reference import payload_item
+from tests.support.reference import payload_arrays, payload_item
 from training.simulate import iter_batches, request_payload
 from workers.errors import NonFiniteOutput, from_code
+from workers.inputs import pack_capture
 from workers.messages import Infer, ItemError
 from workers.runtime import LoadedModel
 from workers.worker import Worker
@@ -21,9 +22,14 @@ def reference_model() -> LoadedModel:
 
 def test_v1_decoding_refuses_a_non_finite_output_by_name() -> None:
     model = reference_model()
-    item = payload_item(request_payload(next(iter_batches(1, 3, chunk=1)), 0))
+    payload = request_payload(next(iter_batches(1, 3, chunk=1)), 0)
+    inputs = pack_capture(*payload_arrays(payload), model.spec)
     result = model.decode(
-        np.array([np.inf, 0.0], np.float32), np.array([1.0, 1.0], np.float32), 0.1, 45, 7, item
+        np.array([np.inf, 0.0], np.float32),
+        np.array([1.0, 1.0], np.float32),
+        0.1,
+        inputs,
+        payload_item(payload),
     )
     assert isinstance(result, ItemError)
     error = from_code(result.code, result.detail)

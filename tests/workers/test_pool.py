@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.procs import REFERENCE
 from tests.support.reference import payload_item, reference_predict
-from training.simulate import iter_batches, request_payload
+from training.simulate import heard_batch, request_payload
 from workers.errors import DeadlineExceeded, ModelLoadError, NotReady, Overloaded
 from workers.messages import Prediction
 from workers.pool import PoolSettings, WorkerPool
@@ -24,7 +24,7 @@ MODEL = str(REFERENCE / "model.onnx")
 
 
 def payloads(n: int, seed: int = 11) -> list[dict]:
-    batch = next(iter_batches(n, seed, chunk=n))
+    batch = heard_batch(n, seed)
     return [request_payload(batch, i) for i in range(n)]
 
 
