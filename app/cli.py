@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     bootstrap_if_missing(settings.registry)
     server = settings.server
+    _raise_fd_limit(server.granian_backpressure + 1024)
     # Before Granian forks the HTTP process (which spawns the pool workers): both inherit.
     malloc.tune(server.malloc_mmap_threshold_bytes, server.malloc_trim_threshold_bytes)
     HeimdallServer(
@@ -92,6 +93,26 @@ def bootstrap_if_missing(settings: RegistrySettings) -> str | None:
         )
         return version
     return None
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Lift the soft open-files limit towards ``wanted``; warn when the hard limit is lower.
+
+    Granian holds one descriptor per connection (idle and stalled ones included), plus the
+    pool's pipes, logs and sockets.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        print(
+            f"warning: open-files hard limit {hard} is below the {wanted} that "
+            "HEIMDALL_GRANIAN_BACKPRESSURE needs; raise it (ulimit -Hn)",
+            file=sys.stderr,
+        )
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:

@@ -30,6 +30,7 @@ from app.http import (
     metrics_route,
     service_error_handler,
 )
+from app.intake import IntakeLimits
 from app.oip import build_oip_routes
 from app.openapi import complete_openapi
 from app.rollout import Rollout
@@ -228,7 +229,17 @@ def create_app_from_env() -> Litestar:
 def create_rsgi_app_from_env() -> RSGIFront:
     """Granian RSGI factory target: the same app behind the RSGI front (app/rsgi.py)."""
     settings = _settings_from_env()
+    server = settings.server
+    app = create_app(settings)
+    telemetry = app.state.components.telemetry
     return RSGIFront(
-        create_app(settings),
-        one_piece_limit=max(settings.server.max_body_bytes, settings.server.max_batch_body_bytes),
+        app,
+        one_piece_limit=max(server.max_body_bytes, server.max_batch_body_bytes),
+        intake=IntakeLimits(
+            timeout_s=server.body_timeout_s,
+            grace_s=server.body_grace_s,
+            min_rate_bytes_s=server.body_min_rate_bytes_s,
+            max_uploads=server.max_concurrent_uploads,
+        ),
+        on_client_fault=telemetry.client_fault if telemetry is not None else None,
     )

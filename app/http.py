@@ -17,10 +17,11 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from app import decoding
+from app.decoding import Format
 from app.schemas import BatchRequest, BatchResponse, FieldError, PredictRequest, Problem
 from app.service import InferenceService, problem_from
 from workers.errors import (
-    MalformedRequest,
     NotAcceptable,
     NotFound,
     PayloadTooLarge,
@@ -81,29 +82,17 @@ def wants_msgpack(request: Request[Any, Any, Any]) -> bool:
 
 
 async def decode_body(request: Request[Any, Any, Any], kind: type) -> Any:
-    """Decode the body into ``kind``.
+    """Decode the body into ``kind`` through the one decoding boundary (app/decoding.py).
 
     Raises:
-        MalformedRequest: undecodable or schema-violating body (with the field path).
+        MalformedRequest: undecodable or schema-violating body (with the field path), whatever
+            the decoder raised.
     """
     msgpack = body_is_msgpack(request)
     body = await request.body()
-    try:
-        return _decoder(kind, msgpack).decode(body)
-    except msgspec.ValidationError as exc:
-        message = str(exc)
-        path = message.rsplit(" - at `", 1)[1].rstrip("`") if " - at `" in message else None
-        raise MalformedRequest(message.split(" - at `")[0] + _hint(message), field=path) from exc
-    except msgspec.DecodeError as exc:
-        raise MalformedRequest(
-            f"the body is not valid {'MessagePack' if msgpack else 'JSON'}: {exc}"
-        ) from exc
-
-
-def _hint(message: str) -> str:
-    if "base64" in message:
-        return "; iq must be base64 of little-endian complex64 bytes"
-    return ""
+    fmt: Format = "MessagePack" if msgpack else "JSON"
+    where = f"{request.method} {request.url.path}"
+    return decoding.decode(_decoder(kind, msgpack).decode, body, "the body", where, fmt)
 
 
 def encode(

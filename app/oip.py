@@ -32,6 +32,8 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from msgspec import Meta, Struct
 
+from app import decoding
+from workers import malloc
 from workers.errors import (
     InvalidInput,
     MalformedRequest,
@@ -68,6 +70,8 @@ _DTYPES: dict[str, str] = {"FP32": "<f4", "FP64": "<f8", "INT64": "<i8", "BOOL":
 _json_encoder = msgspec.json.Encoder()
 
 F32 = npt.NDArray[np.float32]
+Body = bytes | bytearray
+"""A request body (any contiguous buffer msgspec and numpy can read)."""
 
 
 class InferInput(Struct, frozen=True, forbid_unknown_fields=True):
@@ -172,7 +176,7 @@ EXCEPTION_HANDLERS: Mapping[type[Exception], Callable[..., Response[bytes]]] = {
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_body(body: bytes, header_length: str | None) -> tuple[InferRequest, bytes]:
+def decode_body(body: Body, header_length: str | None) -> tuple[InferRequest, Body]:
     """Split a body into the JSON header (decoded) and the binary tensor data after it.
 
     Raises:
@@ -190,22 +194,44 @@ def decode_body(body: bytes, header_length: str | None) -> tuple[InferRequest, b
             raise MalformedRequest(
                 f"{HEADER_LENGTH} is {size} but the body holds {len(body)} bytes"
             )
+    header = body if header_length is None else body[:size]
     try:
-        request = _request_decoder.decode(body[:size])
-    except msgspec.ValidationError as exc:
-        raise MalformedRequest(f"invalid inference request: {exc}") from exc
-    except msgspec.DecodeError as exc:
-        hint = "" if header_length else f" (binary data needs the {HEADER_LENGTH} header)"
-        raise MalformedRequest(f"the inference header is not valid JSON: {exc}{hint}") from exc
+        request = decoding.decode(_request_decoder.decode, header, "the inference header")
+    except MalformedRequest as exc:
+        cause = exc.__cause__
+        if isinstance(cause, msgspec.ValidationError):
+            exc.detail = f"invalid inference request: {exc.detail}"
+        elif isinstance(cause, msgspec.DecodeError) and header_length is None:
+            exc.detail += f" (binary data needs the {HEADER_LENGTH} header)"
+        raise
     return request, body[size:]
 
 
-def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
+def _as_float32(tensor: InferInput, values: Any) -> F32:
+    """``values`` as float32; a finite value beyond float32's range is the client's error.
+
+    Raises:
+        MalformedRequest: a value overflows float32 (it would become infinity).
+    """
     try:
-        values = np.asarray(msgspec.json.decode(raw), dtype=np.float32)
-    except (ValueError, TypeError) as exc:
+        with np.errstate(over="raise"):
+            return np.asarray(values, dtype=np.float32)
+    except FloatingPointError:
         raise MalformedRequest(
-            f"input {tensor.name!r}: data must be numbers, flat or nested to the shape ({exc})"
+            f"input {tensor.name!r} holds a value outside the FP32 range (±3.4e38)"
+        ) from None
+
+
+def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
+    what = f"input {tensor.name!r}: data"
+    nested = decoding.decode(msgspec.json.decode, raw, what)
+    try:
+        values = _as_float32(tensor, nested)
+    except MalformedRequest:
+        raise
+    except Exception as exc:  # ragged, non-numeric, out of range: the client's data
+        raise MalformedRequest(
+            f"{what} must be numbers, flat or nested to the shape ({type(exc).__name__}: {exc})"
         ) from exc
     if values.ndim > 1 and values.shape != shape:
         raise MalformedRequest(
@@ -218,9 +244,13 @@ def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...])
 def _json_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
     """Elements of a JSON ``data`` field (flat or nested) as float32 with ``shape``."""
     try:
-        values = np.asarray(_flat_decoder.decode(raw), dtype=np.float32)
+        flat = _flat_decoder.decode(raw)
     except msgspec.ValidationError:
         values = _nested_tensor(tensor, raw, shape)
+    except Exception as exc:  # any other decoder failure is the client's
+        raise decoding.reject(exc, f"input {tensor.name!r}: data") from exc
+    else:
+        values = _as_float32(tensor, flat)
     if values.size != math.prod(shape):
         raise MalformedRequest(
             f"input {tensor.name!r}: data holds {values.size} elements but "
@@ -241,9 +271,7 @@ def _check_shape(tensor: InferInput, spec: TensorSpec) -> tuple[int, ...]:
     return shape
 
 
-def _read_input(
-    tensor: InferInput, want: TensorSpec, binary: bytes, offset: int
-) -> tuple[F32, int]:
+def _read_input(tensor: InferInput, want: TensorSpec, binary: Body, offset: int) -> tuple[F32, int]:
     """One input as float32 (from JSON ``data`` or the binary section at ``offset``)."""
     if tensor.datatype != want.datatype:
         raise MalformedRequest(
@@ -273,11 +301,11 @@ def _read_input(
     values = np.frombuffer(
         binary, dtype=_DTYPES[want.datatype], count=math.prod(shape), offset=offset
     )
-    return values.astype(np.float32, copy=False).reshape(shape), offset + size
+    return _as_float32(tensor, values).reshape(shape), offset + size
 
 
 def _read_inputs(
-    request: InferRequest, binary: bytes, spec: ModelSpec
+    request: InferRequest, binary: Body, spec: ModelSpec
 ) -> tuple[int, dict[str, F32]]:
     """Validate the inputs against the spec and build one float32 array per input role."""
     roles = {t.name: role for role, t in spec.inputs.items() if role in INPUT_ROLES}
@@ -349,7 +377,7 @@ def _read_outputs(request: InferRequest, spec: ModelSpec) -> list[tuple[str, boo
     return chosen
 
 
-def prepare(request: InferRequest, binary: bytes, spec: ModelSpec) -> PreparedInfer:
+def prepare(request: InferRequest, binary: Body, spec: ModelSpec) -> PreparedInfer:
     """Validate an infer request against a version's spec.
 
     Raises:
@@ -482,7 +510,7 @@ class OipProtocol:
         return version in self.components.pool.ready_versions()
 
     async def infer(
-        self, name: str, version: str | None, body: bytes, header_length: str | None
+        self, name: str, version: str | None, body: Body, header_length: str | None
     ) -> Response[bytes]:
         """Validate, dispatch to the pool as one Infer job, encode the outputs."""
         started = time.perf_counter()
@@ -530,30 +558,94 @@ class OipProtocol:
         return response
 
 
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
-    """The request body, inflated when sent with ``Content-Encoding: gzip`` or ``deflate``.
+INFLATE_SLICE = 1 << 20
+"""Output bytes inflated per step: the running total is checked after each one."""
+TRIM_AFTER = 16 << 20
+"""Inflated bytes above which their memory is handed back to the kernel once freed."""
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def _drop(pieces: list[bytes]) -> None:
+    """Free inflated pieces one at a time, then give the memory back to the kernel.
+
+    The event loop's thread can take the GIL between pieces (freeing 128 MiB at once holds it
+    for ≈ 15 ms). The pieces live in this thread's malloc arena, which glibc trims only from
+    its top: without ``malloc_trim`` a bomb left ≈ 190 MiB resident after it was refused.
+    """
+    size = sum(len(p) for p in pieces)
+    while pieces:
+        pieces.pop()
+    if size > TRIM_AFTER:
+        malloc.trim()
+
+
+def inflate(body: bytes, encoding: str, limit: int) -> bytes:
+    """Inflate ``body`` step by step, stopping as soon as the output passes ``limit``.
+
+    At most ``limit`` bytes of output exist at any time, however small the input (a 1 MB gzip
+    bomb expands to 1 GB). Runs in a thread: zlib releases the GIL while it inflates, and the
+    output is kept as 1 MiB pieces (a growing buffer is copied and remapped with the GIL
+    held, ≈ 10 ms at a time near 128 MiB), joined once only when the whole body fits.
+
+    Raises:
+        PayloadTooLarge: the inflated body exceeds ``limit``.
+        MalformedRequest: not valid ``encoding`` data, or truncated.
+    """
+    inflater = zlib.decompressobj(_WBITS[encoding])
+    pieces: list[bytes] = []
+    total = 0
+    data = body
+    try:
+        while True:
+            # One byte past the limit is enough to know; never inflate more than that.
+            want = min(INFLATE_SLICE, limit + 1 - total)
+            piece = inflater.decompress(data, want)
+            if total + len(piece) > limit:
+                _drop(pieces)
+                raise PayloadTooLarge(
+                    f"the {encoding} body inflates to more than {limit} bytes (stopped there)"
+                )
+            pieces.append(piece)
+            total += len(piece)
+            data = inflater.unconsumed_tail
+            if inflater.eof or (not data and len(piece) < want):
+                break
+    except zlib.error as exc:
+        _drop(pieces)
+        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from exc
+    if not inflater.eof:
+        _drop(pieces)
+        raise MalformedRequest(f"the {encoding} body is truncated")
+    if len(pieces) == 1:
+        return pieces[0]
+    body = b"".join(pieces)
+    _drop(pieces)
+    return body
+
+
+async def read_body(
+    request: Request[Any, Any, Any], limit: int, inflating: asyncio.Semaphore
+) -> Body:
+    """The request body, inflated (off the event loop) when sent gzip- or deflate-encoded.
+
+    ``inflating`` lets one body inflate at a time, so compression bombs sent together cost
+    the limit in memory once, not once each.
 
     Raises:
         UnsupportedMediaType: another content encoding.
         PayloadTooLarge: the inflated body exceeds ``limit``.
+        MalformedRequest: the encoded body is corrupt or truncated.
     """
     body = await request.body()
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding in ("identity", ""):
         return body
-    wbits = {"gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}.get(encoding)
-    if wbits is None:
+    if encoding not in _WBITS:
         raise UnsupportedMediaType(
             f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate"
         )
-    inflater = zlib.decompressobj(wbits)
-    try:
-        data = inflater.decompress(body, limit + 1)
-    except zlib.error as exc:
-        raise MalformedRequest(f"the body is not valid {encoding} data: {exc}") from exc
-    if len(data) > limit:
-        raise PayloadTooLarge(f"the inflated body exceeds {limit} bytes")
-    return data
+    async with inflating:
+        return await asyncio.to_thread(inflate, body, encoding, limit)
 
 
 def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response[bytes]:
@@ -566,6 +658,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
     """Route handlers of the ``/v2`` protocol bound to ``components``."""
     oip = OipProtocol(components)
     limit = components.settings.server.max_batch_body_bytes
+    inflating = asyncio.Semaphore(1)
     common: dict[str, Any] = {"exception_handlers": EXCEPTION_HANDLERS, "tags": ["v2"]}
 
     @get("/v2/health/live", summary="Server live (OIP)", **common)
@@ -618,7 +711,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         **common,
     )
     async def infer(request: Request[Any, Any, Any], name: FromPath[str]) -> Response[bytes]:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, inflating)
         return await oip.infer(name, None, body, request.headers.get(HEADER_LENGTH))
 
     @post(
@@ -631,7 +724,7 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
     async def infer_version(
         request: Request[Any, Any, Any], name: FromPath[str], version: FromPath[str]
     ) -> Response[bytes]:
-        body = await read_body(request, limit)
+        body = await read_body(request, limit, inflating)
         return await oip.infer(name, version, body, request.headers.get(HEADER_LENGTH))
 
     return [

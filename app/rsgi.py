@@ -10,6 +10,10 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
   check answers 413 before anything is read), in one piece when ``Content-Length`` is present
   and at most ``one_piece_limit``; otherwise (chunked, or larger) it is streamed chunk by chunk
   and Litestar counts and caps it as under ASGI.
+- Body reads follow the intake rules of app/intake.py: a deadline from the request's arrival
+  and a minimum rate (408), an upload cap (503 before reading), and a body cut short by the
+  client (closed connection, chunked body without its last chunk) is an ``IncompleteBody``
+  (400) — the app renders these as problems; the front logs one line and counts them.
 - After the body, ``receive`` waits for the client to disconnect (``http.disconnect``).
 - A response sent in one ``http.response.body`` message goes out with ``response_bytes``; one
   sent in several is streamed.
@@ -21,10 +25,16 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 from urllib.parse import quote
+
+from granian._granian import RSGIProtocolClosed as ProtocolClosed
+
+from app.intake import BodyClock, IntakeLimits, UploadGate, next_chunk, within
+from workers.errors import IncompleteBody, ServiceError
 
 log = logging.getLogger("heimdall.rsgi")
 
@@ -122,24 +132,48 @@ class _Lifespan:
 
 
 class _Exchange:
-    """One request: the ASGI ``receive``/``send`` pair over an RSGI protocol object."""
+    """One request: the ASGI ``receive``/``send`` pair over an RSGI protocol object.
+
+    Body reads go through the intake rules (app/intake.py): a deadline from the request's
+    arrival and the minimum rate, and a failed read (client gone, body cut short, deadline
+    missed) raises a client error the application renders as a 4xx problem.
+    """
 
     __slots__ = (
         "_chunks",
         "body_done",
+        "clock",
+        "failed",
         "has_body",
         "headers",
+        "length",
+        "on_body_end",
         "one_piece",
         "proto",
+        "received",
         "sent",
         "status",
         "stream",
     )
 
-    def __init__(self, proto: Any, one_piece: bool, has_body: bool) -> None:
+    def __init__(
+        self,
+        proto: Any,
+        one_piece: bool,
+        has_body: bool,
+        clock: BodyClock,
+        length: int | None,
+        on_body_end: Callable[[str | None, str], None],
+    ) -> None:
         self.proto = proto
         self.one_piece = one_piece
         self.has_body = has_body
+        self.clock = clock
+        self.length = length
+        self.on_body_end = on_body_end
+        """Called once when the body is in (``None``) or failed (the error code, detail)."""
+        self.received = 0
+        self.failed = False
         self.status = 500
         self.headers: list[tuple[str, str]] = []
         self.stream: Any = None
@@ -158,18 +192,71 @@ class _Exchange:
                 disconnected.cancel()
                 raise
             return {"type": "http.disconnect"}
-        if self.one_piece:
-            self.body_done = True
-            body = await self.proto() if self.has_body else b""
-            return {"type": "http.request", "body": body, "more_body": False}
-        if self._chunks is None:
-            self._chunks = self.proto.__aiter__()
-        try:
-            chunk = await self._chunks.__anext__()
-        except StopAsyncIteration:
+        if not self.has_body:
             self.body_done = True
             return {"type": "http.request", "body": b"", "more_body": False}
-        return {"type": "http.request", "body": bytes(chunk), "more_body": True}
+        try:
+            if self.one_piece:
+                body = await self._read_whole()
+                self._finish(None)
+                return {"type": "http.request", "body": body, "more_body": False}
+            chunk = await self._read_chunk()
+        except ServiceError as exc:
+            self._finish(exc)
+            raise
+        if chunk is None:
+            self._finish(None)
+            return {"type": "http.request", "body": b"", "more_body": False}
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    def _finish(self, error: ServiceError | None) -> None:
+        self.body_done = True
+        if error is not None:
+            self.failed = True
+        self.on_body_end(error.code if error else None, error.detail if error else "")
+
+    async def _read_whole(self) -> bytes:
+        length = self.length or 0
+        try:
+            arrived, body = await within(self.clock.deadline(length), self.proto)
+        except ProtocolClosed:
+            raise IncompleteBody(
+                "the connection closed before the whole body arrived"
+                + (f" ({length} bytes announced)" if self.length is not None else "")
+            ) from None
+        if not arrived or body is None:
+            raise self.clock.expired(0, self.length)
+        self.received = len(body)
+        return bytes(body)  # already bytes: no copy
+
+    async def _read_chunk(self) -> bytes | None:
+        """The next data chunk; None once the body is complete.
+
+        Granian yields the body's data chunks, then one empty chunk at the end; a body that
+        fails (connection closed, chunked body without its last chunk) yields an empty chunk
+        for the failure and another for the end — so after the first empty chunk, one more
+        read tells a complete body (end of iteration) from a failed one.
+        """
+        if self._chunks is None:
+            self._chunks = self.proto.__aiter__()
+        for attempt in range(2):
+            deadline = self.clock.deadline(self.received + 1)
+            arrived, chunk = await within(deadline, lambda: next_chunk(self._chunks))
+            if not arrived:
+                raise self.clock.expired(self.received, self.length)
+            if chunk:
+                if attempt:  # data after the end marker: not a body Granian ever yields
+                    break
+                self.received += len(chunk)
+                return chunk
+            if chunk is None:  # end of iteration
+                if attempt == 0 or (self.length is not None and self.received != self.length):
+                    break
+                return None
+        raise IncompleteBody(
+            f"the body ended after {self.received} bytes without being complete (connection "
+            "closed, or a chunked body without its terminating chunk; trailers are not accepted)"
+        )
 
     async def send(self, message: Message) -> None:
         kind = message["type"]
@@ -179,6 +266,8 @@ class _Exchange:
                 (name.decode("latin-1"), value.decode("latin-1"))
                 for name, value in message.get("headers", ())
             ]
+            if self.failed:  # the rest of a failed body is unread: this connection is done
+                self.headers.append(("connection", "close"))
         elif kind == "http.response.body":
             body = message.get("body", b"")
             if not isinstance(body, bytes):
@@ -200,10 +289,28 @@ class _Exchange:
 class RSGIFront:
     """An RSGI application (``__rsgi__`` and its init/del hooks) in front of an ASGI app."""
 
-    def __init__(self, app: ASGIApp, one_piece_limit: int) -> None:
-        """Serve ``app``; bodies up to ``one_piece_limit`` bytes are read in one call."""
+    def __init__(
+        self,
+        app: ASGIApp,
+        one_piece_limit: int,
+        intake: IntakeLimits | None = None,
+        on_client_fault: Callable[[str], None] | None = None,
+    ) -> None:
+        """Serve ``app``.
+
+        Args:
+            app: the ASGI application.
+            one_piece_limit: bodies up to this many bytes (with ``Content-Length``) are read in
+                one call; larger or chunked ones are streamed.
+            intake: read deadline, minimum rate and upload cap (app/intake.py).
+            on_client_fault: counts a request refused for the client's behaviour, by reason
+                (``incomplete_body``, ``body_timeout``, ``uploads_full``).
+        """
         self.app = app
         self.one_piece_limit = one_piece_limit
+        self.intake = intake or IntakeLimits()
+        self.uploads = UploadGate(self.intake.max_uploads)
+        self.on_client_fault = on_client_fault
         self.lifespan = _Lifespan(app)
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -254,7 +361,17 @@ class RSGIFront:
             ],
             "state": self.lifespan.state.copy(),
         }
-        exchange = _Exchange(proto, one_piece, has_body)
+        if has_body and not self.uploads.enter():
+            self._refuse_upload(proto, scope.method, path)
+            return
+        exchange = _Exchange(
+            proto,
+            one_piece,
+            has_body,
+            BodyClock(self.intake, asyncio.get_running_loop().time()),
+            int(length) if length is not None and length.isdigit() else None,
+            self._body_end(scope.method, path) if has_body else _no_body,
+        )
         try:
             await self.app(asgi_scope, exchange.receive, exchange.send)
         except Exception:
@@ -262,5 +379,45 @@ class RSGIFront:
             if not exchange.sent:
                 proto.response_empty(500, [])
             return
+        finally:
+            if has_body and not exchange.body_done:  # answered without reading it all
+                exchange.body_done = True
+                self.uploads.leave()
         if not exchange.sent:
             proto.response_empty(500, [])
+
+    def _body_end(self, method: str, path: str) -> Callable[[str | None, str], None]:
+        """The callback that frees the upload slot and reports a failed body (one log line)."""
+
+        def end(code: str | None, detail: str) -> None:
+            self.uploads.leave()
+            if code is not None:
+                log.info("client fault on %s %s: %s (%s)", method, path, detail, code)
+                if self.on_client_fault is not None:
+                    self.on_client_fault(code)
+
+        return end
+
+    def _refuse_upload(self, proto: Any, method: str, path: str) -> None:
+        """503 before reading anything: every upload slot is taken."""
+        detail = f"{self.uploads.limit} uploads are in progress on this replica; retry shortly"
+        log.info("client fault on %s %s: %s (uploads_full)", method, path, detail)
+        if self.on_client_fault is not None:
+            self.on_client_fault("uploads_full")
+        if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+            body = json.dumps({"error": detail}).encode()
+            media = "application/json"
+        else:
+            body = json.dumps(
+                {"title": "Overloaded", "status": 503, "detail": detail, "kind": "problem"}
+            ).encode()
+            media = "application/problem+json"
+        proto.response_bytes(
+            503,
+            [("content-type", media), ("retry-after", "1"), ("connection", "close")],
+            body,
+        )
+
+
+def _no_body(code: str | None, detail: str) -> None:
+    """Body-end callback of a request without a body."""

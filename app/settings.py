@@ -44,9 +44,18 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     replica_id: str = ""
     """Name of this replica in fleet status and telemetry; defaults to host:port:pid."""
     http_timeout_s: Annotated[float, Meta(gt=0)] = 30.0
-    """Granian's header read timeout for slow clients."""
-    granian_backpressure: Annotated[int, Meta(ge=1)] = 1024
-    """Most requests Granian hands to the app concurrently."""
+    """Granian's header read timeout for slow clients (the body has its own deadline)."""
+    body_timeout_s: Annotated[float, Meta(gt=0, le=3600)] = 60.0
+    """Longest time a request body may take to arrive, from the end of its headers (408)."""
+    body_grace_s: Annotated[float, Meta(ge=0, le=600)] = 5.0
+    """Time a body may take before the minimum data rate applies."""
+    body_min_rate_bytes_s: Annotated[int, Meta(ge=1)] = 16 * 1024
+    """Average rate a body must keep up after the grace time (slower: 408, connection closed)."""
+    max_concurrent_uploads: Annotated[int, Meta(ge=1)] = 2048
+    """Requests receiving a body at once; one more is answered 503 + Retry-After at once."""
+    granian_backpressure: Annotated[int, Meta(ge=1)] = 4096
+    """Most connections Granian serves at once (idle and stalled ones included); must exceed
+    ``HEIMDALL_MAX_CONCURRENT_UPLOADS`` by 256 so health checks and small requests get in."""
     malloc_mmap_threshold_bytes: Annotated[int, Meta(ge=0, le=32 * 1024 * 1024)] = 8 * 1024 * 1024
     """glibc malloc: larger allocations use mmap (0: glibc's default); workers/malloc.py."""
     malloc_trim_threshold_bytes: Annotated[int, Meta(ge=0, le=2**31 - 1)] = 64 * 1024 * 1024
@@ -97,6 +106,26 @@ class Settings:
     telemetry: TelemetrySettings
 
 
+RESERVED_CONNECTIONS = 256
+"""Connections kept free of uploads for health checks and bodiless requests."""
+
+
+def _check_combinations(settings: Settings) -> None:
+    """Settings that are valid alone but not together.
+
+    Raises:
+        SettingsError: the message names the variables and the rule.
+    """
+    server = settings.server
+    if server.max_concurrent_uploads + RESERVED_CONNECTIONS > server.granian_backpressure:
+        raise SettingsError(
+            "invalid setting: HEIMDALL_GRANIAN_BACKPRESSURE "
+            f"({server.granian_backpressure}) must be at least HEIMDALL_MAX_CONCURRENT_UPLOADS "
+            f"({server.max_concurrent_uploads}) + {RESERVED_CONNECTIONS}, so stalled uploads "
+            "cannot take the connections health checks need"
+        )
+
+
 def env_name(section: str, field: str) -> str:
     """Environment variable of one setting."""
     _, prefix, standard = SECTIONS[section]
@@ -113,7 +142,9 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
     """
     source = os.environ if env is None else env
     parts = {section: _load_section(section, source, overrides) for section in SECTIONS}
-    return Settings(**parts)  # type: ignore[arg-type]
+    settings = Settings(**parts)  # type: ignore[arg-type]
+    _check_combinations(settings)
+    return settings
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,10 @@ class Telemetry:
         """Count one cache lookup by result (hit, miss, error) and tier (local, redis)."""
         self._cache.add(1, result, tier, version)
 
+    def client_fault(self, reason: str) -> None:
+        """Count one request refused for the client's behaviour (aborted or slow upload...)."""
+        self.instruments["client_faults"].add(1, {"reason": reason})
+
     def reload(self, outcome: str) -> None:
         """Count one rollout apply by outcome."""
         self.instruments["reloads"].add(1, {"outcome": outcome})
@@ -492,6 +496,12 @@ def build_telemetry(
     instruments = {
         "reloads": meter.create_counter(
             "heimdall.model.reloads", unit="1", description="Rollout applies by outcome"
+        ),
+        "client_faults": meter.create_counter(
+            "heimdall.http.client_faults",
+            unit="1",
+            description="Requests refused for the client's behaviour (incomplete, slow, excess "
+            "uploads), by reason; not server errors",
         ),
         "epoch_changes": meter.create_counter(
             "heimdall.control.epoch_changes",

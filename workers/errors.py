@@ -81,6 +81,34 @@ class PayloadTooLarge(ServiceError):
     code = "too_large"
 
 
+class IncompleteBody(ServiceError):
+    """The client closed the connection, or ended its body, before sending all of it (400)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    title = "Incomplete body"
+    code = "incomplete_body"
+
+
+class BodyTimeout(ServiceError):
+    """The body did not arrive within the read deadline or at the minimum data rate (408)."""
+
+    status = HTTPStatus.REQUEST_TIMEOUT
+    title = "Request timeout"
+    code = "body_timeout"
+
+
+class NonFiniteOutput(ServiceError):
+    """The model produced NaN or infinity for these (finite) inputs; not answered as data (422).
+
+    The inputs are outside what the model can compute, so the client is told which output of
+    which item, instead of receiving ``null`` or a position at infinity.
+    """
+
+    status = HTTPStatus.UNPROCESSABLE_ENTITY
+    title = "Non-finite model output"
+    code = "nonfinite_output"
+
+
 class NotFound(ServiceError):
     """An unknown model or version (404)."""
 
@@ -139,6 +167,9 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         UnsupportedMediaType,
         NotAcceptable,
         PayloadTooLarge,
+        IncompleteBody,
+        BodyTimeout,
+        NonFiniteOutput,
         NotFound,
         Overloaded,
         NotReady,

@@ -65,3 +65,17 @@ def tune(mmap_threshold: int, trim_threshold: int) -> dict[str, int]:
         os.environ[name] = str(value)
         applied[name] = value
     return applied
+
+
+def trim() -> bool:
+    """Give free heap memory of every malloc arena back to the kernel (glibc ``malloc_trim``).
+
+    For after a burst that freed much more than the trim threshold in a thread's own arena
+    (glibc trims those only from their top). ctypes releases the GIL during the call, so a
+    thread can run it while the event loop goes on. Returns whether memory was released;
+    False where the C library is not glibc.
+    """
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    return bool(libc.malloc_trim(ctypes.c_size_t(0)))

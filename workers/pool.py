@@ -89,6 +89,9 @@ class PoolSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Period of liveness pings and hang checks."""
     hang_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
     """A message computing longer than this marks its worker hung; it is killed and replaced."""
+    retry_budget_s: Annotated[float, Meta(gt=0, le=600)] = 2.0
+    """Time a job retried after its worker died or hung has to be computed, whatever is left
+    of its original deadline (hang detection may take longer than the request timeout)."""
     start_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
     """Time a new worker has to start and load the resident versions."""
     max_restarts: Annotated[int, Meta(ge=1)] = 5
@@ -346,6 +349,11 @@ class WorkerPool:
                 if job.attempts >= 2:
                     self._fail(job, WorkerFailure("the worker computing this request died twice"))
                 else:
+                    # Retries carry their own budget: a hang is found after the hang timeout,
+                    # which may be past the original deadline (docs/design-notes.md).
+                    job.deadline = max(
+                        job.deadline, time.monotonic() + self.settings.retry_budget_s
+                    )
                     retry.append(job)
         worker.outgoing.clear()
         for job in reversed(retry):

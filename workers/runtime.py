@@ -12,7 +12,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from workers.domain import check_signal, outside_reasons, widen
-from workers.errors import InvalidInput, ModelLoadError, ServiceError
+from workers.errors import InvalidInput, ModelLoadError, NonFiniteOutput, ServiceError
 from workers.geo import from_local
 from workers.inputs import ModelInputs, pack_capture
 from workers.messages import Ellipse, ItemError, Prediction, PredictItem, Timings
@@ -179,8 +179,15 @@ class LoadedModel:
         out = self.spec.output
         east, north = (float(v) * out.position_scale_m for v in mean)
         s_e, s_n = calibrated_sigmas(float(sigma[0]), float(sigma[1]), out)
-        if not all(math.isfinite(v) for v in (east, north, s_e, s_n, rho)):
-            return ItemError("internal", "the model produced a non-finite output")
+        values = {"mean": (east, north), "sigma": (s_e, s_n), "rho": (rho,)}
+        bad = [role for role, vs in values.items() if not all(math.isfinite(v) for v in vs)]
+        if bad:
+            names = ", ".join(repr(self.spec.outputs[role].name) for role in bad)
+            return ItemError(
+                NonFiniteOutput.code,
+                f"the model produced a non-finite value in output {names} for this capture; "
+                "it is outside what the model can compute (check the IQ scaling)",
+            )
         reasons: list[str] = []
         if self.spec.domain is not None:
             offset = math.hypot(east, north)

@@ -21,7 +21,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from workers.errors import ServiceError
+from workers.errors import NonFiniteOutput, ServiceError
 from workers.messages import (
     Ack,
     Hang,
@@ -198,6 +198,19 @@ class Worker:
         t0 = time.time_ns()
         mean, sigma, rho = model.run(features, receivers, mask)
         t1 = time.time_ns()
+        for role, values in (("mean", mean), ("sigma", sigma), ("rho", rho)):
+            finite = np.isfinite(values.reshape(message.batch, -1)).all(axis=1)
+            if not finite.all():
+                item = int(np.argmin(finite))
+                return InferReply(
+                    message.id,
+                    error=ItemError(
+                        NonFiniteOutput.code,
+                        f"output {model.spec.outputs[role].name!r} is not finite for item "
+                        f"{item} of the batch ({int((~finite).sum())} of {message.batch} items); "
+                        "its input tensors are outside what the model can compute",
+                    ),
+                )
         return InferReply(
             message.id,
             mean.astype("<f4").tobytes(),

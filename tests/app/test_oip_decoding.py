@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import gzip
 import json
+import os
+import tracemalloc
+import zlib
 
 import numpy as np
 import pytest
 
-from app.oip import decode_body, prepare
+from app.oip import INFLATE_SLICE, decode_body, inflate, prepare
 from tests.support.reference import reference_spec
-from workers.errors import MalformedRequest
+from workers.errors import MalformedRequest, PayloadTooLarge
 
 
 def header_and_data(batch: int) -> tuple[bytes, bytes, dict[str, np.ndarray]]:
@@ -95,3 +99,35 @@ def test_non_boolean_binary_flag_is_rejected() -> None:
     header = json.dumps(doc).encode()
     with pytest.raises(MalformedRequest, match="binary_data_output"):
         prepare(*decode_body(header + data, str(len(header))), reference_spec())
+
+
+def gzip_zeros(size: int) -> bytes:
+    """A gzip bomb: ``size`` zero bytes compress about 1000:1."""
+    compressor = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    chunk = bytes(1 << 20)
+    out = [compressor.compress(chunk) for _ in range(size >> 20)]
+    return b"".join(out) + compressor.flush()
+
+
+def test_a_compression_bomb_stops_inflating_at_the_limit() -> None:
+    bomb = gzip_zeros(256 << 20)  # 256 MiB of zeros in ≈ 250 kB
+    limit = 8 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadTooLarge, match="inflates to more than"):
+            inflate(bomb, "gzip", limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # The limit and a slice in flight (zlib's output buffer and the piece); never 256 MiB.
+    assert peak <= limit + 2 * INFLATE_SLICE, peak
+
+
+def test_inflate_round_trips_and_refuses_corrupt_or_truncated_data() -> None:
+    data = os.urandom(3_000_000)
+    assert inflate(gzip.compress(data), "gzip", 4 << 20) == data
+    assert inflate(zlib.compress(data), "deflate", 4 << 20) == data
+    with pytest.raises(MalformedRequest, match="truncated"):
+        inflate(gzip.compress(data)[:-100], "gzip", 4 << 20)
+    with pytest.raises(MalformedRequest, match="not valid gzip"):
+        inflate(b"not gzip at all", "gzip", 4 << 20)

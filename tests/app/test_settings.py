@@ -32,6 +32,14 @@ def test_invalid_values_name_the_variable(env: dict[str, str], needle: str) -> N
         load_settings(env)
 
 
+def test_uploads_must_leave_connections_for_health_checks() -> None:
+    env = {"HEIMDALL_MAX_CONCURRENT_UPLOADS": "1000", "HEIMDALL_GRANIAN_BACKPRESSURE": "1100"}
+    with pytest.raises(SettingsError, match=r"HEIMDALL_GRANIAN_BACKPRESSURE .* must be at least "
+                       r"HEIMDALL_MAX_CONCURRENT_UPLOADS"):
+        load_settings(env)
+    assert load_settings({**env, "HEIMDALL_GRANIAN_BACKPRESSURE": "1256"})
+
+
 def test_serve_refuses_to_start_on_bad_settings() -> None:
     done = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT,
                           env={"HEIMDALL_POOL_MAX_BATCH": "0", "PATH": "/usr/bin"},

@@ -121,6 +121,22 @@ async def test_hung_worker_is_detected_and_replaced(pool: WorkerPool) -> None:
     assert victim not in pool.pids()
 
 
+async def test_work_retried_after_a_hang_longer_than_its_deadline_is_computed() -> None:
+    """Hang detection (1 s + a ping) is slower than the request deadline (0.5 s): the retried
+    job gets its own budget instead of failing 504 on the respawned worker."""
+    pool = await make_pool(hang_timeout_s=1.0, retry_budget_s=20.0)
+    try:
+        await pool.hang_worker(0, 60.0)
+        await pool.hang_worker(1, 60.0)
+        # Both workers hold one message (the hang); max_inflight 2 sends this one behind it.
+        (future,) = pool.submit("1", [[payload_item(PAYLOADS[0])]], 0.5)
+        result = await asyncio.wait_for(future, 30.0)
+        assert isinstance(result.results[0], Prediction)
+        assert pool.restarts_total >= 1
+    finally:
+        await pool.stop()
+
+
 async def test_crash_loop_stops_respawning_and_pool_is_not_ready() -> None:
     pool = await make_pool(workers=1, max_restarts=2, restart_window_s=60.0)
     try:

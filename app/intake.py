@@ -1,0 +1,134 @@
+"""Body intake for the RSGI front: read deadlines, a minimum data rate and an upload cap.
+
+Granian hands a request to the application once its headers are read; the body follows at
+the client's pace. Without limits a client that sends headers and then stalls (or trickles a
+byte a second) holds a connection, an application slot and a coroutine forever, and a
+thousand of them starve every other client. Here:
+
+- **Deadline.** The whole body must arrive by ``start + min(timeout, grace + length / rate)``:
+  after ``grace`` seconds the client must have kept up an average of ``rate`` bytes per second.
+  With a ``Content-Length`` the deadline is known at once (one timer for a one-piece read); a
+  chunked body is checked before each chunk with the bytes received so far. Past it the read
+  is cancelled (Granian drops the body), the client gets 408 and the connection is closed.
+- **Upload cap.** At most ``max_uploads`` requests may be receiving a body at once; one more is
+  answered 503 with ``Retry-After`` and ``Connection: close`` before any of its body is read,
+  which frees its connection. Requests without a body (health checks, metadata) never wait for
+  an upload slot, and Granian's connection limit is kept above the cap (checked at start), so
+  stalled uploads cannot take the last connections.
+- **Aborts.** A client that closes before sending its whole body, or a chunked body that ends
+  without its terminating chunk, is an :class:`~workers.errors.IncompleteBody` (400), counted
+  and logged on one line — never a 500 with a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from workers.errors import BodyTimeout
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class IntakeLimits:
+    """How long and how slowly a body may arrive, and how many may arrive at once."""
+
+    timeout_s: float = 60.0
+    """Longest time any body may take."""
+    grace_s: float = 5.0
+    """Time before the minimum rate applies (connection set-up, slow start)."""
+    min_rate_bytes_s: float = 16 * 1024
+    """Average rate a body must keep up after the grace time."""
+    max_uploads: int = 2048
+    """Requests receiving a body at once; more are answered 503."""
+
+
+class BodyClock:
+    """The read deadline of one request's body, from its arrival."""
+
+    __slots__ = ("limits", "started")
+
+    def __init__(self, limits: IntakeLimits, started: float) -> None:
+        """Start the clock at ``started`` (``loop.time()`` when the request arrived)."""
+        self.limits = limits
+        self.started = started
+
+    def deadline(self, length: int) -> float:
+        """Loop time by which ``length`` bytes must have arrived."""
+        limits = self.limits
+        allowed = limits.grace_s + length / limits.min_rate_bytes_s
+        return self.started + min(limits.timeout_s, allowed)
+
+    def expired(self, received: int, length: int | None) -> BodyTimeout:
+        """The 408 for a body that missed its deadline."""
+        limits = self.limits
+        of = f" of {length}" if length is not None else ""
+        return BodyTimeout(
+            f"the body did not arrive in time: {received}{of} bytes after "
+            f"{asyncio.get_running_loop().time() - self.started:.1f} s; send it within "
+            f"{limits.timeout_s:g} s and, after the first {limits.grace_s:g} s, at "
+            f"{limits.min_rate_bytes_s:g} bytes/s or faster"
+        )
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Consume the outcome of a read nobody waits for any more (no 'never retrieved' log)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def within(deadline: float, read: Callable[[], Awaitable[T]]) -> tuple[bool, T | None]:
+    """Await ``read()`` until ``deadline`` (loop time): ``(True, value)`` or ``(False, None)``.
+
+    A read that misses the deadline is cancelled: Granian then drops the request body, and
+    hyper closes the connection once the answer is written (a pending read would keep it
+    open, holding one of Granian's connection slots, for as long as the client wants).
+    """
+    task: asyncio.Future[T] = asyncio.ensure_future(read())
+    try:
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except BaseException:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        return False, None
+    return True, task.result()
+
+
+class UploadGate:
+    """Counts the requests receiving a body; refuses one beyond ``limit``."""
+
+    __slots__ = ("active", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        """Allow ``limit`` concurrent uploads."""
+        self.limit = limit
+        self.active = 0
+        self.refused = 0
+
+    def enter(self) -> bool:
+        """Take a slot; False (and counted) when every slot is taken."""
+        if self.active >= self.limit:
+            self.refused += 1
+            return False
+        self.active += 1
+        return True
+
+    def leave(self) -> None:
+        """Give a slot back."""
+        self.active -= 1
+
+
+async def next_chunk(chunks: Any) -> bytes | None:
+    """The next chunk of a Granian body iterator, None at its end."""
+    with contextlib.suppress(StopAsyncIteration):
+        return bytes(await chunks.__anext__())
+    return None
