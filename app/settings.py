@@ -20,6 +20,7 @@ from msgspec import Meta, Struct
 
 from app.cache import CacheSettings
 from app.control import ControlSettings
+from app.feedback import FeedbackSettings
 from app.service import ServiceSettings
 from telemetry.setup import TelemetrySettings
 from workers.pool import PoolSettings
@@ -62,6 +63,7 @@ SECTIONS: dict[str, tuple[type[Struct], str, dict[str, str]]] = {
     "pool": (PoolSettings, "HEIMDALL_POOL_", {}),
     "cache": (CacheSettings, "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
     "control": (ControlSettings, "HEIMDALL_CONTROL_", {}),
+    "feedback": (FeedbackSettings, "HEIMDALL_FEEDBACK_", {}),
     "telemetry": (TelemetrySettings, "HEIMDALL_TELEMETRY_", {}),
 }
 
@@ -80,6 +82,7 @@ class Settings:
     pool: PoolSettings
     cache: CacheSettings
     control: ControlSettings
+    feedback: FeedbackSettings
     telemetry: TelemetrySettings
 
 
