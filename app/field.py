@@ -90,7 +90,7 @@ def summarise(d2: npt.ArrayLike, error_m: npt.ArrayLike) -> dict[str, Any]:
             },
             "histogram": [
                 {
-                    "le": "+Inf" if not math.isfinite(hi) else hi,
+                    "le": "+Inf" if not math.isfinite(hi) else float(hi),
                     "share": round(int(c) / len(d), 4),
                     "calibrated_share": round(float(e), 4),
                 }

@@ -55,7 +55,12 @@ class Recalibration:
 def recalibrate(
     samples: list[FieldSample], levels: tuple[float, ...] = LEVELS, seed: int = 0
 ) -> Recalibration:
-    """Fit the scale on one half of ``samples`` and measure it on the other."""
+    """Fit the scale on one half of ``samples`` and measure it on the other.
+
+    Samples are ordered by request id first, so the same feedback gives the same figures
+    (and bootstrap interval) whatever order Redis returned it in.
+    """
+    samples = sorted(samples, key=lambda s: s.request_id)
     fit_rows, held_rows = split_halves([s.request_id for s in samples])
     d2 = np.array([s.d2 for s in samples], dtype=np.float64)
     scale = fit_scale(d2[fit_rows], levels)
