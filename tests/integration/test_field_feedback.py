@@ -192,6 +192,11 @@ def test_field_figures_recalibration_and_promotion(fleet: Fleet) -> None:
     # Recalibrate on the feedback: the fitted version covers 90 % on the held-out half.
     reg = registry(fleet.env)
     assert cli(fleet.env, "recalibrate", v1, "--min-samples", "5000", check=False).returncode == 3
+    # The default fits 50/90/95 % at once; one scale cannot match every level of an error
+    # distribution whose shape is not Gaussian, so the test fits the outer ellipses.
+    default = cli(fleet.env, "recalibrate", v1, "--dry-run").stdout
+    print(default)
+    assert "nothing registered" in default
     out = cli(fleet.env, "recalibrate", v1, "--min-samples", "200", "--levels", "0.9,0.95").stdout
     print(out)
     v2 = re.search(r"registered rf-localizer version (\d+)", out)
