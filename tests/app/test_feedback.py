@@ -74,8 +74,9 @@ async def test_feedback_on_another_instance_joins_the_answer(pair: Any) -> None:
     a, b = pair(), pair()
     a.answers.record("r1", "rf-localizer", "1", prediction(), ["TRN", "IVR", "BIE"])
     await settle(a)
-    got = await b.submit(truth("r1", 45.01, 7.52), "10.0.0.1")
-    error, d2 = independent_d2((45.0, 7.5), (45.01, 7.52), COV)
+    got = await b.submit(truth("r1", 45.08, 7.55), "10.0.0.1")
+    error, d2 = independent_d2((45.0, 7.5), (45.08, 7.55), COV)
+    assert 6.0 < d2 < 21.0  # outside every ellipse, though d would be inside 90 and 95 %
     assert got.model.version == "1"
     assert got.error_m == pytest.approx(error, abs=0.01)
     assert got.mahalanobis**2 == pytest.approx(d2, rel=1e-4)
@@ -83,6 +84,7 @@ async def test_feedback_on_another_instance_joins_the_answer(pair: Any) -> None:
     figures = await a.figures("rf-localizer", "1")
     assert figures is not None
     assert figures["count"] == 1 and figures["sources"]["beacon"]["count"] == 1
+    assert figures["coverage"] == {"0.5": 0.0, "0.9": 0.0, "0.95": 0.0}
 
 
 async def test_duplicates_are_idempotent_and_a_different_truth_conflicts(pair: Any) -> None:
