@@ -20,7 +20,7 @@ from msgspec import Meta, Struct
 
 from app.cache import CacheSettings
 from app.control import ControlSettings
-from app.feedback import FeedbackSettings
+from app.feedback_settings import FeedbackSettings
 from app.service import ServiceSettings
 from telemetry.setup import TelemetrySettings
 from workers.pool import PoolSettings

@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 from pyproj import Geod
 
-from app.feedback import Breaker, FeedbackService, FeedbackSettings
+from app.feedback import Breaker, FeedbackService
+from app.feedback_settings import FeedbackSettings
 from app.schemas import FeedbackRequest, TruePosition
 from tests.support.procs import free_port
 from workers.errors import (
