@@ -1,10 +1,10 @@
 """Ground truth from the field, end to end: two replicas, one Redis, a real MLflow registry.
 
-Captures come from a network whose propagation differs from training (12 dB shadowing);
-replica A answers them, their truths go to replica B. The field figures every replica shows
-must match a computation made here from the answers alone (pyproj + numpy); ``recalibrate``
-must register a version whose held-out coverage is right; after ``promote`` the figures
-follow the new version and nothing of it leaks into the old one's.
+2,000 captures come from a network whose propagation differs from training (12 dB
+shadowing); replica A answers them, their truths go to replica B. The field figures every
+replica shows must match a computation made here from the answers alone (pyproj + numpy);
+``recalibrate`` must register a version whose held-out coverage is right; after ``promote``
+the figures follow the new version and nothing of it leaks into the old one's.
 """
 
 from __future__ import annotations
@@ -158,9 +158,9 @@ def wait_for(predicate: Callable[[], bool], timeout: float) -> None:
 
 def test_field_figures_recalibration_and_promotion(fleet: Fleet) -> None:
     started = time.monotonic()
-    answered = predict_and_feed(fleet, range(19_000, 19_010), "v1")
+    answered = predict_and_feed(fleet, range(19_000, 19_020), "v1")
     took = time.monotonic() - started
-    assert len(answered) >= 950
+    assert len(answered) >= 1900
     versions = {a["model"]["version"] for a in answered.values()}
     assert len(versions) == 1
     (v1,) = versions
@@ -193,11 +193,13 @@ def test_field_figures_recalibration_and_promotion(fleet: Fleet) -> None:
     reg = registry(fleet.env)
     assert cli(fleet.env, "recalibrate", v1, "--min-samples", "5000", check=False).returncode == 3
     # The default fits 50/90/95 % at once; one scale cannot match every level of an error
-    # distribution whose shape is not Gaussian, so the test fits the outer ellipses.
+    # distribution whose shape is not Gaussian, so the test fits the level it judges. 2,000
+    # truths: with 1,000 the held-out 90 % coverage has a standard error of 1.9 points (fit
+    # and held-out halves of 500), too close to the ±3 of the acceptance.
     default = cli(fleet.env, "recalibrate", v1, "--dry-run").stdout
     print(default)
     assert "nothing registered" in default
-    out = cli(fleet.env, "recalibrate", v1, "--min-samples", "200", "--levels", "0.9,0.95").stdout
+    out = cli(fleet.env, "recalibrate", v1, "--min-samples", "200", "--levels", "0.9").stdout
     print(out)
     v2 = re.search(r"registered rf-localizer version (\d+)", out)
     assert v2 is not None, out
