@@ -334,6 +334,7 @@ class FieldStore:
                 level_key(p): _share(counts.get(f"{prefix}in:{level_key(p)}", 0), total)
                 for p in LEVELS
             },
+            "inside": {level_key(p): counts.get(f"{prefix}in:{level_key(p)}", 0) for p in LEVELS},
             "outside_domain": counts.get(prefix + "outside_domain", 0),
             "samples": recent.get("samples", 0),
             "error_m": recent.get("error_m"),

@@ -155,3 +155,28 @@ def split_halves(ids: Sequence[str]) -> tuple[npt.NDArray[np.intp], npt.NDArray[
     )
     order = np.argsort(keys, kind="stable")
     return np.sort(order[0::2]), np.sort(order[1::2])
+
+
+def window_coverage(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
+    """Coverage of the feedback received between two readings of the same version's figures.
+
+    ``earlier`` and ``later`` are :meth:`app.feedback.FieldStore.figures` documents (or
+    their ``sources`` entries) read at the start and the end of a window, e.g. a canary step:
+    the counters only grow, so their difference is the window's feedback.
+
+    Returns:
+        ``{"count": n, "coverage": {"0.5": share or None, ...}}`` for the window.
+    """
+    count = int(later.get("count", 0)) - int(earlier.get("count", 0))
+    before, after = earlier.get("inside", {}), later.get("inside", {})
+    return {
+        "count": count,
+        "coverage": {
+            level_key(p): (
+                round((after.get(level_key(p), 0) - before.get(level_key(p), 0)) / count, 4)
+                if count > 0
+                else None
+            )
+            for p in LEVELS
+        },
+    }

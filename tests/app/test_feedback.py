@@ -14,6 +14,7 @@ from pyproj import Geod
 
 from app.feedback import Breaker, FeedbackService
 from app.feedback_settings import FeedbackSettings
+from app.field import window_coverage
 from app.schemas import FeedbackRequest, TruePosition
 from tests.support.procs import free_port
 from workers.errors import (
@@ -124,12 +125,21 @@ async def test_versions_keep_separate_figures(pair: Any) -> None:
     await settle(a)
     await a.submit(truth("v1-a", 45.02, 7.5), "c")
     await a.submit(truth("v2-a", 45.0, 7.5), "c")
+    before = await a.figures("rf-localizer", "2")
+    assert before is not None
     await a.submit(truth("v2-b", 45.001, 7.5), "c")
     one, two = await a.figures("rf-localizer", "1"), await a.figures("rf-localizer", "2")
     assert one is not None and two is not None
     assert one["count"] == 1 and one["coverage"]["0.95"] == 0.0
     assert two["count"] == 2 and two["coverage"]["0.5"] == 1.0
     assert (await a.figures("rf-localizer", "3") or {})["count"] == 0
+    # What a canary gate reads: the figures of the window between two readings.
+    assert two is not None and two["inside"] == {"0.5": 2, "0.9": 2, "0.95": 2}
+    assert window_coverage(before, two) == {
+        "count": 1,
+        "coverage": {"0.5": 1.0, "0.9": 1.0, "0.95": 1.0},
+    }
+    assert window_coverage(two, two)["coverage"]["0.9"] is None
 
 
 async def test_rate_limit_per_client_answers_with_retry_after(pair: Any) -> None:
