@@ -23,6 +23,7 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig
 
 from app.cache import PredictionCache
 from app.control_plane import ControlPlane
+from app.feedback import Breaker, FeedbackService
 from app.http import (
     build_routes,
     http_error_handler,
@@ -86,6 +87,24 @@ class Components:
             )
         self.cache = PredictionCache(settings.cache, self.redis)
         self.service.cache = self.cache
+        self.feedback_redis: Any | None = None
+        if settings.cache.redis_url and settings.feedback.enabled:
+            import redis.asyncio as aioredis
+
+            # Its own client: feedback reads (figures, samples) may take longer than the
+            # cache's 50 ms budget and must not trip the cache's breaker.
+            self.feedback_redis = aioredis.from_url(
+                settings.cache.redis_url,
+                socket_timeout=settings.feedback.timeout_s,
+                socket_connect_timeout=settings.feedback.timeout_s,
+            )
+        self.feedback = FeedbackService(
+            settings.feedback,
+            self.feedback_redis,
+            Breaker(settings.cache.breaker_failures, settings.cache.breaker_cooldown_s),
+            self.telemetry,
+        )
+        self.service.answers = self.feedback.answers
         self.control = ControlPlane(
             settings.control,
             self.redis,
@@ -110,15 +129,18 @@ class Components:
         if self.telemetry is not None:
             self.telemetry.shutdown()
         await self.cache.close()
-        if self.redis is not None:
-            with contextlib.suppress(Exception):
-                await self.redis.aclose()
+        await self.feedback.close()
+        for client in (self.redis, self.feedback_redis):
+            if client is not None:
+                with contextlib.suppress(Exception):
+                    await client.aclose()
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every routed version is served; details for operators."""
         ok, details = self.service.ready()
         details["pool"] = self.pool.stats()["states"]
         details["cache"] = self.cache.state()
+        details["feedback"] = self.feedback.state()
         details["rollout"] = {
             "last_outcome": self.rollout.status.last_outcome,
             "last_error": self.rollout.status.last_error,
@@ -168,6 +190,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
 
     routes = build_routes(
         components.service,
+        components.feedback,
         models_state=components.models_state,
         live=components.live,
         readiness=components.readiness,

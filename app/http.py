@@ -19,7 +19,15 @@ from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from app import decoding
 from app.decoding import Format
-from app.schemas import BatchRequest, BatchResponse, FieldError, PredictRequest, Problem
+from app.feedback import FeedbackService
+from app.schemas import (
+    BatchRequest,
+    BatchResponse,
+    FeedbackRequest,
+    FieldError,
+    PredictRequest,
+    Problem,
+)
 from app.service import InferenceService, problem_from
 from workers.errors import (
     NotAcceptable,
@@ -163,8 +171,15 @@ def metrics_route(registry: Any) -> HTTPRouteHandler:
     return metrics
 
 
+def client_address(request: Request[Any, Any, Any]) -> str:
+    """The peer address a rate limit applies to (the proxy's, behind one)."""
+    client = request.client
+    return client.host if client is not None else "unknown"
+
+
 def build_routes(
     service: InferenceService,
+    feedback: FeedbackService,
     *,
     models_state: Callable[[], dict[str, Any]],
     live: Callable[[], dict[str, dict[str, Any]]],
@@ -197,6 +212,28 @@ def build_routes(
         result = BatchResponse(await service.predict_batch(body.items))
         return encode(request, result, msgpack=msgpack)
 
+    @post(
+        "/v1/feedback",
+        request_max_body_size=64 * 1024,
+        summary="Ground truth for an earlier answer",
+        status_code=200,
+    )
+    async def post_feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
+        msgpack = wants_msgpack(request)
+        body = await decode_body(request, FeedbackRequest)
+        result = await feedback.submit(body, client_address(request))
+        return encode(request, result, msgpack=msgpack)
+
+    @get("/v1/models/{version:str}/field", summary="Field figures of one version")
+    async def model_field(
+        request: Request[Any, Any, Any], version: FromPath[str]
+    ) -> Response[bytes]:
+        model = next(iter(service.contexts.values())).name if service.contexts else ""
+        figures = await feedback.figures(model, version) if model else None
+        if figures is None:
+            raise NotFound("field figures need Redis, feedback turned on and a loaded model")
+        return encode(request, figures)
+
     @get("/v1/models", summary="Serving state")
     async def models(request: Request[Any, Any, Any]) -> Response[bytes]:
         return encode(request, models_state())
@@ -211,7 +248,12 @@ def build_routes(
                 f"version {version} is not resident on this replica "
                 f"(resident: {', '.join(sorted(service.contexts)) or 'none'})"
             )
-        return encode(request, ctx.describe(live().get(version)))
+        described = ctx.describe(live().get(version))
+        try:
+            described["field"] = await feedback.figures(ctx.name, version)
+        except ServiceError as exc:
+            described["field"] = {"error": exc.detail}
+        return encode(request, described)
 
     @get("/health/live", summary="Liveness")
     async def health_live() -> Response[bytes]:
@@ -228,7 +270,16 @@ def build_routes(
             headers=None if ok else {"Retry-After": "2"},
         )
 
-    return [predict, predict_batch, models, model_version, health_live, health_ready]
+    return [
+        predict,
+        predict_batch,
+        post_feedback,
+        model_field,
+        models,
+        model_version,
+        health_live,
+        health_ready,
+    ]
 
 
 __all__ = [

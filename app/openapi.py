@@ -13,11 +13,20 @@ import msgspec
 from litestar import Litestar
 from litestar._openapi.plugin import OpenAPIPlugin
 
-from app.schemas import BatchRequest, BatchResponse, PredictRequest, PredictResponse, Problem
+from app.schemas import (
+    BatchRequest,
+    BatchResponse,
+    FeedbackRequest,
+    FeedbackResponse,
+    PredictRequest,
+    PredictResponse,
+    Problem,
+)
 
 _BODIES: dict[str, tuple[type, type]] = {
     "/v1/predict": (PredictRequest, PredictResponse),
     "/v1/predict/batch": (BatchRequest, BatchResponse),
+    "/v1/feedback": (FeedbackRequest, FeedbackResponse),
 }
 _MEDIA = ("application/json", "application/msgpack")
 
@@ -42,6 +51,22 @@ def complete_openapi(app: Litestar) -> None:
             "required": True,
             "content": {media: {"schema": _ref(request)} for media in _MEDIA},
         }
+        if path == "/v1/feedback":
+            operation["responses"] = {
+                "200": {
+                    "description": "The truth joined with the answer (duplicate: true on repeats)",
+                    "content": {media: {"schema": _ref(response)} for media in _MEDIA},
+                },
+                "400": {"description": "Malformed body", "content": problem},
+                "403": {"description": "Feedback is turned off", "content": problem},
+                "404": {"description": "Unknown or expired request id", "content": problem},
+                "409": {"description": "Another truth was recorded for the id", "content": problem},
+                "413": {"description": "Body too large", "content": problem},
+                "415": {"description": "Unsupported media type", "content": problem},
+                "429": {"description": "Rate limit (Retry-After)", "content": problem},
+                "503": {"description": "Feedback store unavailable", "content": problem},
+            }
+            continue
         operation["responses"] = {
             "200": {
                 "description": "Prediction",

@@ -6,6 +6,7 @@ base64 in JSON, raw binary in MessagePack.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated, Any
 
 import msgspec
@@ -128,6 +129,63 @@ class Problem(Struct, frozen=True, omit_defaults=True, tag_field="kind", tag="pr
     type: str = "about:blank"
     errors: list[FieldError] = []
     request_id: str | None = None
+
+
+Source = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$",
+        description="Where the truth comes from (beacon, survey, ...); letters, digits, _.:/-",
+    ),
+]
+
+
+class TruePosition(Struct, frozen=True, forbid_unknown_fields=True):
+    """Surveyed position of the transmitter."""
+
+    latitude: Latitude
+    longitude: Longitude
+
+
+class FeedbackRequest(Struct, frozen=True, forbid_unknown_fields=True):
+    """``POST /v1/feedback`` body: the truth for an earlier answer."""
+
+    request_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    """``request_id`` of the prediction (batch items: the item's own id)."""
+    position: TruePosition
+    """Where the transmitter really was."""
+    source: Source = "unspecified"
+    """Which kind of ground truth this is; field figures are also kept per source."""
+    observed_at: datetime | None = None
+    """When the truth was observed (RFC 3339), kept with the sample."""
+
+
+class EllipseHit(Struct, frozen=True):
+    """Whether the truth fell inside one confidence ellipse of the answer."""
+
+    confidence: float
+    inside: bool
+
+
+class FeedbackResponse(Struct, frozen=True, tag_field="kind", tag="feedback"):
+    """The truth joined with the answer it is about."""
+
+    request_id: str
+    model: ModelRef
+    source: str
+    error_m: float
+    """Geodesic distance from the answered position to the truth."""
+    error_east_m: float
+    error_north_m: float
+    mahalanobis: float
+    """Normalised error ``d``: the truth's Mahalanobis distance under the answered covariance."""
+    ellipses: list[EllipseHit]
+    domain_inside: bool
+    """The answer's domain flag."""
+    duplicate: bool = False
+    """True when this truth had already been received (it was counted once)."""
 
 
 class BatchResponse(Struct, frozen=True):

@@ -22,6 +22,7 @@ from msgspec import Meta, Struct
 from opentelemetry import trace
 
 from app.cache import PredictionCache, input_digest
+from app.feedback import AnswerLog
 from app.models import Routing, VersionContext
 from app.schemas import (
     DomainFlags,
@@ -84,6 +85,8 @@ class InferenceService:
         self.routing: Routing | None = None
         self.cache: PredictionCache | None = None
         self.telemetry: Telemetry | None = None
+        self.answers: AnswerLog | None = None
+        """Where answers are kept for ground-truth feedback (None: not kept)."""
         self._background: set[asyncio.Task[Any]] = set()
 
     # ------------------------------------------------------------------ versions
@@ -238,7 +241,7 @@ class InferenceService:
             hit = self.cache.local_get(key)
             if hit is not None:
                 self._cache_result("hit", "local", ctx)
-                return self._cached(request_id, ctx, hit, started)
+                return self._cached(request_id, ctx, hit, started, request)
         prepared = self.validate(request, request_id, ctx)
         try:
             return await self._predict(prepared, key, started)
@@ -309,6 +312,15 @@ class InferenceService:
             if answer is not None:
                 self.telemetry.domain(version, answer.domain_inside)
 
+    def _remember(
+        self, request_id: str, ctx: VersionContext, answer: Prediction, request: PredictRequest
+    ) -> None:
+        """Keep what was answered under ``request_id`` for feedback (after the answer)."""
+        if self.answers is not None:
+            self.answers.record(
+                request_id, ctx.name, ctx.version, answer, [rx.id for rx in request.receivers]
+            )
+
     def _trace(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
         """Queue, features and inference spans (worker-side times) and phase metrics."""
         telemetry = self.telemetry
@@ -371,7 +383,7 @@ class InferenceService:
         self._cache_result(result, "redis", ctx)
         if hit is None:
             return None
-        return self._cached(prepared.request_id, ctx, hit, started)
+        return self._cached(prepared.request_id, ctx, hit, started, prepared.request)
 
     def _cache_result(self, result: str, tier: str, ctx: VersionContext) -> None:
         """Count one lookup; a sampled request also gets a span for an in-memory hit."""
@@ -384,11 +396,17 @@ class InferenceService:
             telemetry.tracer.start_span("cache.lookup", attributes=attrs).end()
 
     def _cached(
-        self, request_id: str, ctx: VersionContext, hit: Prediction, started: float
+        self,
+        request_id: str,
+        ctx: VersionContext,
+        hit: Prediction,
+        started: float,
+        request: PredictRequest,
     ) -> PredictResponse:
         """The answer built from a cached prediction (counted as a request of ``ctx``)."""
         total_ms = (time.perf_counter() - started) * 1e3
         self.count(ctx.version, "ok", started, hit)
+        self._remember(request_id, ctx, hit, request)
         return build_response(
             request_id,
             hit,
@@ -452,6 +470,7 @@ class InferenceService:
             field = outcome.field.replace("$", prefix, 1) if outcome.field else None
             raise from_code(outcome.code, outcome.detail, field)
         self.count(ctx.version, "ok", started, outcome)
+        self._remember(prepared.request_id, ctx, outcome, prepared.request)
         t = result.timings
         return build_response(
             prepared.request_id,

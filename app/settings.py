@@ -22,6 +22,7 @@ from msgspec import Meta, Struct
 if TYPE_CHECKING:  # imported when a section is loaded: the operator verbs need only a few
     from app.cache import CacheSettings
     from app.control import ControlSettings
+    from app.feedback_settings import FeedbackSettings
     from app.service import ServiceSettings
     from telemetry.setup import TelemetrySettings
     from workers.pool import PoolSettings
@@ -78,6 +79,7 @@ SECTIONS: dict[str, tuple[str, str, dict[str, str]]] = {
     "pool": ("workers.pool:PoolSettings", "HEIMDALL_POOL_", {}),
     "cache": ("app.cache:CacheSettings", "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
     "control": ("app.control:ControlSettings", "HEIMDALL_CONTROL_", {}),
+    "feedback": ("app.feedback_settings:FeedbackSettings", "HEIMDALL_FEEDBACK_", {}),
     "telemetry": ("telemetry.setup:TelemetrySettings", "HEIMDALL_TELEMETRY_", {}),
 }
 
@@ -103,6 +105,7 @@ class Settings:
     pool: PoolSettings
     cache: CacheSettings
     control: ControlSettings
+    feedback: FeedbackSettings
     telemetry: TelemetrySettings
 
 

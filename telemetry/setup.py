@@ -60,6 +60,10 @@ DURATION_BUCKETS_S = (
     10.0,
 )
 DISTANCE_BUCKETS_M = (0.1, 1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
+# Normalised error d (Mahalanobis distance): a calibrated model has d <= 1.18, 2.15, 2.45 at
+# 50/90/95 %; the upper buckets show how far an uncalibrated one is off.
+MAHALANOBIS_BUCKETS = (0.5, 1.0, 1.1774, 1.5, 2.0, 2.146, 2.4477, 3.0, 4.0, 6.0, 10.0, 20.0)
+FIELD_ERROR_BUCKETS_M = (100, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000)
 
 
 class TelemetrySettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -169,6 +173,28 @@ class Telemetry:
     def shadow_distance(self, version: str, metres: float) -> None:
         """Record the distance between primary and shadow positions."""
         self.instruments["shadow"].record(metres, {"model_version": version})
+
+    def field_feedback(
+        self,
+        version: str,
+        source: str,
+        inside: dict[float, bool],
+        domain_inside: bool,
+        error_m: float,
+        mahalanobis: float,
+    ) -> None:
+        """Count one ground-truth feedback and record its error and normalised error."""
+        counter = self.instruments.get("field_feedback")
+        if counter is None:
+            return
+        attrs: dict[str, str] = {"model_version": version, "source": source}
+        for level, hit in inside.items():
+            attrs[f"inside_{round(level * 100):d}"] = "true" if hit else "false"
+        attrs["domain_inside"] = "true" if domain_inside else "false"
+        counter.add(1, attrs)
+        by_version = {"model_version": version, "source": source}
+        self.instruments["field_error"].record(error_m, by_version)
+        self.instruments["field_mahalanobis"].record(min(mahalanobis, 1e9), by_version)
 
     def observe_pool(self, stats: Callable[[], dict[str, Any]]) -> None:
         """Register pool gauges (workers by state, queue depth, restarts) read from ``stats``."""
@@ -481,6 +507,14 @@ def build_telemetry(
             instrument_name="heimdall.shadow.distance",
             aggregation=ExplicitBucketHistogramAggregation(DISTANCE_BUCKETS_M),
         ),
+        View(
+            instrument_name="heimdall.field.error",
+            aggregation=ExplicitBucketHistogramAggregation(FIELD_ERROR_BUCKETS_M),
+        ),
+        View(
+            instrument_name="heimdall.field.mahalanobis",
+            aggregation=ExplicitBucketHistogramAggregation(MAHALANOBIS_BUCKETS),
+        ),
     ]
     # Exemplars are sampled on every measurement; nothing here consumes them, so skip the cost
     # unless OTEL_METRICS_EXEMPLAR_FILTER asks for them.
@@ -515,6 +549,20 @@ def build_telemetry(
         ),
         "shadow": meter.create_histogram(
             "heimdall.shadow.distance", unit="m", description="Primary-to-shadow position distance"
+        ),
+        "field_feedback": meter.create_counter(
+            "heimdall.field.feedback",
+            unit="1",
+            description="Ground-truth feedback by version, source and whether the truth fell "
+            "inside the 50/90/95 % ellipses",
+        ),
+        "field_error": meter.create_histogram(
+            "heimdall.field.error", unit="m", description="Distance from answer to ground truth"
+        ),
+        "field_mahalanobis": meter.create_histogram(
+            "heimdall.field.mahalanobis",
+            unit="1",
+            description="Normalised error d of the truth under the answered covariance",
         ),
     }
 

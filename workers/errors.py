@@ -117,6 +117,54 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class UnknownRequest(NotFound):
+    """Feedback names a request id this service has no answer for (404)."""
+
+    title = "Unknown request id"
+    code = "unknown_request"
+    problem_type = "urn:heimdall:problem:unknown-request"
+
+
+class ExpiredRequest(NotFound):
+    """Feedback arrives after the answer's retention window (404)."""
+
+    title = "Expired request id"
+    code = "expired_request"
+    problem_type = "urn:heimdall:problem:expired-request"
+
+
+class Forbidden(ServiceError):
+    """The operation is turned off on this service (403)."""
+
+    status = HTTPStatus.FORBIDDEN
+    title = "Forbidden"
+    code = "forbidden"
+
+
+class Conflict(ServiceError):
+    """The request contradicts what was recorded before (409)."""
+
+    status = HTTPStatus.CONFLICT
+    title = "Conflict"
+    code = "conflict"
+
+
+class TooManyRequests(ServiceError):
+    """The client exceeded its rate limit; retry after ``retry_after`` seconds (429)."""
+
+    status = HTTPStatus.TOO_MANY_REQUESTS
+    title = "Too many requests"
+    code = "rate_limited"
+
+
+class StoreUnavailable(ServiceError):
+    """The shared store (Redis) the operation needs is down or slow (503)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    title = "Store unavailable"
+    code = "store_unavailable"
+
+
 class Overloaded(ServiceError):
     """The dispatch queue is full; retry later (503 with Retry-After)."""
 
@@ -171,6 +219,12 @@ _BY_CODE: dict[str, type[ServiceError]] = {
         BodyTimeout,
         NonFiniteOutput,
         NotFound,
+        UnknownRequest,
+        ExpiredRequest,
+        Forbidden,
+        Conflict,
+        TooManyRequests,
+        StoreUnavailable,
         Overloaded,
         NotReady,
         DeadlineExceeded,

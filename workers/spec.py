@@ -144,6 +144,35 @@ class DomainSpec(Struct, frozen=True, forbid_unknown_fields=True):
     in-domain median sigma), so out-of-domain inputs never get a tight ellipse."""
 
 
+class FieldCalibration(Struct, frozen=True, forbid_unknown_fields=True):
+    """A covariance scale fitted on ground truth from the field (``recalibrate``)."""
+
+    scale: PositiveFloat
+    """Sigmas were multiplied by this (the covariance by its square) against the parent."""
+    scale_ci95: list[float]
+    """Percentile-bootstrap 95 % interval of ``scale``."""
+    method: str
+    """How the scale was chosen."""
+    levels: list[float]
+    """Ellipse levels the scale was fitted to."""
+    samples: int
+    """Feedback samples used (fit and held-out halves together)."""
+    fit_samples: int
+    """Samples the scale was fitted on."""
+    held_out_samples: int
+    """Samples kept aside to measure the result."""
+    held_out_coverage_before: dict[str, float]
+    """Coverage per level on the held-out half with the parent's covariance."""
+    held_out_coverage_after: dict[str, float]
+    """Coverage per level on the held-out half with the scaled covariance."""
+    source: str
+    """Feedback ``source`` used (``all`` for every source)."""
+    parent_version: str
+    """Registry version whose answers the feedback was about."""
+    created_at: str
+    """When the calibration was made (UTC, RFC 3339)."""
+
+
 class Provenance(Struct, frozen=True):
     """Where the model came from and how good it is."""
 
@@ -155,6 +184,8 @@ class Provenance(Struct, frozen=True):
     """Accuracy and calibration figures on held-out data."""
     created_by: str = ""
     """Tool that wrote the package."""
+    field_calibrations: list[FieldCalibration] = []
+    """Field recalibrations applied on top of training, oldest first."""
 
 
 class ModelSpec(Struct, frozen=True, forbid_unknown_fields=True):

@@ -354,6 +354,8 @@ def test_grafana_dashboard_covers_every_service_metric() -> None:
         "heimdall_pool_workers",
         "heimdall_pool_queue_depth",
         "heimdall_pool_worker_restarts_total",
+        "heimdall_field_feedback_total",
+        "heimdall_field_error_meters_bucket",
     ):
         assert metric in exprs, f"no panel on {metric}"
     assert "by (le, phase)" in exprs
