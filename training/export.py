@@ -17,6 +17,7 @@ from torch import nn
 from training import simulate
 from training.dataset import PackedSet, build_spec, detection_spec
 from training.evaluate import evaluate, load_package, run_session
+from workers.inputs import pack_capture
 from workers.spec import CalibrationSpec, DomainSpec, ModelSpec, decode_spec, encode_spec
 
 INPUT_NAMES = ("features", "receivers", "mask")
@@ -137,7 +138,24 @@ def fit_stratified(
     return float(grid[int(np.argmin([worst(g) for g in grid]))])
 
 
-def domain_spec(train: PackedSet, median_sigma_m: float, scale_m: float) -> DomainSpec:
+def max_mean_signal(spec: ModelSpec, n: int = 8_000, seed: int = 5) -> float:
+    """Highest mean received power over the detecting receivers of answerable captures."""
+    rx_lat, rx_lon = simulate.receiver_positions()
+    rule = detection_spec()
+    best = -np.inf
+    for batch in simulate.iter_batches(n, seed, chunk=500):
+        for i in range(len(batch)):
+            slots = batch.receivers_of(i)
+            p = pack_capture(batch.iq[i, slots], rx_lat[slots], rx_lon[slots], spec)
+            heard = p.detection.snr_db >= rule.snr_threshold_db
+            if heard.sum() >= rule.min_detected:
+                best = max(best, float(np.mean(p.detection.signal_dbm[heard])))
+    return best
+
+
+def domain_spec(
+    train: PackedSet, median_sigma_m: float, scale_m: float, train_spec: ModelSpec
+) -> DomainSpec:
     """The trained domain: simulator ranges and what the training captures reached."""
     d = simulate.WIDE
     offsets = np.hypot(train.target[:, 0], train.target[:, 1]) * scale_m
@@ -154,6 +172,7 @@ def domain_spec(train: PackedSet, median_sigma_m: float, scale_m: float) -> Doma
         max_signal_dbm=round(float(np.max(train.nuisance[:, 5])) + 3.0, 1),
         max_noise_dbm=round(float(np.percentile(train.nuisance[:, 6], 99.9)) + 3.0, 1),
         max_offset_m=round(float(np.max(offsets)) * 1.05, -2),
+        max_mean_signal_dbm=round(max_mean_signal(train_spec) + 3.0, 1),
         out_of_domain_min_sigma_m=round(median_sigma_m, -1),
     )
 
@@ -185,7 +204,9 @@ def export_package(
     export_onnx(model, spec, out / "model.onnx")
     n_params = sum(p.numel() for p in model.parameters())
     factor, table, cal_figures = calibrate(model, spec, val)
-    domain = domain_spec(train, cal_figures["val_median_sigma_m"], spec.output.position_scale_m)
+    domain = domain_spec(
+        train, cal_figures["val_median_sigma_m"], spec.output.position_scale_m, spec
+    )
 
     def package(metrics: dict[str, float] | None) -> ModelSpec:
         return build_spec(

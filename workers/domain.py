@@ -55,6 +55,15 @@ def outside_reasons(detection: Detection, offset_m: float, domain: DomainSpec) -
             f"[{strongest}] is above anything the model was trained on "
             f"({domain.max_signal_dbm:.0f} dBm)"
         )
+    heard = detection.snr_db >= domain.detection.snr_threshold_db
+    if domain.max_mean_signal_dbm is not None and heard.any():
+        mean = float(np.mean(detection.signal_dbm[heard]))
+        if mean > domain.max_mean_signal_dbm:
+            reasons.append(
+                f"mean received power {mean:.0f} dBm over the {int(heard.sum())} detecting "
+                f"receivers is above anything the model was trained on "
+                f"({domain.max_mean_signal_dbm:.0f} dBm)"
+            )
     noisiest = int(np.argmax(detection.noise_dbm))
     if detection.noise_dbm[noisiest] > domain.max_noise_dbm:
         reasons.append(

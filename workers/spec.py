@@ -139,7 +139,10 @@ class DomainSpec(Struct, frozen=True, forbid_unknown_fields=True):
     max_offset_m: float
     """Farthest trained transmitter from the receivers' centroid; a predicted position beyond
     it lies outside the region the network can resolve."""
-    out_of_domain_min_sigma_m: float
+    max_mean_signal_dbm: float | None = None
+    """Highest mean received power (dB average over the detecting receivers) in training: a
+    transmitter far stronger than trained raises every receiver, not only the nearest."""
+    out_of_domain_min_sigma_m: float = 0.0
     """Sigmas of an answer outside the domain are widened to at least this (the model's
     in-domain median sigma), so out-of-domain inputs never get a tight ellipse."""
 
