@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     from app.operate import add_operator_commands
 
     add_operator_commands(sub)
-    from app.recalibrate import add_recalibrate_command
+    from app.recalibrate_command import add_recalibrate_command
 
     add_recalibrate_command(sub)
     return parser

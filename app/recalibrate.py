@@ -178,19 +178,3 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
         f"heimdall-inference promote {version}"
     )
     return 0
-
-
-def add_recalibrate_command(sub: Any) -> None:
-    """Register ``recalibrate`` on the CLI parser."""
-    cmd = sub.add_parser(
-        "recalibrate", help="fit a covariance scale on field feedback, register a new version"
-    )
-    cmd.add_argument("version", help="version number or @alias whose feedback is used")
-    cmd.add_argument("--min-samples", type=int, default=200)
-    cmd.add_argument("--source", default=None, help="use only feedback of this source")
-    cmd.add_argument(
-        "--levels", default=",".join(f"{p:g}" for p in LEVELS), help="levels to fit, e.g. 0.9"
-    )
-    cmd.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    cmd.add_argument("--dry-run", action="store_true", help="fit and print, register nothing")
-    cmd.set_defaults(func=cmd_recalibrate)
