@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -136,16 +136,23 @@ class CaptureBatch:
     def select(self, rows: npt.NDArray[np.int64]) -> CaptureBatch:
         """The captures at ``rows``, in that order."""
         return CaptureBatch(
-            self.iq[rows],
-            self.present[rows],
-            self.tx_lat[rows],
-            self.tx_lon[rows],
-            [self.modulation[r] for r in rows],
-            self.order[rows],
-            self.eirp_dbm[rows],
-            self.exponent[rows],
-            self.shadowing_db[rows],
-            self.snr_db[rows],
+            *(
+                [v[r] for r in rows] if isinstance(v, list) else v[rows]
+                for v in (getattr(self, f.name) for f in fields(self))
+            )
+        )
+
+    @staticmethod
+    def concat(parts: list[CaptureBatch]) -> CaptureBatch:
+        """The captures of ``parts``, one after the other."""
+        columns = zip(*((getattr(p, f.name) for f in fields(p)) for p in parts), strict=True)
+        return CaptureBatch(
+            *(
+                [x for part in col for x in part]
+                if isinstance(col[0], list)
+                else np.concatenate(col)
+                for col in columns
+            )
         )
 
     def receivers_of(self, i: int) -> list[int]:
@@ -304,18 +311,7 @@ def heard_batch(
         kept += len(rows)
         if kept >= n:
             break
-    return CaptureBatch(
-        np.concatenate([p.iq for p in parts]),
-        np.concatenate([p.present for p in parts]),
-        np.concatenate([p.tx_lat for p in parts]),
-        np.concatenate([p.tx_lon for p in parts]),
-        [m for p in parts for m in p.modulation],
-        np.concatenate([p.order for p in parts]),
-        np.concatenate([p.eirp_dbm for p in parts]),
-        np.concatenate([p.exponent for p in parts]),
-        np.concatenate([p.shadowing_db for p in parts]),
-        np.concatenate([p.snr_db for p in parts]),
-    )
+    return CaptureBatch.concat(parts)
 
 
 def request_payload(batch: CaptureBatch, i: int, **options: Any) -> dict[str, Any]:
