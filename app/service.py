@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 from opentelemetry import trace
@@ -34,6 +35,7 @@ from app.schemas import (
     Timing,
     Uncertainty,
 )
+from telemetry.logs import request_id_var
 from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
 from workers.geo import distance_m, pairwise_distance_m
@@ -230,6 +232,9 @@ class InferenceService:
             ServiceError: invalid input (4xx), overload, deadline or readiness (5xx).
         """
         started = time.perf_counter()
+        if request.request_id is None and (header_id := request_id_var.get()):
+            # The HTTP request's X-Request-ID names the prediction whose body names none.
+            request = msgspec.structs.replace(request, request_id=header_id)
         request_id, ctx = self.route(request)
         key = self.cache_key(request, ctx)
         if key is not None and self.cache is not None:

@@ -27,11 +27,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
+from telemetry.logs import trace_token
 from workers.errors import (
     DeadlineExceeded,
     ModelLoadError,
@@ -187,6 +188,8 @@ class Job:
     attempts: int = 0
     dispatched_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    trace: str = ""
+    """The submitting request's trace (``TRACEID-SPANID``), for the worker's log lines."""
 
     @property
     def size(self) -> int:
@@ -250,12 +253,20 @@ class WorkerPool:
         settings: PoolSettings,
         *,
         log_level: str = "INFO",
+        log_format: Literal["json", "text", "auto"] = "auto",
+        replica: str = "",
         on_restart: Callable[[int], None] | None = None,
     ) -> None:
-        """Configure the pool; processes start in :meth:`start`."""
+        """Configure the pool; processes start in :meth:`start`.
+
+        ``log_level``, ``log_format`` and ``replica`` go to the workers, which write the same
+        log schema as the HTTP process (telemetry/logs.py).
+        """
         self.settings = settings
         self.size = settings.worker_count()
         self._log_level = log_level
+        self._log_format = log_format
+        self._replica = replica
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * self.size
         self._queue: deque[Job] = deque()
@@ -337,6 +348,8 @@ class WorkerPool:
             intra_op_threads=self.settings.intra_op_threads,
             test_hooks=self.settings.test_hooks,
             log_level=self._log_level,
+            log_format=self._log_format,
+            replica=self._replica,
             arena_path=arena.path if arena else "",
         )
         process = self._ctx.Process(
@@ -601,6 +614,7 @@ class WorkerPool:
                     first.version,
                     staged,
                     [wall + int(j.deadline * 1e9) for j in jobs for _ in j.items],
+                    [j.trace for j in jobs for _ in j.items] if any(j.trace for j in jobs) else [],
                 )
             else:
                 shm_slot = -1
@@ -612,6 +626,7 @@ class WorkerPool:
                     infer.features,
                     infer.receivers,
                     infer.mask,
+                    first.trace,
                 )
             for job in jobs:
                 job.dispatched_at = now
@@ -684,8 +699,10 @@ class WorkerPool:
         assert self._loop is not None
         now = time.monotonic()
         futures = []
+        trace = trace_token()
         for group, inf in groups:
             job = Job(version, group, self._loop.create_future(), now + timeout_s, now, inf)
+            job.trace = trace
             job.timer = self._loop.call_at(self._loop.time() + timeout_s, self._expire, job)
             self._queue.append(job)
             self._queued_items += job.size
