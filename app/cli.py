@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.settings import SettingsError, load_settings, settings_table
+from app.settings import SettingsError, load_operator_settings, load_settings, settings_table
 from workers import malloc
 from workers.registry import RegistrySettings
 
@@ -118,6 +118,30 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Log a model and its spec as a new ONNX-flavor version (workers/authoring.py)."""
+    from workers.authoring import register_onnx
+    from workers.registry import MODEL_FILE, SPEC_FILE, ModelRegistry
+
+    path = Path(args.path)
+    model = path / MODEL_FILE if path.is_dir() else path
+    spec = Path(args.spec) if args.spec else model.parent / SPEC_FILE
+    for what, file in (("model", model), ("spec", spec)):
+        if not file.is_file():
+            raise ValueError(f"no {what} file at {file} (give DIR, DIR/model.onnx and --spec)")
+    settings = load_operator_settings().registry
+    name = args.name or settings.model_name()
+    registry = ModelRegistry(settings)
+    done = register_onnx(registry, model, spec, name, alias=args.alias, reuse=args.reuse)
+    print(
+        f"{'reused' if done.reused else 'registered'} {name} version {done.version} "
+        f"(run {done.run_id}, sha256 {done.sha256[:12]}…"
+        + (f", alias {args.alias}" if args.alias else "")
+        + f") in {registry.tracking_uri}"
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Write simulated request payloads with their true positions.
 
@@ -193,6 +217,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--alias", default="production", help="alias to point at the version (production)"
     )
     boot.set_defaults(func=cmd_bootstrap)
+    reg = sub.add_parser(
+        "register",
+        help="log a model (DIR or model.onnx) and its spec as a new ONNX-flavor version",
+    )
+    reg.add_argument("path", help="folder with model.onnx (and model_spec.json), or a .onnx file")
+    reg.add_argument(
+        "--spec", default=None, help="model_spec.json (default: the one next to the model)"
+    )
+    reg.add_argument(
+        "--name", default=None, help="registered model name (default: from HEIMDALL_MODEL_URI)"
+    )
+    reg.add_argument("--alias", default=None, help="point this alias at the new version")
+    reg.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a version with the same model sha256 and spec instead of a new one",
+    )
+    reg.set_defaults(func=cmd_register)
     sim = sub.add_parser("simulate", help="write simulated request payloads")
     sim.add_argument("--count", type=int, default=10, help="number of payloads (10)")
     sim.add_argument("--seed", type=int, default=7, help="random seed (7)")

@@ -44,6 +44,13 @@ CASES: list[tuple[str, dict[str, str], int, str]] = [
         "unsupported registry URI scheme 'bogus'",
     ),
     ("bootstrap --package /nonexistent", {}, cli.EXIT_FAILED, "No such file or directory"),
+    ("register /nonexistent", {}, cli.EXIT_USAGE, "no model file at /nonexistent "),
+    (
+        f"register {ROOT / 'training/reference'} --spec {ROOT / 'pyproject.toml'}",
+        {},
+        cli.EXIT_USAGE,
+        "spec",
+    ),
     ("simulate --count 0", {}, cli.EXIT_USAGE, "--count must be >= 1"),
     ("serve", {"HEIMDALL_PORT": "eighty"}, cli.EXIT_USAGE, "HEIMDALL_PORT"),
     ("route", {}, cli.EXIT_USAGE, "the following arguments are required"),
