@@ -30,7 +30,7 @@ from app.http import (
     metrics_route,
     service_error_handler,
 )
-from app.oip import build_oip_routes
+from app.oip import build_oip_routes, v2_aware
 from app.openapi import complete_openapi
 from app.request_context import RequestContext
 from app.rollout import Rollout
@@ -200,9 +200,9 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         middleware=middleware,
         lifespan=[lifespan],
         exception_handlers={
-            ServiceError: service_error_handler,
-            HTTPException: http_error_handler,
-            Exception: internal_error_handler,
+            ServiceError: v2_aware(service_error_handler),
+            HTTPException: v2_aware(http_error_handler),
+            Exception: v2_aware(internal_error_handler),
         },
         openapi_config=OpenAPIConfig(
             title="heimdall-inference",
