@@ -565,10 +565,13 @@ class OipProtocol:
         service = self.components.service
         settings = service.settings
         try:
+            submitted_ns = time.time_ns()
             (future,) = self.components.pool.submit(
                 ctx.version, [], settings.request_timeout_s, infer=[job]
             )
             result = await future
+            # Phase metrics and worker-timing spans, as for /v1 (features are the caller's: 0).
+            service.trace_job(ctx, result, submitted_ns)
             reply = result.reply
             if reply is None:
                 raise ServiceError("the worker answered an infer job without tensors")

@@ -264,7 +264,7 @@ class InferenceService:
         )
         result = await future
         response = self._respond(prepared, result, 0, started)
-        self._trace(prepared.context, result, submitted_ns)
+        self.trace_job(prepared.context, result, submitted_ns)
         outcome = result.results[0]
         if isinstance(outcome, Prediction):
             if key is not None and self.cache is not None:
@@ -314,8 +314,11 @@ class InferenceService:
             if answer is not None:
                 self.telemetry.domain(version, answer.domain_inside)
 
-    def _trace(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
-        """Queue, features and inference spans (worker-side times) and phase metrics."""
+    def trace_job(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
+        """Queue, features and inference spans (worker-side times) and phase metrics.
+
+        Also used by the ``/v2`` infer path (app/oip.py), whose jobs have no feature phase.
+        """
         telemetry = self.telemetry
         if telemetry is None:
             return
