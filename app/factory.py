@@ -32,13 +32,15 @@ from app.http import (
     service_error_handler,
 )
 from app.intake import IntakeLimits
-from app.oip import build_oip_routes
+from app.oip import build_oip_routes, v2_aware
 from app.openapi import complete_openapi
+from app.request_context import RequestContext
 from app.rollout import Rollout
 from app.rsgi import RSGIFront
 from app.service import InferenceService
 from app.settings import Settings, load_settings
 from app.tracing import server_span_middleware
+from telemetry.logs import configure_logging
 from telemetry.setup import Telemetry, build_telemetry
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
@@ -61,7 +63,12 @@ class Components:
         """Build (not start) every component; ``telemetry`` replaces the default providers."""
         self.settings = settings
         self.replica = replica_name(settings)
-        self.pool = WorkerPool(settings.pool, log_level=settings.server.log_level)
+        self.pool = WorkerPool(
+            settings.pool,
+            log_level=settings.server.log_level,
+            log_format=settings.server.log_format,
+            replica=self.replica,
+        )
         self.registry = ModelRegistry(settings.registry)
         self.service = InferenceService(self.pool, settings.service)
         self.telemetry: Telemetry | None = telemetry
@@ -217,9 +224,9 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         middleware=middleware,
         lifespan=[lifespan],
         exception_handlers={
-            ServiceError: service_error_handler,
-            HTTPException: http_error_handler,
-            Exception: internal_error_handler,
+            ServiceError: v2_aware(service_error_handler),
+            HTTPException: v2_aware(http_error_handler),
+            Exception: v2_aware(internal_error_handler),
         },
         openapi_config=OpenAPIConfig(
             title="heimdall-inference",
@@ -229,6 +236,9 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         ),
         request_max_body_size=settings.server.max_body_bytes,
         debug=False,
+        # Logging is ours (telemetry/logs.py, one schema with the workers): Litestar must not
+        # replace the root handlers with its own queue handler and format.
+        logging_config=None,
     )
     app.state.components = components
     complete_openapi(app)
@@ -237,16 +247,19 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
 
 def _settings_from_env() -> Settings:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.server.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.server.log_level, settings.server.log_format, replica_name(settings))
     return settings
 
 
-def create_app_from_env() -> Litestar:
+def with_request_context(app: Litestar, settings: Settings) -> RequestContext:
+    """``app`` behind the X-Request-ID / access-log wrapper (app/request_context.py)."""
+    return RequestContext(app, access=settings.server.access_log)
+
+
+def create_app_from_env() -> RequestContext:
     """Granian ASGI factory target: settings from the environment, validated at start."""
-    return create_app(_settings_from_env())
+    settings = _settings_from_env()
+    return with_request_context(create_app(settings), settings)
 
 
 def create_rsgi_app_from_env() -> RSGIFront:
@@ -256,7 +269,7 @@ def create_rsgi_app_from_env() -> RSGIFront:
     app = create_app(settings)
     telemetry = app.state.components.telemetry
     return RSGIFront(
-        app,
+        with_request_context(app, settings),
         one_piece_limit=max(server.max_body_bytes, server.max_batch_body_bytes),
         intake=IntakeLimits(
             timeout_s=server.body_timeout_s,

@@ -35,6 +35,7 @@ from workers.errors import (
     PayloadTooLarge,
     ServiceError,
     UnsupportedMediaType,
+    problem_type_of,
 )
 
 log = logging.getLogger("heimdall.http")
@@ -78,15 +79,61 @@ def wants_msgpack(request: Request[Any, Any, Any]) -> bool:
     Raises:
         NotAcceptable: the client accepts neither JSON nor MessagePack.
     """
-    accept = request.headers.get("accept", "").lower()
-    if not accept:
+    return prefers_msgpack(request.headers.get("accept", ""))
+
+
+def _accept_ranges(accept: str) -> list[tuple[str, float]]:
+    """``Accept`` as ``(media range, q)`` pairs; a malformed q counts as 1 (lenient)."""
+    ranges = []
+    for part in accept.lower().split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        if not media:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    q = 1.0
+        ranges.append((media, q))
+    return ranges
+
+
+def _quality(ranges: list[tuple[str, float]], names: Callable[[str], bool]) -> tuple[float, int]:
+    """Quality of the media type(s) ``names`` matches: the most specific range wins (RFC 9110).
+
+    Returns ``(q, specificity)`` with specificity 2 for an exact match, 1 for ``application/*``,
+    0 for ``*/*`` and -1 when nothing matches (q 0).
+    """
+    best: tuple[float, int] = (0.0, -1)
+    for media, q in ranges:
+        specificity = 2 if names(media) else 1 if media == "application/*" else 0
+        if media not in ("*/*", "application/*") and specificity != 2:
+            continue
+        if specificity > best[1]:
+            best = (q, specificity)
+    return best
+
+
+def prefers_msgpack(accept: str) -> bool:
+    """Whether an ``Accept`` header prefers MessagePack over JSON (q-values honoured).
+
+    The higher q wins; ``q=0`` excludes a type; on equal q a type named explicitly beats a
+    wildcard and otherwise JSON wins. No ``Accept`` means JSON.
+
+    Raises:
+        NotAcceptable: neither JSON nor MessagePack is acceptable.
+    """
+    if not accept.strip():
         return False
-    kinds = [part.split(";")[0].strip() for part in accept.split(",")]
-    if any(k in _MSGPACK_TYPES for k in kinds) and JSON not in kinds:
-        return True
-    if any(k in (JSON, "*/*", "application/*") or k.endswith("+json") for k in kinds):
-        return False
-    raise NotAcceptable("this endpoint answers application/json or application/msgpack")
+    ranges = _accept_ranges(accept)
+    json_q = _quality(ranges, lambda m: m == JSON or m.endswith("+json"))
+    msgpack_q = _quality(ranges, lambda m: m in _MSGPACK_TYPES)
+    if json_q[0] <= 0 and msgpack_q[0] <= 0:
+        raise NotAcceptable("this endpoint answers application/json or application/msgpack")
+    return msgpack_q > json_q
 
 
 async def decode_body(request: Request[Any, Any, Any], kind: type) -> Any:
@@ -145,7 +192,18 @@ def http_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Response[by
     title = {404: "Not found", 405: "Method not allowed", 413: "Payload too large"}.get(
         status, "Bad request" if status < 500 else "Server error"
     )
-    return problem_response(Problem(title, status, detail, errors=errors), headers or None)
+    kind = _FRAMEWORK_PROBLEMS.get(status, "malformed" if status < 500 else "internal")
+    problem = Problem(title, status, detail, type=problem_type_of(kind), errors=errors)
+    return problem_response(problem, headers or None)
+
+
+_FRAMEWORK_PROBLEMS = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+"""Problem codes of Litestar's own HTTP errors, matching the service's where they overlap."""
 
 
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
@@ -156,6 +214,7 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
             "Internal error",
             HTTP_500_INTERNAL_SERVER_ERROR,
             "an unexpected error occurred; it has been logged",
+            type=problem_type_of("internal"),
         )
     )
 
@@ -166,7 +225,9 @@ def metrics_route(registry: Any) -> HTTPRouteHandler:
 
     @get("/metrics", summary="Prometheus metrics", include_in_schema=False, sync_to_thread=False)
     def metrics() -> Response[bytes]:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # Litestar appends "; charset=utf-8" to text/* itself: name it once.
+        media_type = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
+        return Response(generate_latest(registry), media_type=media_type)
 
     return metrics
 

@@ -160,6 +160,28 @@ def oip_http_error_handler(_: Request[Any, Any, Any], exc: Exception) -> Respons
     return error_response(exc.status_code, detail, dict(exc.headers or {}) or None)
 
 
+ExceptionHandler = Callable[[Request[Any, Any, Any], Exception], Response[bytes]]
+
+
+def v2_aware(handler: ExceptionHandler) -> ExceptionHandler:
+    """An app-level handler that answers ``/v2`` paths in the protocol's error format.
+
+    The ``/v2`` routes carry their own handlers; this covers what reaches the application
+    level on a ``/v2`` path: unknown paths (404), wrong methods (405) and the like, which
+    tritonclient and perf_analyzer cannot read as problem details.
+    """
+
+    def dispatch(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        path = request.url.path
+        if path == "/v2" or path.startswith("/v2/"):
+            if isinstance(exc, HTTPException):
+                return oip_http_error_handler(request, exc)
+            return oip_service_error_handler(request, exc)
+        return handler(request, exc)
+
+    return dispatch
+
+
 def oip_internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Anything unexpected: log it, answer a 500 protocol error."""
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -432,6 +454,39 @@ def tensor_metadata(tensors: Mapping[str, TensorSpec], roles: tuple[str, ...]) -
     ]
 
 
+def triton_config(name: str, metadata: dict[str, Any], max_batch: int) -> dict[str, Any]:
+    """Triton's model configuration (``GET /v2/models/{name}/config``) from the metadata.
+
+    perf_analyzer and Triton clients read ``max_batch_size`` and the tensors' ``dims``
+    (without the batch axis when batching) from it before their first request.
+    """
+
+    def tensors(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": t["name"],
+                "data_type": f"TYPE_{t['datatype']}",
+                "dims": list(t["shape"][1:]),
+                "format": "FORMAT_NONE",
+                "is_shape_tensor": False,
+            }
+            for t in entries
+        ]
+
+    return {
+        "name": name,
+        "platform": PLATFORM,
+        "backend": "onnxruntime",
+        "version_policy": {"latest": {"num_versions": 1}},
+        "max_batch_size": max_batch,
+        "input": tensors(metadata["inputs"]),
+        "output": tensors(metadata["outputs"]),
+        "instance_group": [{"name": name, "kind": "KIND_CPU", "count": 1}],
+        "dynamic_batching": {},
+        "parameters": {},
+    }
+
+
 def server_version() -> str:
     """Installed package version of the server."""
     try:
@@ -538,10 +593,13 @@ class OipProtocol:
         service = self.components.service
         settings = service.settings
         try:
+            submitted_ns = time.time_ns()
             (future,) = self.components.pool.submit(
                 ctx.version, [], settings.request_timeout_s, infer=[job]
             )
             result = await future
+            # Phase metrics and worker-timing spans, as for /v1 (features are the caller's: 0).
+            service.trace_job(ctx, result, submitted_ns)
             reply = result.reply
             if reply is None:
                 raise ServiceError("the worker answered an infer job without tensors")
@@ -654,6 +712,25 @@ def _json(value: Any, status: int = 200, headers: dict[str, str] | None = None) 
     )
 
 
+def config_routes(oip: OipProtocol) -> list[HTTPRouteHandler]:
+    """Triton's ``/v2/models/{name}[/versions/{v}]/config`` (read by perf_analyzer)."""
+    common: dict[str, Any] = {"exception_handlers": EXCEPTION_HANDLERS, "tags": ["v2"]}
+
+    @get("/v2/models/{name:str}/config", summary="Model configuration (Triton)", **common)
+    async def model_config(name: FromPath[str]) -> Response[bytes]:
+        return _json(triton_config(name, oip.metadata(name, None), MAX_BATCH))
+
+    @get(
+        "/v2/models/{name:str}/versions/{version:str}/config",
+        summary="Model version configuration (Triton)",
+        **common,
+    )
+    async def version_config(name: FromPath[str], version: FromPath[str]) -> Response[bytes]:
+        return _json(triton_config(name, oip.metadata(name, version), MAX_BATCH))
+
+    return [model_config, version_config]
+
+
 def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
     """Route handlers of the ``/v2`` protocol bound to ``components``."""
     oip = OipProtocol(components)
@@ -737,4 +814,5 @@ def build_oip_routes(components: Components) -> list[HTTPRouteHandler]:
         version_ready,
         infer,
         infer_version,
+        *config_routes(oip),
     ]

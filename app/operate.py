@@ -25,15 +25,18 @@ from app.control_protocol import (
     read_current,
 )
 from app.settings import OperatorSettings, load_operator_settings
-from workers.errors import ServiceError
 from workers.registry_rest import RestAliases, is_remote
+
+
+class UsageError(ValueError):
+    """The command line is wrong (exit code 2, like argparse's own usage errors)."""
 
 
 def _client(settings: OperatorSettings) -> Any:
     import redis.asyncio as aioredis
 
     if not settings.cache.redis_url:
-        raise SystemExit("REDIS_URL is empty: the control plane needs Redis")
+        raise UsageError("REDIS_URL is empty: the control plane needs Redis")
     return aioredis.from_url(settings.cache.redis_url, socket_timeout=5)
 
 
@@ -123,14 +126,51 @@ def set_alias(settings: OperatorSettings, alias: str, version: str) -> None:
     registry.set_alias(name, alias, version)
 
 
+def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
+    """Check that every version or alias in ``refs`` exists in the registry before publishing.
+
+    A desired state naming a version the registry lacks can never be applied: every replica
+    would keep failing to load it. A tracking server is asked over REST (no MLflow import).
+
+    Raises:
+        UsageError: a reference is malformed or names another model.
+        NotFound: the version or alias is not registered.
+        ModelLoadError: the registry is unreachable or failed.
+    """
+    from workers.registry import parse_ref
+
+    name = settings.registry.model_name()
+    parsed = []
+    for ref in refs:
+        try:
+            ref_name, version, alias = parse_ref(ref, name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        if ref_name != name:
+            raise UsageError(f"{ref!r} names model {ref_name!r}; this fleet serves {name!r}")
+        parsed.append((ref, version, alias))
+    if is_remote(settings.registry.tracking_uri):
+        rest = RestAliases(settings.registry.tracking_uri)
+        for _, version, alias in parsed:
+            if version is not None:
+                rest.check_version(name, version)
+            else:
+                rest.check_alias(name, str(alias))
+        return
+    from workers.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.registry)
+    for ref, _, _ in parsed:
+        registry.resolve(ref)
+
+
 def cmd_promote(args: argparse.Namespace) -> int:
     """Point the alias at VERSION in MLflow and route all traffic to the alias."""
     settings = load_operator_settings()
     name = settings.registry.model_name()
-    try:
-        set_alias(settings, args.alias, str(args.version))
-    except ServiceError as exc:
-        raise SystemExit(f"promote {args.version}: {exc.detail}") from exc
+    if not str(args.version).isdigit():
+        raise UsageError(f"VERSION must be a version number, got {args.version!r}")
+    set_alias(settings, args.alias, str(args.version))
     print(f"{name}@{args.alias} -> version {args.version}")
     asyncio.run(
         _publish(
@@ -156,10 +196,15 @@ def cmd_route(args: argparse.Namespace) -> int:
         except ValueError:
             ref = ""
         if not ref or weights[ref] < 0:
-            raise SystemExit(f"expected VERSION=WEIGHT (a number >= 0), got {part!r}")
+            raise UsageError(f"expected VERSION=WEIGHT (a number >= 0), got {part!r}")
+    if not any(weights.values()):
+        raise UsageError("at least one weight must be > 0")
+    settings = load_operator_settings()
+    if not args.no_check:
+        check_refs(settings, list(weights))
     asyncio.run(
         _publish(
-            load_operator_settings(),
+            settings,
             weights,
             None,
             None,
@@ -175,10 +220,15 @@ def cmd_shadow(args: argparse.Namespace) -> int:
     """Publish a shadow version (``--off`` removes it)."""
     shadow: str | bool = False if args.off else str(args.version)
     if not args.off and not args.version:
-        raise SystemExit("give a VERSION or --off")
+        raise UsageError("give a VERSION or --off")
+    if args.fraction is not None and not 0 <= args.fraction <= 1:
+        raise UsageError(f"--fraction must be within [0, 1], got {args.fraction:g}")
+    settings = load_operator_settings()
+    if not args.off and not args.no_check:
+        check_refs(settings, [str(args.version)])
     asyncio.run(
         _publish(
-            load_operator_settings(),
+            settings,
             None,
             shadow,
             args.fraction,
@@ -377,6 +427,8 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from app.canary import Canary, Gates, LockHeld
 
     settings = load_operator_settings()
+    if not args.no_check:
+        check_refs(settings, [str(args.version)])
     gates = Gates(
         args.max_error_rate_delta, args.max_p99_ratio, args.max_shadow_m, args.min_requests
     )
@@ -422,34 +474,86 @@ def _publisher_flags(parser: Any) -> None:
     )
 
 
+def _check_flag(parser: Any) -> None:
+    parser.add_argument(
+        "--no-check",
+        action="store_true",
+        help="publish without checking that the versions exist in the registry",
+    )
+
+
 def add_operator_commands(sub: Any) -> None:
     """Register operator sub-commands on the CLI parser."""
     promote = sub.add_parser("promote", help="set the MLflow alias to VERSION and publish")
-    promote.add_argument("version")
-    promote.add_argument("--alias", default="production")
+    promote.add_argument("version", help="registered version number to promote, e.g. 3")
+    promote.add_argument(
+        "--alias", default="production", help="alias to point at VERSION (default: production)"
+    )
     _publisher_flags(promote)
     promote.set_defaults(func=cmd_promote)
     route = sub.add_parser("route", help="publish routing weights: VERSION=WEIGHT ...")
-    route.add_argument("weights", nargs="+")
+    route.add_argument(
+        "weights",
+        nargs="+",
+        metavar="VERSION=WEIGHT",
+        help="a version number or @alias and its relative weight, e.g. 3=0.9 4=0.1",
+    )
     _publisher_flags(route)
+    _check_flag(route)
     route.set_defaults(func=cmd_route)
     shadow = sub.add_parser("shadow", help="publish a shadow version")
-    shadow.add_argument("version", nargs="?")
-    shadow.add_argument("--fraction", type=float, default=None)
-    shadow.add_argument("--off", action="store_true")
+    shadow.add_argument(
+        "version", nargs="?", help="version number or @alias that mirrors a sample of traffic"
+    )
+    shadow.add_argument(
+        "--fraction",
+        type=float,
+        default=None,
+        help="share of requests also sent to the shadow, 0-1 (default 0.1)",
+    )
+    shadow.add_argument("--off", action="store_true", help="remove the shadow version")
     _publisher_flags(shadow)
+    _check_flag(shadow)
     shadow.set_defaults(func=cmd_shadow)
     canary = sub.add_parser(
         "canary", help="raise VERSION step by step under gates; roll back on a breach"
     )
-    canary.add_argument("version")
-    canary.add_argument("--steps", type=steps_pct, default=[5.0, 25.0, 50.0, 100.0])
-    canary.add_argument("--interval", type=duration_s, default=60.0, help="per step (60s)")
-    canary.add_argument("--max-error-rate-delta", type=float, default=0.01)
-    canary.add_argument("--max-p99-ratio", type=float, default=1.5)
-    canary.add_argument("--max-shadow-m", type=float, default=None)
-    canary.add_argument("--min-requests", type=int, default=20)
+    canary.add_argument("version", help="candidate version number or @alias")
+    canary.add_argument(
+        "--steps",
+        type=steps_pct,
+        default=[5.0, 25.0, 50.0, 100.0],
+        help="increasing traffic percentages ending at 100 (default 5,25,50,100)",
+    )
+    canary.add_argument(
+        "--interval", type=duration_s, default=60.0, help="time per step, e.g. 60s or 2m (60s)"
+    )
+    canary.add_argument(
+        "--max-error-rate-delta",
+        type=float,
+        default=0.01,
+        help="largest error-rate increase over the current version before rollback (0.01)",
+    )
+    canary.add_argument(
+        "--max-p99-ratio",
+        type=float,
+        default=1.5,
+        help="largest p99 latency ratio candidate/current before rollback (1.5)",
+    )
+    canary.add_argument(
+        "--max-shadow-m",
+        type=float,
+        default=None,
+        help="largest shadow disagreement p95 in metres before rollback (off by default)",
+    )
+    canary.add_argument(
+        "--min-requests",
+        type=int,
+        default=20,
+        help="candidate requests a window needs before it is judged (20)",
+    )
     canary.add_argument("--force", action="store_true", help="publish unsigned to a signed fleet")
+    _check_flag(canary)
     canary.set_defaults(func=cmd_canary)
     status = sub.add_parser(
         "status", help="fleet: desired vs applied per replica, history; exit 1 on divergence"

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import msgspec
 import numpy as np
 from msgspec import Meta, Struct
 from opentelemetry import trace
@@ -35,6 +36,7 @@ from app.schemas import (
     Timing,
     Uncertainty,
 )
+from telemetry.logs import request_id_var
 from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
 from workers.geo import distance_m, pairwise_distance_m
@@ -233,6 +235,9 @@ class InferenceService:
             ServiceError: invalid input (4xx), overload, deadline or readiness (5xx).
         """
         started = time.perf_counter()
+        if request.request_id is None and (header_id := request_id_var.get()):
+            # The HTTP request's X-Request-ID names the prediction whose body names none.
+            request = msgspec.structs.replace(request, request_id=header_id)
         request_id, ctx = self.route(request)
         key = self.cache_key(request, ctx)
         if key is not None and self.cache is not None:
@@ -262,7 +267,7 @@ class InferenceService:
         )
         result = await future
         response = self._respond(prepared, result, 0, started)
-        self._trace(prepared.context, result, submitted_ns)
+        self.trace_job(prepared.context, result, submitted_ns)
         outcome = result.results[0]
         if isinstance(outcome, Prediction):
             if key is not None and self.cache is not None:
@@ -321,8 +326,11 @@ class InferenceService:
                 request_id, ctx.name, ctx.version, answer, [rx.id for rx in request.receivers]
             )
 
-    def _trace(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
-        """Queue, features and inference spans (worker-side times) and phase metrics."""
+    def trace_job(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
+        """Queue, features and inference spans (worker-side times) and phase metrics.
+
+        Also used by the ``/v2`` infer path (app/oip.py), whose jobs have no feature phase.
+        """
         telemetry = self.telemetry
         if telemetry is None:
             return

@@ -42,6 +42,12 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Largest accepted body for ``/v1/predict/batch``."""
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     """Log level of the server and its workers."""
+    log_format: Literal["json", "text", "auto"] = "auto"
+    """Log lines of the server and its workers: JSON lines (ts, level, logger, msg, replica,
+    pid, trace_id, span_id, request_id) or text; auto: text on a terminal, else JSON."""
+    access_log: bool = False
+    """Log one line per HTTP request (method, path, status, duration_ms, request_id,
+    trace_id) on logger ``heimdall.access``."""
     replica_id: str = ""
     """Name of this replica in fleet status and telemetry; defaults to host:port:pid."""
     http_timeout_s: Annotated[float, Meta(gt=0)] = 30.0

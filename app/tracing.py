@@ -23,6 +23,8 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
+from telemetry.logs import note_trace
+
 if TYPE_CHECKING:
     from collections.abc import Iterable
 
@@ -74,6 +76,7 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
             if span.is_recording():
                 span.set_attributes(_request_attributes(scope, method))
             token = otel_context.attach(trace.set_span_in_context(span, parent))
+            note_trace()  # for the access log line written after the span ends
         status = 500
 
         async def send_status(message: Message) -> None:

@@ -135,25 +135,24 @@ class CaptureBatch:
 
     def select(self, rows: npt.NDArray[np.int64]) -> CaptureBatch:
         """The captures at ``rows``, in that order."""
-        return CaptureBatch(
-            *(
-                [v[r] for r in rows] if isinstance(v, list) else v[rows]
-                for v in (getattr(self, f.name) for f in fields(self))
-            )
-        )
+        picked: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            picked[f.name] = [value[r] for r in rows] if isinstance(value, list) else value[rows]
+        return CaptureBatch(**picked)
 
     @staticmethod
     def concat(parts: list[CaptureBatch]) -> CaptureBatch:
         """The captures of ``parts``, one after the other."""
-        columns = zip(*((getattr(p, f.name) for f in fields(p)) for p in parts), strict=True)
-        return CaptureBatch(
-            *(
-                [x for part in col for x in part]
-                if isinstance(col[0], list)
-                else np.concatenate(col)
-                for col in columns
+        joined: dict[str, Any] = {}
+        for f in fields(CaptureBatch):
+            values = [getattr(p, f.name) for p in parts]
+            joined[f.name] = (
+                [x for v in values for x in v]
+                if isinstance(values[0], list)
+                else np.concatenate(values)
             )
-        )
+        return CaptureBatch(**joined)
 
     def receivers_of(self, i: int) -> list[int]:
         """Slots of capture ``i``'s present receivers, in the capture's shuffled order."""

@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+PROBLEM_TYPE_PREFIX = "urn:heimdall:problem:"
+
+
+def problem_type_of(code: str) -> str:
+    """The RFC 9457 problem ``type`` URI of an error code (``no_signal`` → ``…:no-signal``)."""
+    return PROBLEM_TYPE_PREFIX + code.replace("_", "-")
+
 
 class ServiceError(Exception):
     """Base class: a failure the client is told about with a status and a reason."""
@@ -16,8 +23,17 @@ class ServiceError(Exception):
     status: HTTPStatus = HTTPStatus.INTERNAL_SERVER_ERROR
     title = "Internal error"
     code = "internal"
-    problem_type = "about:blank"
-    """RFC 9457 ``type``: ``about:blank`` unless the class names a problem of its own."""
+    problem_type = "urn:heimdall:problem:internal"
+    """RFC 9457 ``type``: ``urn:heimdall:problem:<code>`` (``_`` written ``-``), one per class.
+
+    Clients branch on ``type`` rather than on ``title`` text; subclasses get theirs from
+    their ``code`` unless they name one.
+    """
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "problem_type" not in cls.__dict__:
+            cls.problem_type = problem_type_of(cls.code)
 
     def __init__(self, detail: str, *, field: str | None = None, retry_after: int | None = None):
         """Create the error.
@@ -46,7 +62,6 @@ class NoSignal(InvalidInput):
 
     title = "No signal"
     code = "no_signal"
-    problem_type = "urn:heimdall:problem:no-signal"
 
 
 class MalformedRequest(ServiceError):

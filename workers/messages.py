@@ -99,6 +99,9 @@ class Predict(Struct, tag="predict", frozen=True):
     items: list[PredictItem]
     deadlines_ns: list[int] = []
     """Per item: wall-clock time (``time.time_ns``) after which it is not computed."""
+    traces: list[str] = []
+    """Per item: the request's trace as ``TRACEID-SPANID`` for the worker's log lines (empty
+    when no request of the message is traced)."""
 
 
 class Infer(Struct, tag="infer", frozen=True):
@@ -110,6 +113,8 @@ class Infer(Struct, tag="infer", frozen=True):
     features: bytes
     receivers: bytes
     mask: bytes
+    trace: str = ""
+    """The request's trace as ``TRACEID-SPANID`` for the worker's log lines ('' untraced)."""
 
 
 class Ping(Struct, tag="ping", frozen=True):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import multiprocessing as mp
 import os
 import time
@@ -25,11 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Annotated, Any
+from pathlib import Path
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
+from telemetry.logs import trace_token
 from workers.errors import (
     DeadlineExceeded,
     ModelLoadError,
@@ -64,19 +67,84 @@ from workers.worker import WorkerConfig, worker_main
 log = logging.getLogger("heimdall.pool")
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (affinity-aware), at least 1."""
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path | None = None) -> float | None:
+    """CPUs the cgroup CPU quota allows this process, or None when there is no quota.
+
+    A container limited to 2 CPUs on a 64-core node sees 64 CPUs in ``os.cpu_count()`` and
+    its affinity mask; only the quota tells. Reads cgroup v2 ``cpu.max`` (``"200000 100000"``
+    or ``"max 100000"``), in this process's own cgroup (from ``/proc/self/cgroup``) and then at
+    the root (a container's cgroup namespace), else cgroup v1 ``cpu.cfs_quota_us`` /
+    ``cpu.cfs_period_us`` (quota -1: unlimited).
+
+    Args:
+        root: where the cgroup file system is mounted.
+        proc_cgroup: the ``/proc/self/cgroup`` file (tests point it elsewhere).
+    """
+    candidates = []
+    own = _own_cgroup_v2(proc_cgroup or Path("/proc/self/cgroup"))
+    if own:
+        candidates.append(root / own.lstrip("/"))
+    candidates.append(root)
+    for directory in candidates:
+        text = _read(directory / "cpu.max")
+        if text is not None:
+            quota, _, period = text.partition(" ")
+            if quota == "max" or not period:
+                return None
+            return _ratio(quota, period)
+    for directory in (root / "cpu", root / "cpu,cpuacct", root):
+        quota_text = _read(directory / "cpu.cfs_quota_us")
+        period_text = _read(directory / "cpu.cfs_period_us")
+        if quota_text is not None and period_text is not None:
+            return _ratio(quota_text, period_text)
+    return None
+
+
+def _read(path: Path) -> str | None:
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _own_cgroup_v2(proc_cgroup: Path) -> str | None:
+    for line in (_read(proc_cgroup) or "").splitlines():
+        if line.startswith("0::"):
+            return line[3:] if line[3:] not in ("", "/") else None
+    return None
+
+
+def _ratio(quota: str, period: str) -> float | None:
+    try:
+        q, p = int(quota), int(period)
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path | None = None) -> int:
+    """CPUs this process may use, at least 1: its affinity mask capped by the cgroup quota.
+
+    A quota of 1.5 CPUs counts as 2 (rounded up): the half CPU is still worth a worker.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    limit = cgroup_cpu_limit(root, proc_cgroup)
+    if limit is not None:
+        cpus = min(cpus, math.ceil(limit))
+    return max(1, cpus)
 
 
 class PoolSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Worker pool settings (environment prefix ``HEIMDALL_POOL_``)."""
 
     workers: Annotated[int, Meta(ge=0, le=256)] = 0
-    """Worker processes; 0 means one per usable CPU."""
+    """Worker processes; 0 means one per usable CPU (affinity mask capped by the cgroup quota)."""
     intra_op_threads: Annotated[int, Meta(ge=1, le=64)] = 1
     """ONNX Runtime intra-op threads per worker session."""
     queue_size: Annotated[int, Meta(ge=1)] = 1024
@@ -123,6 +191,8 @@ class Job:
     attempts: int = 0
     dispatched_at: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    trace: str = ""
+    """The submitting request's trace (``TRACEID-SPANID``), for the worker's log lines."""
 
     @property
     def size(self) -> int:
@@ -186,12 +256,20 @@ class WorkerPool:
         settings: PoolSettings,
         *,
         log_level: str = "INFO",
+        log_format: Literal["json", "text", "auto"] = "auto",
+        replica: str = "",
         on_restart: Callable[[int], None] | None = None,
     ) -> None:
-        """Configure the pool; processes start in :meth:`start`."""
+        """Configure the pool; processes start in :meth:`start`.
+
+        ``log_level``, ``log_format`` and ``replica`` go to the workers, which write the same
+        log schema as the HTTP process (telemetry/logs.py).
+        """
         self.settings = settings
         self.size = settings.worker_count()
         self._log_level = log_level
+        self._log_format = log_format
+        self._replica = replica
         self._ctx = mp.get_context("spawn")
         self._workers: list[_Worker | None] = [None] * self.size
         self._queue: deque[Job] = deque()
@@ -273,6 +351,8 @@ class WorkerPool:
             intra_op_threads=self.settings.intra_op_threads,
             test_hooks=self.settings.test_hooks,
             log_level=self._log_level,
+            log_format=self._log_format,
+            replica=self._replica,
             arena_path=arena.path if arena else "",
         )
         process = self._ctx.Process(
@@ -542,6 +622,7 @@ class WorkerPool:
                     first.version,
                     staged,
                     [wall + int(j.deadline * 1e9) for j in jobs for _ in j.items],
+                    [j.trace for j in jobs for _ in j.items] if any(j.trace for j in jobs) else [],
                 )
             else:
                 shm_slot = -1
@@ -553,6 +634,7 @@ class WorkerPool:
                     infer.features,
                     infer.receivers,
                     infer.mask,
+                    first.trace,
                 )
             for job in jobs:
                 job.dispatched_at = now
@@ -625,8 +707,10 @@ class WorkerPool:
         assert self._loop is not None
         now = time.monotonic()
         futures = []
+        trace = trace_token()
         for group, inf in groups:
             job = Job(version, group, self._loop.create_future(), now + timeout_s, now, inf)
+            job.trace = trace
             job.timer = self._loop.call_at(self._loop.time() + timeout_s, self._expire, job)
             self._queue.append(job)
             self._queued_items += job.size

@@ -33,6 +33,13 @@ SPEC_FILE = "model_spec.json"
 _REF = re.compile(r"^(?:models:/(?P<name>[^/@]+))?(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
 
 
+REGISTRY_SCHEMES = frozenset(
+    {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks", "uc"}
+    | {"databricks-uc"}
+)
+"""Tracking URI schemes MLflow's model registry accepts ('' is a plain local path)."""
+
+
 class RegistrySettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Where models come from (``MLFLOW_TRACKING_URI``, ``HEIMDALL_MODEL_URI``, ...)."""
 
@@ -47,6 +54,21 @@ class RegistrySettings(Struct, frozen=True, forbid_unknown_fields=True):
     """At start, register the bundled reference model when the registry is an embedded
     ``sqlite:`` one that lacks ``model_uri`` (what ``make run`` does by hand); the image turns
     this on so a bare ``docker run`` serves. Never acts on a remote registry."""
+
+    def __post_init__(self) -> None:
+        """Refuse a tracking URI MLflow's registry cannot use (fail at start, not on first use).
+
+        Raises:
+            ValueError: the scheme is not one MLflow's model registry supports.
+        """
+        scheme = (
+            self.tracking_uri.partition(":")[0].split("+")[0] if ":" in self.tracking_uri else ""
+        )
+        if scheme not in REGISTRY_SCHEMES:
+            raise ValueError(
+                f"unsupported registry URI scheme {scheme!r}; use one of "
+                + ", ".join(sorted(s for s in REGISTRY_SCHEMES if s))
+            )
 
     def model_name(self) -> str:
         """The registered model name in ``model_uri``."""

@@ -87,3 +87,13 @@ class RestAliases:
         self._call(
             "POST", "registered-models/alias", {"name": name, "alias": alias, "version": version}
         )
+
+    def check_alias(self, name: str, alias: str) -> None:
+        """Raise when ``alias`` of ``name`` points at no version.
+
+        Raises:
+            NotFound: no such model or alias.
+            ModelLoadError: the server failed or is unreachable.
+        """
+        query = urllib.parse.urlencode({"name": name, "alias": alias})
+        self._call("GET", f"registered-models/alias?{query}")

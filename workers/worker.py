@@ -17,10 +17,12 @@ import threading
 import time
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 import numpy as np
 
+from telemetry.logs import configure_logging, job_trace
 from workers.errors import NonFiniteOutput, ServiceError
 from workers.messages import (
     Ack,
@@ -55,6 +57,8 @@ class WorkerConfig(msgspec.Struct, frozen=True):
     test_hooks: bool = False
     log_level: str = "INFO"
     arena_path: str = ""
+    log_format: Literal["json", "text", "auto"] = "auto"
+    replica: str = ""
 
 
 class Worker:
@@ -118,9 +122,22 @@ class Worker:
                 error = ItemError("not_ready", f"version {message.version} is not loaded")
                 self.send(PredictReply(message.id, [error] * len(message.items), Timings()))
                 return
-            self.send(self.predict(model, message, self.arena))
+            started = time.perf_counter()
+            reply = self.predict(model, message, self.arena)
+            self.send(reply)
+            if log.isEnabledFor(logging.DEBUG):
+                self._log_jobs(message, time.perf_counter() - started)
         elif isinstance(message, Infer):
-            self.send(self.infer(message))
+            with job_trace(message.trace):
+                started = time.perf_counter()
+                self.send(self.infer(message))
+                log.debug(
+                    "worker %d inferred a batch of %d on version %s in %.2f ms",
+                    self.config.worker_id,
+                    message.batch,
+                    message.version,
+                    (time.perf_counter() - started) * 1e3,
+                )
         elif isinstance(message, Load):
             self.load(message)
         elif isinstance(message, Unload):
@@ -132,6 +149,22 @@ class Worker:
                 return
             time.sleep(message.seconds)
             self.send(Ack(message.id, True))
+
+    def _log_jobs(self, message: Predict, seconds: float) -> None:
+        """One debug line per request in ``message``, under that request's trace."""
+        counts: dict[str, int] = {}
+        for token in message.traces or [""] * len(message.items):
+            counts[token] = counts.get(token, 0) + 1
+        for token, items in counts.items():
+            with job_trace(token):
+                log.debug(
+                    "worker %d predicted %d of %d items on version %s in %.2f ms",
+                    self.config.worker_id,
+                    items,
+                    len(message.items),
+                    message.version,
+                    seconds * 1e3,
+                )
 
     @staticmethod
     def predict(model: LoadedModel, message: Predict, arena: mmap.mmap | None) -> PredictReply:
@@ -225,8 +258,5 @@ def worker_main(conn: Connection, config_raw: bytes) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     config = msgspec.msgpack.decode(config_raw, type=WorkerConfig)
-    logging.basicConfig(
-        level=config.log_level,
-        format=f"%(asctime)s %(levelname)s worker-{config.worker_id} %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format, config.replica)
     Worker(conn, config).serve()

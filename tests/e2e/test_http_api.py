@@ -66,6 +66,12 @@ def test_messagepack_request_and_response(shared_server: Server) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/msgpack")
     assert_matches(msgspec.msgpack.decode(response.content), reference_predict([body])[0])
+    weighted = post(
+        shared_server, "/v1/predict", body, headers={"accept": "application/json;q=0.1, */*"}
+    )
+    assert weighted.headers["content-type"].startswith("application/msgpack")
+    metrics = httpx.get(shared_server.url + "/metrics", timeout=10)
+    assert metrics.headers["content-type"].count("charset=utf-8") == 1
 
 
 def test_batch_of_256_matches_reference_and_uses_every_worker(shared_server: Server) -> None:
@@ -140,6 +146,7 @@ def test_models_endpoints(shared_server: Server) -> None:
     assert httpx.get(shared_server.url + "/health/live").status_code == 200
     nowhere = httpx.get(shared_server.url + "/v1/nowhere")
     assert nowhere.status_code == 404 and nowhere.json()["status"] == 404
+    assert nowhere.json()["type"] == missing.json()["type"] == "urn:heimdall:problem:not-found"
 
 
 def _iq(samples: int, fill: float | None = None) -> str:
@@ -214,6 +221,7 @@ def test_bad_input_gets_a_clear_4xx_problem(
     problem = response.json()
     text = problem["detail"] + " ".join(e["message"] for e in problem.get("errors", []))
     assert needle in text, (case, problem)
+    assert problem["type"].startswith("urn:heimdall:problem:"), problem
 
 
 def test_batch_over_256_is_refused(shared_server: Server) -> None:

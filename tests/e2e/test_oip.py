@@ -420,3 +420,47 @@ def test_overload_is_503_with_retry_after(start_server: Callable[..., Server]) -
     assert int(response.headers["retry-after"]) >= 1
     small = v2_post(server, f"/v2/models/{MODEL}/infer", json=json_body(model_inputs(2, 215)))
     assert small.status_code == 200, small.text
+
+
+# ----------------------------------------------------------------------------- Triton config
+
+
+def test_triton_model_config_lists_batching_and_tensors(
+    client: triton.InferenceServerClient,
+) -> None:
+    for config in (client.get_model_config(MODEL), client.get_model_config(MODEL, "1")):
+        assert config["name"] == MODEL
+        assert config["platform"] == "onnxruntime_onnx"
+        assert config["max_batch_size"] == 256
+        assert config["input"][0] == {
+            "name": "features",
+            "data_type": "TYPE_FP32",
+            "dims": [7, 32, 32],
+            "format": "FORMAT_NONE",
+            "is_shape_tensor": False,
+        }
+        assert [o["name"] for o in config["output"]] == ["mean", "sigma", "rho"]
+        assert config["output"][2]["dims"] == []
+    with pytest.raises(InferenceServerException) as info:
+        client.get_model_config("no-such-model")
+    assert info.value.status() == "404"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status"),
+    [
+        ("GET", "/v2/nowhere", 404),
+        ("GET", "/v2/models/rf-localizer/nowhere", 404),
+        ("DELETE", "/v2/models/rf-localizer", 405),
+        ("GET", "/v2/models/rf-localizer/infer", 405),
+    ],
+)
+def test_every_v2_error_is_a_protocol_error(
+    shared_server: Server, method: str, path: str, status: int
+) -> None:
+    response = httpx.request(method, shared_server.url + path, timeout=10)
+    assert_error(response, status)
+    assert response.json()["error"]
+    # /v1 keeps problem details.
+    v1 = httpx.request(method, shared_server.url + path.replace("/v2", "/v1", 1), timeout=10)
+    assert v1.headers["content-type"] == "application/problem+json"

@@ -121,7 +121,7 @@ def test_a_second_leader_is_refused_while_a_canary_runs(
     lock = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary:lock"
     client = redis.Redis.from_url(redis_url)
     client.set(lock, "someone@else:1234", px=5000)
-    refused = run_cli(env, "canary", "2", "--interval", "1s")
+    refused = run_cli(env, "canary", "2", "--interval", "1s", "--no-check")
     assert refused.returncode == 1 and "another canary is running" in refused.stderr
     assert "someone@else" in refused.stderr
     client.close()
@@ -140,7 +140,9 @@ def test_a_canary_the_fleet_cannot_apply_is_rolled_back(
     server = start_server(**env)
     cli(env, "route", "1=1")
     wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
-    done = run_cli(env, "canary", "999", "--steps", "50,100", "--interval", "1s")
+    done = run_cli(
+        env, "canary", "999", "--steps", "50,100", "--interval", "1s", "--no-check"
+    )  # a version the fleet cannot apply; without --no-check canary refuses it up front
     print(f"\n{done.stdout}")
     assert done.returncode == 1, done.stderr
     assert "rolled back at 50%: replica " in done.stdout

@@ -249,3 +249,38 @@ def test_otlp_http_export_reaches_a_collector(
     assert {"heimdall.inference.requests", "heimdall.inference.duration"} <= metric_names
     assert requests_counted == 3
     assert re.search(r"heimdall\.pool\.workers", " ".join(metric_names))
+
+
+async def test_v2_infer_records_phases_and_worker_spans_like_v1(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    import numpy as np
+
+    from tests.support.reference import payload_arrays, reference_spec
+    from workers.inputs import pack_capture
+
+    spec = reference_spec()
+    packed = pack_capture(*payload_arrays(request_payload(BATCH, 0)), spec)
+    inputs = [
+        {"name": spec.inputs[role].name, "datatype": "FP32", "shape": [1, *array.shape]}
+        | {"data": np.asarray(array, dtype="<f4").reshape(-1).tolist()}
+        for role, array in (
+            ("features", packed.features),
+            ("receivers", packed.receivers),
+            ("mask", packed.mask),
+        )
+    ]
+    trace_id = "5af7651916cd43dd8448eb211c80319d"
+    headers = {"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"}
+    async with in_memory_app(registry_env, redis_url, 0.0) as (client, exporter):
+        response = await client.post(
+            "/v2/models/rf-localizer/infer", json={"inputs": inputs}, headers=headers
+        )
+        assert response.status_code == 200, response.text
+        spans = exporter.get_finished_spans()
+        by_name = {s.name: s for s in spans}
+        assert {"queue", "inference"} <= set(by_name), [s.name for s in spans]
+        assert {format(s.context.trace_id, "032x") for s in spans} == {trace_id}
+        assert by_name["inference"].attributes["worker.id"] == 0
+        live = (await client.get("/v1/models/1")).json()["live"]
+    assert live["requests"] == 1
