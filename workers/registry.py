@@ -9,7 +9,9 @@ tampered package is never loaded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import logging
 import re
 import shutil
 import tempfile
@@ -24,6 +26,8 @@ from workers.spec import ModelSpec, SpecError, decode_spec, spec_hash
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
+
+log = logging.getLogger("heimdall.registry")
 
 SHA256_TAG = "heimdall.model_sha256"
 SPEC_HASH_TAG = "heimdall.spec_hash"
@@ -209,7 +213,7 @@ class ModelRegistry:
                 the cache directory cannot be written.
         """
         if not info.sha256:
-            raise ModelLoadError(f"version {info.version} has no {SHA256_TAG} tag; refusing it")
+            return self._fetch_untagged(info)
         target = self.cache_dir / info.name / info.version
         if not (target / MODEL_FILE).exists() or sha256_file(target / MODEL_FILE) != info.sha256:
             self._download(info, target)
@@ -242,6 +246,79 @@ class ModelRegistry:
             raise ModelLoadError(
                 f"cannot write the artifact cache {self.cache_dir}: {exc.strerror or exc}"
             ) from exc
+
+    def _fetch_untagged(self, info: VersionInfo) -> LocalPackage:
+        """A version logged the usual MLflow way: ``mlflow.onnx.log_model`` + a spec artifact.
+
+        Served only when its artifacts are an MLflow model in the ``onnx`` flavor and a
+        ``model_spec.json`` sits beside ``model.onnx`` or at the root of the version's run.
+        Without a sha256 tag there is nothing to verify the download against: the digest is
+        taken from this download (downloaded afresh on every load, logged, and checked by
+        every worker against the same file) and the package is kept under ``<version>-untagged``.
+
+        Raises:
+            ModelLoadError: not an ONNX-flavor model, no spec, or the download failed.
+        """
+        import yaml
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        target = self.cache_dir / info.name / f"{info.version}-untagged"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
+                got = Path(
+                    download_artifacts(
+                        artifact_uri=info.source, dst_path=tmp, tracking_uri=self.tracking_uri
+                    )
+                )
+                mlmodel = next(got.rglob("MLmodel"), None)
+                flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {}) if mlmodel else {}
+                if "onnx" not in flavors:
+                    raise ModelLoadError(
+                        f"version {info.version} has no {SHA256_TAG} tag and is not an MLflow "
+                        "model in the onnx flavor; refusing it"
+                    )
+                assert mlmodel is not None
+                folder = mlmodel.parent
+                model = folder / str(flavors["onnx"].get("data", MODEL_FILE))
+                if not (folder / SPEC_FILE).exists() and info.run_id:
+                    spec = Path(
+                        download_artifacts(
+                            run_id=info.run_id,
+                            artifact_path=SPEC_FILE,
+                            dst_path=str(Path(tmp) / "run"),
+                            tracking_uri=self.tracking_uri,
+                        )
+                    )
+                    shutil.copyfile(spec, folder / SPEC_FILE)
+                if model.name != MODEL_FILE:
+                    model.rename(folder / MODEL_FILE)
+                digest = sha256_file(folder / MODEL_FILE)
+                pinned = dataclasses.replace(info, sha256=digest)
+                package = self._verify(pinned, folder)
+                if target.exists():
+                    shutil.rmtree(target)
+                folder.rename(target)
+        except MlflowException as exc:
+            raise ModelLoadError(
+                f"version {info.version}: no {SPEC_FILE} beside the model or in its run "
+                f"({exc.message})"
+            ) from exc
+        except OSError as exc:
+            raise ModelLoadError(
+                f"cannot fetch version {info.version} into {self.cache_dir}: {exc.strerror or exc}"
+            ) from exc
+        log.warning(
+            "version %s has no %s tag: serving its onnx-flavor model as downloaded "
+            "(sha256 %s); heimdall-inference register adds the tag",
+            info.version,
+            SHA256_TAG,
+            digest,
+        )
+        return LocalPackage(
+            pinned, target / MODEL_FILE, package.spec_raw, package.spec, package.spec_hash
+        )
 
     def _verify(self, info: VersionInfo, folder: Path) -> LocalPackage:
         model = folder / MODEL_FILE

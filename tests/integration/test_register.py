@@ -84,3 +84,85 @@ def test_registered_onnx_flavor_versions_are_new_and_served_after_promote(
         answer = httpx.post(server.url + "/v1/predict", json=body, timeout=30)
         version = answer.json()["model"]["version"]
     assert version == "2", answer.text[:300]
+
+
+def log_like_mlflow_onnx(tracking_uri: str, folder: Path) -> str:
+    """What ``mlflow.onnx.log_model(..., registered_model_name=...)`` + ``log_artifact(spec)``
+    leave: an onnx-flavor model under ``model/``, the spec at the run's root, no heimdall tags.
+    (mlflow.onnx itself needs pandas, which the locks do not carry; the layout is the same.)"""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from workers.authoring import _mlmodel
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    experiment = client.create_experiment(
+        "author", artifact_location=(folder / "author-artifacts").as_uri()
+    )
+    run = client.create_run(experiment)
+    model_dir = folder / "logged" / "model"
+    model_dir.mkdir(parents=True)
+    shutil.copyfile(REFERENCE / "model.onnx", model_dir / "model.onnx")
+    (model_dir / "MLmodel").write_text(_mlmodel(run.info.run_id, model_dir / "model.onnx"))
+    client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
+    client.log_artifact(run.info.run_id, str(REFERENCE / "model_spec.json"))
+    client.set_terminated(run.info.run_id)
+    mv = client.create_model_version(
+        "rf-localizer", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
+    )
+    assert not mv.tags
+    return str(mv.version)
+
+
+def test_a_version_logged_the_usual_mlflow_way_is_served_after_promote(
+    tmp_path: Path, redis_url: str, start_server: Callable[..., Server]
+) -> None:
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "HEIMDALL_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"u{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
+        "HEIMDALL_POOL_WORKERS": "1",
+    }
+    cli(env, "register", str(REFERENCE), "--alias", "production")
+    version = log_like_mlflow_onnx(env["MLFLOW_TRACKING_URI"], tmp_path)
+    assert version == "2"
+    server = start_server(**env)
+    body = request_payload(heard_batch(1, 32), 0)
+    cli(env, "promote", version)
+    deadline = time.monotonic() + 30
+    served = "1"
+    while time.monotonic() < deadline and served != version:
+        time.sleep(0.2)
+        served = httpx.post(server.url + "/v1/predict", json=body, timeout=30).json()["model"][
+            "version"
+        ]
+    assert served == version, server.log_path.read_text()[-3000:]
+    detail = httpx.get(server.url + f"/v1/models/{version}", timeout=10).json()
+    assert len(detail["sha256"]) == 64  # pinned from the download
+    assert "has no heimdall.model_sha256 tag" in server.log_path.read_text()
+
+
+def test_an_untagged_version_that_is_not_an_onnx_flavor_model_is_refused(tmp_path: Path) -> None:
+    import pytest
+    from mlflow.tracking import MlflowClient
+
+    from workers.errors import ModelLoadError
+    from workers.registry import ModelRegistry, RegistrySettings
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    registry = ModelRegistry(
+        RegistrySettings(tracking_uri=uri, artifact_cache=str(tmp_path / "cache"))
+    )
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    experiment = client.create_experiment("bare", artifact_location=(tmp_path / "a").as_uri())
+    run = client.create_run(experiment)
+    client.log_artifacts(run.info.run_id, str(REFERENCE), artifact_path="package")
+    client.create_registered_model("rf-localizer")
+    client.create_model_version(
+        "rf-localizer", source=f"{run.info.artifact_uri}/package", run_id=run.info.run_id
+    )
+    with pytest.raises(ModelLoadError, match="not an MLflow model in the onnx flavor"):
+        registry.fetch(registry.resolve("1"))
