@@ -22,22 +22,11 @@ import redis
 from app.control_protocol import ControlMessage, sign
 from tests.integration.test_rollout import cli, served_version, wait_for
 from tests.support.mlflow_rest import MlflowRestServer
-from tests.support.procs import ROOT, RedisServer, Server
+from tests.support.procs import ROOT, RedisServer, Server, run_cli
 from tests.support.variants import register_variant, registry
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 MODEL = "rf-localizer"
-
-
-def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def models(server: Server) -> dict:  # type: ignore[type-arg]
@@ -92,8 +81,8 @@ def test_replicas_follow_a_new_epoch_after_redis_loses_its_data_and_refuse_a_rep
         return status.returncode == 1 and "Redis lost its data?" in status.stdout
 
     wait_for(lost_state_flagged, 15.0)  # once the replicas report again
-    published = time.monotonic()
-    out = cli(env, "route", "1=1")
+    out = cli(env, "route", "1=1")  # checks version 1 in the sqlite registry first (MLflow)
+    published = time.monotonic()  # the document is in Redis and announced once route returns
     assert "revision 1:" in out, out
     wait_for(
         lambda: all(
@@ -218,7 +207,7 @@ def test_concurrent_cli_publishers_get_distinct_increasing_revisions(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "route", f"{i}=1"],
+            [sys.executable, "-m", "app.cli", "route", f"{i}=1", "--no-check"],
             env={**os.environ, **env},
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -277,7 +266,8 @@ def test_operator_verbs_import_nothing_heavy_and_promote_talks_rest(
         walls = {}
         for verb, args, verb_env in (
             ("promote (tracking server)", ("promote", "1", "--alias", alias), remote),
-            ("route", ("route", "1=1"), env),
+            # route checks its versions: over REST against a tracking server (no MLflow).
+            ("route (tracking server)", ("route", "1=1"), remote),
             ("status", ("status",), env),
         ):
             rc, heavy, walls[verb] = probe(verb_env, *args)
@@ -285,12 +275,13 @@ def test_operator_verbs_import_nothing_heavy_and_promote_talks_rest(
         assert rest.calls == [
             "GET /api/2.0/mlflow/model-versions/get",
             "POST /api/2.0/mlflow/registered-models/alias",
+            "GET /api/2.0/mlflow/model-versions/get",
         ]
         assert registry(registry_env).resolve(f"@{alias}").version == "1"
         rc, _, walls["promote (sqlite, MLflow)"] = probe(env, "promote", "1", "--alias", alias)
         assert rc == 0
         missing = run_cli(remote, "promote", "999", "--alias", alias)
-        assert missing.returncode == 1 and "promote 999" in missing.stderr
+        assert missing.returncode == 4 and "version=999" in missing.stderr  # 4: not found
     finally:
         rest.stop()
     print(

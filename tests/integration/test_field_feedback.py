@@ -10,10 +10,8 @@ the figures follow the new version and nothing of it leaks into the old one's.
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ import pytest
 from pyproj import Geod
 
 from app.field import split_halves
-from tests.support.procs import ROOT, Server
+from tests.support.procs import Server, run_cli
 from tests.support.variants import registry
 from training.simulate import WIDE, heard_batch, request_payload, truth_of
 
@@ -39,17 +37,7 @@ GEOD = Geod(ellps="WGS84")
 
 
 def cli(env: dict[str, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    if check:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    return done
+    return run_cli(env, *args, check=check)
 
 
 def d2_of(answer: dict[str, Any], truth: dict[str, float]) -> float:

@@ -4,9 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
@@ -15,23 +12,14 @@ from pathlib import Path
 import httpx
 import yaml
 
-from tests.support.procs import ROOT, Server
+from tests.support.procs import ROOT, Server, run_cli
 from training.simulate import heard_batch, request_payload
 
 REFERENCE = ROOT / "training" / "reference"
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return run_cli(env, *args, check=True).stdout
 
 
 def test_registered_onnx_flavor_versions_are_new_and_served_after_promote(

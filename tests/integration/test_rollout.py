@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import statistics
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -19,7 +16,7 @@ import psutil
 import pytest
 import redis
 
-from tests.support.procs import ROOT, Server
+from tests.support.procs import Server, run_cli
 from tests.support.variants import register_variant, registry
 from training.simulate import heard_batch, request_payload
 
@@ -30,16 +27,7 @@ BODIES = [request_payload(BATCH, i, cache=False) for i in range(16)]
 
 
 def cli(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
+    return run_cli(env, *args, check=True).stdout
 
 
 def served_version(server: Server) -> dict[str, float]:
@@ -218,7 +206,9 @@ def test_weighted_routing_and_shadow(
 
 
 def test_hmac_rejects_unsigned_wrong_key_and_junk_messages(
-    start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path,
+    start_server: Callable[..., Server],
+    control_env: dict[str, str],
+    tmp_path: Path,
     redis_url: str,
 ) -> None:
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.45)
@@ -278,8 +268,11 @@ def test_sighup_re_resolves_aliases(
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.55)
     alias = f"hup{uuid.uuid4().hex[:6]}"
     registry(control_env).set_alias("rf-localizer", alias, "1")
-    env = {**control_env, "HEIMDALL_CONTROL_POLL_INTERVAL_S": "300",
-           "HEIMDALL_MODEL_URI": f"models:/rf-localizer@{alias}"}
+    env = {
+        **control_env,
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "300",
+        "HEIMDALL_MODEL_URI": f"models:/rf-localizer@{alias}",
+    }
     server = start_server(**env)
     assert served_version(server) == {"1": 1.0}
     registry(control_env).set_alias("rf-localizer", alias, v2)  # no publish
@@ -292,8 +285,9 @@ def test_rollout_makes_the_same_request_a_cache_miss_answered_by_the_new_version
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
 ) -> None:
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.6)
-    server = start_server(**control_env,
-                          HEIMDALL_CACHE_PREFIX=f"heimdall:roll{uuid.uuid4().hex[:6]}:")
+    server = start_server(
+        **control_env, HEIMDALL_CACHE_PREFIX=f"heimdall:roll{uuid.uuid4().hex[:6]}:"
+    )
     body = {**BODIES[3], "cache": True}
     first = httpx.post(server.url + "/v1/predict", json=body, timeout=10).json()
     again = httpx.post(server.url + "/v1/predict", json=body, timeout=10).json()

@@ -180,3 +180,20 @@ class Server:
 def json_get(url: str, **kwargs: Any) -> Any:
     """GET and decode JSON."""
     return httpx.get(url, timeout=10.0, **kwargs).json()
+
+
+def run_cli(
+    env: dict[str, str], *args: str, check: bool = False, timeout: float = 180.0
+) -> subprocess.CompletedProcess[str]:
+    """Run ``heimdall-inference ARGS`` in a fresh interpreter with ``env`` over ours."""
+    done = subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return done
