@@ -67,7 +67,7 @@ def test_canary_rolls_a_flaky_version_back_and_takes_a_good_one_to_100_percent(
     wait_for(lambda: all(models(s)["control"]["revision"] == 1 for s in servers), 20.0)
     # The p99 gate is loose here: a 2-core machine shared with other jobs is noisy, and this
     # test is about the error gate and the mechanics (steps, leader, rollback, history).
-    gates = ("--interval", "4s", "--min-requests", "15", "--max-p99-ratio", "4")
+    gates = ("--interval", "4s", "--min-requests", "15", "--max-p99-ratio", "20")
     outcome: dict[str, object] = {}
 
     def canary_flaky() -> None:
