@@ -9,12 +9,15 @@ tampered package is never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
+import os
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -237,15 +240,36 @@ class ModelRegistry:
                         raise ModelLoadError(f"version {info.version} has no {MODEL_FILE}")
                     got = found.parent
                 self._verify(info, got)
-                if target.exists():
-                    shutil.rmtree(target)
-                got.rename(target)
+                self._install(got, target, info.sha256)
         except MlflowException as exc:
             raise ModelLoadError(f"cannot download version {info.version}: {exc.message}") from exc
         except OSError as exc:
             raise ModelLoadError(
                 f"cannot write the artifact cache {self.cache_dir}: {exc.strerror or exc}"
             ) from exc
+
+    @staticmethod
+    def _install(got: Path, target: Path, digest: str) -> None:
+        """Move a verified download into place without deleting a package in use.
+
+        Replicas sharing one artifact cache may download the same version at once: a copy
+        already in place with the same digest is kept (another process may be loading from
+        it), and a stale one is renamed away before ours is renamed in (both atomic).
+        """
+        for _ in range(5):
+            if (target / MODEL_FILE).exists() and sha256_file(target / MODEL_FILE) == digest:
+                return
+            if target.exists():
+                stale = target.with_name(f".old-{target.name}-{os.getpid()}-{time.time_ns()}")
+                with contextlib.suppress(FileNotFoundError):
+                    target.rename(stale)
+                    shutil.rmtree(stale, ignore_errors=True)
+            try:
+                got.rename(target)
+                return
+            except OSError:  # another process put its copy there in between: look again
+                continue
+        raise ModelLoadError(f"cannot put {target} in place: other processes keep replacing it")
 
     def _fetch_untagged(self, info: VersionInfo) -> LocalPackage:
         """A version logged the usual MLflow way: ``mlflow.onnx.log_model`` + a spec artifact.
@@ -297,9 +321,7 @@ class ModelRegistry:
                 digest = sha256_file(folder / MODEL_FILE)
                 pinned = dataclasses.replace(info, sha256=digest)
                 package = self._verify(pinned, folder)
-                if target.exists():
-                    shutil.rmtree(target)
-                folder.rename(target)
+                self._install(folder, target, digest)
         except MlflowException as exc:
             raise ModelLoadError(
                 f"version {info.version}: no {SPEC_FILE} beside the model or in its run "
