@@ -236,6 +236,7 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
+@pytest.mark.timeout(600)  # 50 rolling swaps: 220 s alone on the 2-core VM, more when shared
 def test_fifty_swaps_do_not_grow_memory(
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
 ) -> None:
