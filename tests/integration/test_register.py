@@ -22,17 +22,22 @@ def cli(env: dict[str, str], *args: str) -> str:
     return run_cli(env, *args, check=True).stdout
 
 
-def test_registered_onnx_flavor_versions_are_new_and_served_after_promote(
-    tmp_path: Path, redis_url: str, start_server: Callable[..., Server]
-) -> None:
-    env = {
+def server_env(tmp_path: Path, redis_url: str, namespace: str) -> dict[str, str]:
+    """A private sqlite registry, artifact cache and control namespace for one test."""
+    return {
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "HEIMDALL_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
         "REDIS_URL": redis_url,
-        "HEIMDALL_CONTROL_NAMESPACE": f"r{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_NAMESPACE": f"{namespace}{uuid.uuid4().hex[:8]}",
         "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
         "HEIMDALL_POOL_WORKERS": "1",
     }
+
+
+def test_registered_onnx_flavor_versions_are_new_and_served_after_promote(
+    tmp_path: Path, redis_url: str, start_server: Callable[..., Server]
+) -> None:
+    env = server_env(tmp_path, redis_url, "r")
     first = cli(
         env,
         "register",
@@ -106,14 +111,7 @@ def log_like_mlflow_onnx(tracking_uri: str, folder: Path) -> str:
 def test_a_version_logged_the_usual_mlflow_way_is_served_after_promote(
     tmp_path: Path, redis_url: str, start_server: Callable[..., Server]
 ) -> None:
-    env = {
-        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "HEIMDALL_ARTIFACT_CACHE": str(tmp_path / "artifacts"),
-        "REDIS_URL": redis_url,
-        "HEIMDALL_CONTROL_NAMESPACE": f"u{uuid.uuid4().hex[:8]}",
-        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
-        "HEIMDALL_POOL_WORKERS": "1",
-    }
+    env = server_env(tmp_path, redis_url, "u")
     cli(env, "register", str(REFERENCE), "--alias", "production")
     version = log_like_mlflow_onnx(env["MLFLOW_TRACKING_URI"], tmp_path)
     assert version == "2"
