@@ -31,7 +31,7 @@ COPY training ./training
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv pip install --python /opt/venv/bin/python --no-deps . \
  && cd / \
- && /opt/venv/bin/python -c "import app.cli, workers.pool, training; from app.cli import REFERENCE_PACKAGE as p; assert (p / 'model.onnx').is_file(), p" \
+ && /opt/venv/bin/python -c "import app.ops.cli, workers.pool, training; from app.ops.cli import REFERENCE_PACKAGE as p; assert (p / 'model.onnx').is_file(), p" \
  && ! /opt/venv/bin/python -c "import torch" 2>/dev/null
 
 # ---- runtime stage ---------------------------------------------------------------------------

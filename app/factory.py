@@ -21,30 +21,30 @@ from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
 from litestar.plugins.opentelemetry import OpenTelemetryConfig
 
-from app.cache import PredictionCache
-from app.control_plane import ControlPlane
-from app.feedback import Breaker, FeedbackService
-from app.http import (
+from app.control.plane import ControlPlane
+from app.control.rollout import Rollout
+from app.registry.client import ModelRegistry
+from app.serving.cache import PredictionCache
+from app.serving.feedback import Breaker, FeedbackService
+from app.serving.service import InferenceService
+from app.settings import Settings, load_settings
+from app.web.intake import IntakeLimits
+from app.web.oip import build_oip_routes, v2_aware
+from app.web.openapi import complete_openapi
+from app.web.request_context import RequestContext
+from app.web.routes import (
     build_routes,
     http_error_handler,
     internal_error_handler,
     metrics_route,
     service_error_handler,
 )
-from app.intake import IntakeLimits
-from app.oip import build_oip_routes, v2_aware
-from app.openapi import complete_openapi
-from app.request_context import RequestContext
-from app.rollout import Rollout
-from app.rsgi import RSGIFront
-from app.service import InferenceService
-from app.settings import Settings, load_settings
-from app.tracing import server_span_middleware
+from app.web.rsgi import RSGIFront
+from app.web.tracing import server_span_middleware
 from telemetry.logs import configure_logging
 from telemetry.setup import Telemetry, build_telemetry
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
-from workers.registry import ModelRegistry
 
 log = logging.getLogger("heimdall.app")
 
@@ -252,7 +252,7 @@ def _settings_from_env() -> Settings:
 
 
 def with_request_context(app: Litestar, settings: Settings) -> RequestContext:
-    """``app`` behind the X-Request-ID / access-log wrapper (app/request_context.py)."""
+    """``app`` behind the X-Request-ID / access-log wrapper (app/web/request_context.py)."""
     return RequestContext(app, access=settings.server.access_log)
 
 
@@ -263,7 +263,7 @@ def create_app_from_env() -> RequestContext:
 
 
 def create_rsgi_app_from_env() -> RSGIFront:
-    """Granian RSGI factory target: the same app behind the RSGI front (app/rsgi.py)."""
+    """Granian RSGI factory target: the same app behind the RSGI front (app/web/rsgi.py)."""
     settings = _settings_from_env()
     server = settings.server
     app = create_app(settings)

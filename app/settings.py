@@ -20,13 +20,13 @@ import msgspec
 from msgspec import Meta, Struct
 
 if TYPE_CHECKING:  # imported when a section is loaded: the operator verbs need only a few
-    from app.cache import CacheSettings
-    from app.control import ControlSettings
-    from app.feedback_settings import FeedbackSettings
-    from app.service import ServiceSettings
+    from app.control.settings import ControlSettings
+    from app.registry.client import RegistrySettings
+    from app.serving.cache import CacheSettings
+    from app.serving.feedback_settings import FeedbackSettings
+    from app.serving.service import ServiceSettings
     from telemetry.setup import TelemetrySettings
     from workers.pool import PoolSettings
-    from workers.registry import RegistrySettings
 
 
 class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
@@ -69,23 +69,23 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """glibc malloc: free heap kept per process before it is returned (0: glibc's default;
     applied only with a fixed mmap threshold)."""
     interface: Literal["rsgi", "asgi"] = "rsgi"
-    """How Granian calls the app: rsgi (body in one piece, app/rsgi.py) or Granian's ASGI."""
+    """How Granian calls the app: rsgi (body in one piece, app/web/rsgi.py) or Granian's ASGI."""
 
 
 # ("module:Struct", prefix, {field: standard variable name}); modules are imported on use,
 # so the operator verbs do not pay for numpy, ONNX Runtime or OpenTelemetry.
 SECTIONS: dict[str, tuple[str, str, dict[str, str]]] = {
     "server": ("app.settings:ServerSettings", "HEIMDALL_", {}),
-    "service": ("app.service:ServiceSettings", "HEIMDALL_", {}),
+    "service": ("app.serving.service:ServiceSettings", "HEIMDALL_", {}),
     "registry": (
-        "workers.registry:RegistrySettings",
+        "app.registry.client:RegistrySettings",
         "HEIMDALL_",
         {"tracking_uri": "MLFLOW_TRACKING_URI"},
     ),
     "pool": ("workers.pool:PoolSettings", "HEIMDALL_POOL_", {}),
-    "cache": ("app.cache:CacheSettings", "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
-    "control": ("app.control:ControlSettings", "HEIMDALL_CONTROL_", {}),
-    "feedback": ("app.feedback_settings:FeedbackSettings", "HEIMDALL_FEEDBACK_", {}),
+    "cache": ("app.serving.cache:CacheSettings", "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
+    "control": ("app.control.settings:ControlSettings", "HEIMDALL_CONTROL_", {}),
+    "feedback": ("app.serving.feedback_settings:FeedbackSettings", "HEIMDALL_FEEDBACK_", {}),
     "telemetry": ("telemetry.setup:TelemetrySettings", "HEIMDALL_TELEMETRY_", {}),
 }
 

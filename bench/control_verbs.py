@@ -29,7 +29,7 @@ def run(tree: Path, env: dict[str, str], *args: str) -> float:
     """Wall time of one verb in a fresh interpreter (fails loudly on a non-zero exit)."""
     t0 = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "app.ops.cli", *args],
         env={**os.environ, **env, "PYTHONPATH": str(tree)},
         cwd=tree,
         capture_output=True,

@@ -33,7 +33,7 @@ def pieces() -> list[tuple[str, float]]:
     import msgspec
     import numpy as np
 
-    from app.schemas import PredictRequest
+    from app.serving.schemas import PredictRequest
     from bench.payloads import load, predict_items
     from workers.features import extract_features
     from workers.geo import distance_m

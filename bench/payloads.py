@@ -80,7 +80,7 @@ def load(kind: str = "predict", folder: Path = DATA) -> list[dict[str, Any]]:
 
 def predict_items(folder: Path = DATA) -> list[Any]:
     """The committed predict bodies as the pool's ``PredictItem``s (decoded as the API does)."""
-    from app.schemas import PredictRequest
+    from app.serving.schemas import PredictRequest
     from workers.messages import PredictItem
 
     decoder = msgspec.json.Decoder(PredictRequest)

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             [
                 sys.executable,
                 "-m",
-                "app.cli",
+                "app.ops.cli",
                 "bootstrap",
                 "--package",
                 str(package),
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         def promote() -> None:
             time.sleep(args.promote_after)
             out = subprocess.run(
-                [sys.executable, "-m", "app.cli", "promote", "2"],
+                [sys.executable, "-m", "app.ops.cli", "promote", "2"],
                 env=env,
                 cwd=ROOT,
                 capture_output=True,

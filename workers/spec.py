@@ -9,6 +9,7 @@ Its content hash is the feature-pipeline version used in cache keys.
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Annotated, Literal
 
 import msgspec
@@ -269,3 +270,12 @@ def spec_hash(raw: bytes) -> str:
     """Feature-pipeline version: sha256 of the spec's canonical encoding, 16 hex digits."""
     canonical = msgspec.json.encode(decode_spec(raw), order="sorted")
     return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, streamed."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -42,9 +42,9 @@ from workers.messages import (
     Unload,
     request_decoder,
 )
-from workers.registry import sha256_file
 from workers.runtime import LoadedModel
 from workers.shm import open_view
+from workers.spec import sha256_file
 
 log = logging.getLogger("heimdall.worker")
 

@@ -29,7 +29,7 @@ LB = "http://127.0.0.1:8080"
 STANDINS = ("redis", "nginx", "prometheus", "mlflow", "otel-sink")
 # A second, distinguishable version: the reference package with another calibration factor.
 MAKE_V2 = (
-    "import json, shutil; from app.cli import REFERENCE_PACKAGE as ref; "
+    "import json, shutil; from app.ops.cli import REFERENCE_PACKAGE as ref; "
     "shutil.copytree(ref, '/tmp/v2'); p = '/tmp/v2/model_spec.json'; s = json.load(open(p)); "
     "s['output']['calibration_factor'] = 1.25; json.dump(s, open(p, 'w'))"
 )

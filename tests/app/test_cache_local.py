@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from app.cache import CacheSettings, LocalTier, PredictionCache
+from app.serving.cache import CacheSettings, LocalTier, PredictionCache
 from workers.messages import Prediction
 
 

@@ -6,9 +6,9 @@ import argparse
 
 import pytest
 
-from app.canary import Gates, judge, quantile_upper, windows
-from app.control_protocol import ReplicaStatus, VersionFigures
-from app.operate import duration_s, steps_pct
+from app.control.canary import Gates, judge, quantile_upper, windows
+from app.control.protocol import ReplicaStatus, VersionFigures
+from app.ops.operate import duration_s, steps_pct
 
 BOUNDS = [0.005, 0.01, 0.025, 0.05]
 

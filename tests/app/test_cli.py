@@ -8,8 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from app.cli import main
-from app.schemas import PredictRequest
+from app.ops.cli import main
+from app.serving.schemas import PredictRequest
 
 
 def test_simulate_writes_valid_bodies_and_truths(

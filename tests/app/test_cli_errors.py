@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from app import cli
+from app.ops import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 DOWN_REDIS = "redis://127.0.0.1:1/0"  # nothing listens on port 1
@@ -75,7 +75,7 @@ def test_error_paths_exit_non_zero_with_one_line(
         **env,
     }
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *command.split()],
+        [sys.executable, "-m", "app.ops.cli", *command.split()],
         env=full_env,
         cwd=tmp_path,
         capture_output=True,
@@ -95,7 +95,7 @@ def test_error_paths_exit_non_zero_with_one_line(
 
 def test_version_flag_prints_the_package_version() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", "--version"],
+        [sys.executable, "-m", "app.ops.cli", "--version"],
         capture_output=True,
         text=True,
         timeout=60,

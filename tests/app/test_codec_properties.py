@@ -1,4 +1,4 @@
-"""HTTP body codecs (app/schemas.py): JSON and MessagePack round trips; junk only DecodeError."""
+"""HTTP body codecs (app/serving/schemas.py): JSON and MessagePack round trips; junk: DecodeError"""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.schemas import (
+from app.serving.schemas import (
     BatchRequest,
     BatchResponse,
     FieldError,

@@ -9,8 +9,7 @@ import msgspec
 import pytest
 import redis.asyncio as aioredis
 
-from app.control import ControlSettings
-from app.control_protocol import (
+from app.control.protocol import (
     DesiredDoc,
     Proposal,
     history,
@@ -19,6 +18,7 @@ from app.control_protocol import (
     publish_change,
     read_current,
 )
+from app.control.settings import ControlSettings
 
 MODEL = "rf-localizer"
 SECRET = "s3cret"  # noqa: S105 - a test key

@@ -1,4 +1,4 @@
-"""The decoding boundary (app/decoding.py): any decoder failure is a 400, never an exception
+"""The decoding boundary (app/web/decoding.py): any decoder failure is a 400, never an exception
 that escapes as a 500 — nesting bombs, number bombs, junk, for JSON and MessagePack."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import logging
 import msgspec
 import pytest
 
-from app import decoding
-from app.oip import decode_body, prepare
-from app.schemas import BatchRequest, PredictRequest
+from app.serving.schemas import BatchRequest, PredictRequest
+from app.web import decoding
+from app.web.oip import decode_body, prepare
 from tests.support.reference import reference_spec
 from workers.errors import MalformedRequest
 
@@ -91,8 +91,15 @@ def v2_body(data: bytes) -> bytes:
         b"[1e300]",  # finite in JSON, infinite in FP32 (found by make fuzz)
         b"[[-1e300]]",
     ],
-    ids=["huge-int-nested", "nesting-bomb", "huge-int-flat", "ragged", "strings", "fp32-over",
-         "fp32-over-nested"],
+    ids=[
+        "huge-int-nested",
+        "nesting-bomb",
+        "huge-int-flat",
+        "ragged",
+        "strings",
+        "fp32-over",
+        "fp32-over-nested",
+    ],
 )
 def test_v2_tensor_data_bombs_are_a_400(data: bytes) -> None:
     with pytest.raises(MalformedRequest):

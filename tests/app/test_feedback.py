@@ -12,10 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 from pyproj import Geod
 
-from app.feedback import Breaker, FeedbackService
-from app.feedback_settings import FeedbackSettings
-from app.field import window_coverage
-from app.schemas import FeedbackRequest, TruePosition
+from app.serving.feedback import Breaker, FeedbackService
+from app.serving.feedback_settings import FeedbackSettings
+from app.serving.field import window_coverage
+from app.serving.schemas import FeedbackRequest, TruePosition
 from tests.support.procs import free_port
 from workers.errors import (
     Conflict,
@@ -37,7 +37,7 @@ def prediction(lat: float = 45.0, lon: float = 7.5, cov: list[list[float]] = COV
 def independent_d2(
     mean: tuple[float, float], truth: tuple[float, float], cov: list[list[float]]
 ) -> tuple[float, float]:
-    """Error (m) and d² computed here with pyproj and numpy, not with app.field."""
+    """Error (m) and d² computed here with pyproj and numpy, not with app.serving.field."""
     az, _, dist = Geod(ellps="WGS84").inv(mean[1], mean[0], truth[1], truth[0])
     v = np.array([dist * np.sin(np.radians(az)), dist * np.cos(np.radians(az))])
     return float(dist), float(v @ np.linalg.inv(np.array(cov)) @ v)

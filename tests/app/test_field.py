@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from app.field import (
+from app.ops.recalibrate import Recalibration, scaled_spec
+from app.serving.field import (
     bootstrap_scale,
     coverage,
     fit_scale,
@@ -15,7 +16,6 @@ from app.field import (
     split_halves,
     summarise,
 )
-from app.recalibrate import Recalibration, scaled_spec
 from tests.support.procs import REFERENCE
 from workers.spec import decode_spec
 from workers.uncertainty import calibrated_sigmas

@@ -7,7 +7,7 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry, Counter
 
-from app.http import metrics_route, prefers_msgpack
+from app.web.routes import metrics_route, prefers_msgpack
 from workers import errors
 from workers.errors import NotAcceptable, ServiceError
 

@@ -11,7 +11,7 @@ import zlib
 import numpy as np
 import pytest
 
-from app.oip import INFLATE_SLICE, decode_body, inflate, prepare
+from app.web.oip import INFLATE_SLICE, decode_body, inflate, prepare
 from tests.support.reference import reference_spec
 from workers.errors import MalformedRequest, PayloadTooLarge
 

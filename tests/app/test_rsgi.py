@@ -1,4 +1,4 @@
-"""The RSGI front (app/rsgi.py) under real Granian: bodies, answers, lifespan, failures."""
+"""The RSGI front (app/web/rsgi.py) under real Granian: bodies, answers, lifespan, failures."""
 
 from __future__ import annotations
 

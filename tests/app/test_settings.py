@@ -13,20 +13,24 @@ from tests.support.procs import ROOT
 
 
 def test_defaults_load_and_standard_names_win() -> None:
-    settings = load_settings({"MLFLOW_TRACKING_URI": "sqlite:///x.db", "REDIS_URL": "",
-                              "HEIMDALL_POOL_WORKERS": "3"})
+    settings = load_settings(
+        {"MLFLOW_TRACKING_URI": "sqlite:///x.db", "REDIS_URL": "", "HEIMDALL_POOL_WORKERS": "3"}
+    )
     assert settings.registry.tracking_uri == "sqlite:///x.db"
     assert settings.cache.redis_url == ""
     assert settings.pool.workers == 3
     assert settings.server.port == 8000
 
 
-@pytest.mark.parametrize(("env", "needle"), [
-    ({"HEIMDALL_PORT": "eighty"}, "HEIMDALL_PORT"),
-    ({"HEIMDALL_POOL_WORKERS": "-1"}, "HEIMDALL_POOL_WORKERS"),
-    ({"HEIMDALL_CACHE_TIMEOUT_S": "0"}, "HEIMDALL_CACHE_TIMEOUT_S"),
-    ({"HEIMDALL_LOG_LEVEL": "LOUD"}, "HEIMDALL_LOG_LEVEL"),
-])
+@pytest.mark.parametrize(
+    ("env", "needle"),
+    [
+        ({"HEIMDALL_PORT": "eighty"}, "HEIMDALL_PORT"),
+        ({"HEIMDALL_POOL_WORKERS": "-1"}, "HEIMDALL_POOL_WORKERS"),
+        ({"HEIMDALL_CACHE_TIMEOUT_S": "0"}, "HEIMDALL_CACHE_TIMEOUT_S"),
+        ({"HEIMDALL_LOG_LEVEL": "LOUD"}, "HEIMDALL_LOG_LEVEL"),
+    ],
+)
 def test_invalid_values_name_the_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(SettingsError, match=needle):
         load_settings(env)
@@ -34,16 +38,24 @@ def test_invalid_values_name_the_variable(env: dict[str, str], needle: str) -> N
 
 def test_uploads_must_leave_connections_for_health_checks() -> None:
     env = {"HEIMDALL_MAX_CONCURRENT_UPLOADS": "1000", "HEIMDALL_GRANIAN_BACKPRESSURE": "1100"}
-    with pytest.raises(SettingsError, match=r"HEIMDALL_GRANIAN_BACKPRESSURE .* must be at least "
-                       r"HEIMDALL_MAX_CONCURRENT_UPLOADS"):
+    with pytest.raises(
+        SettingsError,
+        match=r"HEIMDALL_GRANIAN_BACKPRESSURE .* must be at least "
+        r"HEIMDALL_MAX_CONCURRENT_UPLOADS",
+    ):
         load_settings(env)
     assert load_settings({**env, "HEIMDALL_GRANIAN_BACKPRESSURE": "1256"})
 
 
 def test_serve_refuses_to_start_on_bad_settings() -> None:
-    done = subprocess.run([sys.executable, "-m", "app.cli", "serve"], cwd=ROOT,
-                          env={"HEIMDALL_POOL_MAX_BATCH": "0", "PATH": "/usr/bin"},
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "app.ops.cli", "serve"],
+        cwd=ROOT,
+        env={"HEIMDALL_POOL_MAX_BATCH": "0", "PATH": "/usr/bin"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert "HEIMDALL_POOL_MAX_BATCH" in done.stderr
 

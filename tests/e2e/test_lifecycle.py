@@ -40,7 +40,7 @@ def test_not_ready_until_the_model_exists_then_ready(
         [
             sys.executable,
             "-c",
-            "from app.settings import load_settings; from workers.registry import ModelRegistry;"
+            "from app.settings import load_settings; from app.registry.client import ModelRegistry;"
             "ModelRegistry(load_settings().registry).set_alias('rf-localizer', 'canary', '1')",
         ],
         env={**server.env},

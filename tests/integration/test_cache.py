@@ -120,4 +120,4 @@ def test_in_memory_tier_answers_repeats_while_redis_is_down(
     state = httpx.get(server.url + "/health/ready").json()["cache"]
     assert state["local_entries"] == len(seen) + len(fresh)
     metrics = httpx.get(server.url + "/metrics").text
-    assert 'result="hit",tier="local"' in metrics.replace("model_version=\"1\",", "")
+    assert 'result="hit",tier="local"' in metrics.replace('model_version="1",', "")

@@ -19,7 +19,7 @@ import msgspec
 import pytest
 import redis
 
-from app.control_protocol import ControlMessage, sign
+from app.control.protocol import ControlMessage, sign
 from tests.integration.test_rollout import cli, served_version, wait_for
 from tests.support.mlflow_rest import MlflowRestServer
 from tests.support.procs import ROOT, RedisServer, Server, run_cli
@@ -207,7 +207,7 @@ def test_concurrent_cli_publishers_get_distinct_increasing_revisions(
     }
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "route", f"{i}=1", "--no-check"],
+            [sys.executable, "-m", "app.ops.cli", "route", f"{i}=1", "--no-check"],
             env={**os.environ, **env},
             cwd=ROOT,
             stdout=subprocess.PIPE,
@@ -226,7 +226,7 @@ def test_concurrent_cli_publishers_get_distinct_increasing_revisions(
 # (redis-py itself imports opentelemetry for its own instrumentation.)
 HEAVY = ("mlflow", "sqlalchemy", "numpy", "onnxruntime", "telemetry", "litestar", "granian")
 PROBE = (
-    "import sys, time; t0 = time.perf_counter(); from app.cli import main; "
+    "import sys, time; t0 = time.perf_counter(); from app.ops.cli import main; "
     "rc = main(sys.argv[1:]); wall = time.perf_counter() - t0; "
     f"heavy = sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r})); "
     "print('PROBE', rc, heavy, f'{wall:.3f}')"

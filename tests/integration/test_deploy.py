@@ -301,9 +301,9 @@ def test_compose_dependency_graph() -> None:
     # Grace period covers the pool drain (default 20 s) with margin.
     assert heimdall["stop_grace_period"] == "45s"
     # The artifact cache is writable by the image's user (UID 10001), not root-owned.
-    assert any(
-        t.startswith("/app/.local:") and "uid=10001" in t for t in heimdall["tmpfs"]
-    ), heimdall.get("tmpfs")
+    assert any(t.startswith("/app/.local:") and "uid=10001" in t for t in heimdall["tmpfs"]), (
+        heimdall.get("tmpfs")
+    )
     # /dev/shm holds 2 x 16 MiB of IQ slots per worker (Docker's default is 64 MiB).
     workers = int(heimdall["environment"]["HEIMDALL_POOL_WORKERS"])
     assert heimdall["shm_size"].endswith("m") and int(heimdall["shm_size"][:-1]) > workers * 32

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from pyproj import Geod
 
-from app.field import split_halves
+from app.serving.field import split_halves
 from tests.support.procs import Server, run_cli
 from tests.support.variants import registry
 from training.simulate import WIDE, heard_batch, request_payload, truth_of

@@ -87,7 +87,7 @@ def log_like_mlflow_onnx(tracking_uri: str, folder: Path) -> str:
 
     from mlflow.tracking import MlflowClient
 
-    from workers.authoring import _mlmodel
+    from app.registry.authoring import _mlmodel
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     experiment = client.create_experiment(
@@ -135,8 +135,8 @@ def test_an_untagged_version_that_is_not_an_onnx_flavor_model_is_refused(tmp_pat
     import pytest
     from mlflow.tracking import MlflowClient
 
+    from app.registry.client import ModelRegistry, RegistrySettings
     from workers.errors import ModelLoadError
-    from workers.registry import ModelRegistry, RegistrySettings
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     registry = ModelRegistry(

@@ -1,8 +1,8 @@
 """Fuzz every body decoder: whatever the bytes, the only failure is a 4xx service error.
 
 The targets are the functions the routes run on a body before anything else: /v1/predict and
-/v1/predict/batch in JSON and MessagePack (app/decoding.py), /v2 infer (header split, tensor
-decoding and validation, app/oip.py) and /v2's gzip/deflate inflation. Inputs are random
+/v1/predict/batch in JSON and MessagePack (app/web/decoding.py), /v2 infer (header split, tensor
+decoding and validation, app/web/oip.py) and /v2's gzip/deflate inflation. Inputs are random
 bytes, valid bodies mutated byte by byte, bodies with a bomb spliced in (deep nesting, numbers
 of hundreds of digits, MessagePack containers that announce more than they hold) and JSON
 documents generated from the shapes the schemas expect.
@@ -27,9 +27,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from app import decoding
-from app.oip import decode_body, inflate, prepare
-from app.schemas import BatchRequest, PredictRequest
+from app.serving.schemas import BatchRequest, PredictRequest
+from app.web import decoding
+from app.web.oip import decode_body, inflate, prepare
 from tests.support.reference import reference_spec
 from training.simulate import iter_batches, request_payload
 from workers.errors import ServiceError

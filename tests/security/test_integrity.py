@@ -19,12 +19,12 @@ import msgspec
 import pytest
 import redis
 
-from app.control_protocol import ControlMessage, sign
+from app.control.protocol import ControlMessage, sign
 from tests.integration.test_rollout import cli, served_version, wait_for
 from tests.support.procs import REFERENCE, Server
 from tests.support.variants import register_variant
 from training.simulate import heard_batch, request_payload
-from workers.registry import sha256_file
+from workers.spec import sha256_file
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 BODY = request_payload(heard_batch(1, 992), 0, cache=False)

@@ -97,7 +97,7 @@ def bootstrap_registry(folder: Path) -> dict[str, str]:
         "HEIMDALL_ARTIFACT_CACHE": str(folder / "artifacts"),
     }
     subprocess.run(
-        [sys.executable, "-m", "app.cli", "bootstrap"],
+        [sys.executable, "-m", "app.ops.cli", "bootstrap"],
         env={**os.environ, **env},
         check=True,
         cwd=ROOT,
@@ -130,7 +130,7 @@ class Server:
         """Launch; optionally wait for /health/ready."""
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve"],
+            [sys.executable, "-m", "app.ops.cli", "serve"],
             env=self.env,
             cwd=ROOT,
             stdout=self._log,
@@ -187,7 +187,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``heimdall-inference ARGS`` in a fresh interpreter with ``env`` over ours."""
     done = subprocess.run(
-        [sys.executable, "-m", "app.cli", *args],
+        [sys.executable, "-m", "app.ops.cli", *args],
         env={**os.environ, **env},
         cwd=ROOT,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Small apps behind :class:`app.rsgi.RSGIFront`, served by real Granian in tests/app/test_rsgi.py.
+"""Small apps behind :class:`app.web.rsgi.RSGIFront`, served by Granian in tests/app/test_rsgi.py.
 
 ``HEIMDALL_TEST_MARKS`` names a folder where the lifespan leaves ``started``/``stopped``;
 ``HEIMDALL_TEST_FAIL_STARTUP=1`` makes startup fail.
@@ -19,7 +19,7 @@ from litestar import Litestar, Request, get, post
 from litestar.params import FromPath
 from litestar.response import Stream
 
-from app.rsgi import RSGIFront
+from app.web.rsgi import RSGIFront
 
 
 @post("/echo", status_code=200)

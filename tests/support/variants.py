@@ -6,8 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+from app.registry.client import SHA256_TAG, ModelRegistry, RegistrySettings
 from tests.support.procs import REFERENCE
-from workers.registry import SHA256_TAG, ModelRegistry, RegistrySettings
 
 
 def registry(env: dict[str, str]) -> ModelRegistry:

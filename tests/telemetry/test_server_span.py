@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import generate_latest
 
-from app.tracing import server_span_middleware
+from app.web.tracing import server_span_middleware
 from telemetry.setup import Telemetry, TelemetrySettings, build_telemetry
 
 

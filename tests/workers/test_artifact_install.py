@@ -1,10 +1,11 @@
-"""Installing a verified download into the shared artifact cache (workers.registry)."""
+"""Installing a verified download into the shared artifact cache (app.registry.client)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from workers.registry import MODEL_FILE, ModelRegistry, sha256_file
+from app.registry.client import MODEL_FILE, ModelRegistry
+from workers.spec import sha256_file
 
 
 def package(folder: Path, content: bytes) -> Path:

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from app.cache import input_digest
+from app.serving.cache import input_digest
 from tests.support.procs import REFERENCE
 from workers.features import band_power_db, extract_features
 from workers.messages import (

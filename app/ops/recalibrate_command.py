@@ -1,6 +1,6 @@
 """The ``recalibrate`` verb's parser, kept free of numpy so every CLI call stays light.
 
-The work itself lives in :mod:`app.recalibrate`, imported only when the verb runs.
+The work itself lives in :mod:`app.ops.recalibrate`, imported only when the verb runs.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ DEFAULT_LEVELS = "0.5,0.9,0.95"
 
 
 def _run(args: argparse.Namespace) -> int:
-    from app.recalibrate import cmd_recalibrate
+    from app.ops.recalibrate import cmd_recalibrate
 
     return cmd_recalibrate(args)
 

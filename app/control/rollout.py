@@ -15,11 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.models import Routing, VersionContext
-from app.service import InferenceService
+from app.registry.client import LocalPackage, ModelRegistry
+from app.serving.service import InferenceService
+from app.serving.versions import Routing, VersionContext
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
-from workers.registry import LocalPackage, ModelRegistry
 
 log = logging.getLogger("heimdall.rollout")
 

@@ -10,7 +10,7 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
   check answers 413 before anything is read), in one piece when ``Content-Length`` is present
   and at most ``one_piece_limit``; otherwise (chunked, or larger) it is streamed chunk by chunk
   and Litestar counts and caps it as under ASGI.
-- Body reads follow the intake rules of app/intake.py: a deadline from the request's arrival
+- Body reads follow the intake rules of app/web/intake.py: a deadline from the request's arrival
   and a minimum rate (408), an upload cap (503 before reading), and a body cut short by the
   client (closed connection, chunked body without its last chunk) is an ``IncompleteBody``
   (400) — the app renders these as problems; the front logs one line and counts them.
@@ -33,7 +33,7 @@ from urllib.parse import quote
 
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
-from app.intake import BodyClock, IntakeLimits, UploadGate, next_chunk, within
+from app.web.intake import BodyClock, IntakeLimits, UploadGate, next_chunk, within
 from workers.errors import IncompleteBody, ServiceError
 
 log = logging.getLogger("heimdall.rsgi")
@@ -134,7 +134,7 @@ class _Lifespan:
 class _Exchange:
     """One request: the ASGI ``receive``/``send`` pair over an RSGI protocol object.
 
-    Body reads go through the intake rules (app/intake.py): a deadline from the request's
+    Body reads go through the intake rules (app/web/intake.py): a deadline from the request's
     arrival and the minimum rate, and a failed read (client gone, body cut short, deadline
     missed) raises a client error the application renders as a 4xx problem.
     """
@@ -302,7 +302,7 @@ class RSGIFront:
             app: the ASGI application.
             one_piece_limit: bodies up to this many bytes (with ``Content-Length``) are read in
                 one call; larger or chunked ones are streamed.
-            intake: read deadline, minimum rate and upload cap (app/intake.py).
+            intake: read deadline, minimum rate and upload cap (app/web/intake.py).
             on_client_fault: counts a request refused for the client's behaviour, by reason
                 (``incomplete_body``, ``body_timeout``, ``uploads_full``).
         """

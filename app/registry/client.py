@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from msgspec import Struct
 
 from workers.errors import ModelLoadError, NotFound
-from workers.spec import ModelSpec, SpecError, decode_spec, spec_hash
+from workers.spec import ModelSpec, SpecError, decode_spec, sha256_file, spec_hash
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -131,15 +130,6 @@ class LocalPackage:
     spec_raw: bytes
     spec: ModelSpec
     spec_hash: str
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, streamed."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def absolute_tracking_uri(uri: str) -> str:

@@ -3,7 +3,7 @@
 ``heimdall-inference promote`` only has to check a version exists and point an alias at it;
 importing MLflow and building its client costs seconds (more under load), the two REST calls
 a few milliseconds. Used for ``http(s)://`` tracking URIs; a local ``sqlite:///`` registry
-has no server to talk to and goes through :class:`workers.registry.ModelRegistry`.
+has no server to talk to and goes through :class:`app.registry.client.ModelRegistry`.
 Authentication follows MLflow's variables: ``MLFLOW_TRACKING_TOKEN`` (bearer) or
 ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` (basic).
 """

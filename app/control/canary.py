@@ -24,8 +24,7 @@ from typing import Any
 
 import msgspec
 
-from app.control import ControlSettings
-from app.control_protocol import (
+from app.control.protocol import (
     DesiredDoc,
     Proposal,
     ReplicaStatus,
@@ -35,6 +34,7 @@ from app.control_protocol import (
     publisher_id,
     read_current,
 )
+from app.control.settings import ControlSettings
 
 # Renew the lock only if we still hold it; release likewise.
 _RENEW = """

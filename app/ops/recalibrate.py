@@ -2,7 +2,7 @@
 
 Reads the version's feedback samples from Redis (what ``POST /v1/feedback`` recorded),
 splits them by request id into a fit half and a held-out half, fits one scale ``s`` on the
-fit half (:func:`app.field.fit_scale`, with a bootstrap interval), and registers a new
+fit half (:func:`app.serving.field.fit_scale`, with a bootstrap interval), and registers a new
 model version: the same ``model.onnx`` and a spec whose sigmas come out ``s`` times larger
 (``output.calibration_factor × s``; the spread table's knots and the out-of-domain sigma
 floor move with it, so the covariance of every answer is exactly ``s²`` times the parent's)
@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from app.feedback import FieldSample, FieldStore
-from app.field import LEVELS, bootstrap_scale, coverage, fit_scale, level_key, split_halves
+from app.registry.client import MODEL_FILE, SPEC_FILE, LocalPackage
+from app.serving.feedback import FieldSample, FieldStore
+from app.serving.field import LEVELS, bootstrap_scale, coverage, fit_scale, level_key, split_halves
 from app.settings import Settings, load_settings
-from workers.registry import MODEL_FILE, SPEC_FILE, LocalPackage
 from workers.spec import decode_spec
 
 METHOD = (
@@ -137,7 +137,7 @@ def _row(label: str, figures: dict[str, float]) -> str:
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
     """Fit a covariance scale on field feedback and register it as a new version."""
-    from workers.registry import ModelRegistry
+    from app.registry.client import ModelRegistry
 
     settings = load_settings()
     registry = ModelRegistry(settings.registry)

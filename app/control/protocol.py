@@ -1,7 +1,7 @@
 """The control plane's wire protocol: keys, documents, signatures, atomic publish, reads.
 
-Shared by the replicas' subscriber (:mod:`app.control_plane`) and the operator verbs
-(:mod:`app.operate`); it imports nothing heavy, so the CLI stays fast.
+Shared by the replicas' subscriber (:mod:`app.control.plane`) and the operator verbs
+(:mod:`app.ops.operate`); it imports nothing heavy, so the CLI stays fast.
 
 Keys under ``{namespace}:{model}``: ``desired`` (the document), ``control`` (channel),
 ``revision`` (counter), ``epoch`` (a random id made when the counter is first created),
@@ -29,7 +29,7 @@ from typing import Annotated, Any, NamedTuple
 import msgspec
 from msgspec import Meta, Struct
 
-from app.control import ControlSettings
+from app.control.settings import ControlSettings
 
 log = logging.getLogger("heimdall.control")
 

@@ -22,10 +22,9 @@ import numpy as np
 from msgspec import Meta, Struct
 from opentelemetry import trace
 
-from app.cache import PredictionCache, input_digest
-from app.feedback import AnswerLog
-from app.models import Routing, VersionContext
-from app.schemas import (
+from app.serving.cache import PredictionCache, input_digest
+from app.serving.feedback import AnswerLog
+from app.serving.schemas import (
     DomainFlags,
     FieldError,
     ModelRef,
@@ -36,6 +35,7 @@ from app.schemas import (
     Timing,
     Uncertainty,
 )
+from app.serving.versions import Routing, VersionContext
 from telemetry.logs import request_id_var
 from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
@@ -329,7 +329,7 @@ class InferenceService:
     def trace_job(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
         """Queue, features and inference spans (worker-side times) and phase metrics.
 
-        Also used by the ``/v2`` infer path (app/oip.py), whose jobs have no feature phase.
+        Also used by the ``/v2`` infer path (app/web/oip.py), whose jobs have no feature phase.
         """
         telemetry = self.telemetry
         if telemetry is None:

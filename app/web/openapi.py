@@ -13,7 +13,7 @@ import msgspec
 from litestar import Litestar
 from litestar._openapi.plugin import OpenAPIPlugin
 
-from app.schemas import (
+from app.serving.schemas import (
     BatchRequest,
     BatchResponse,
     FeedbackRequest,

@@ -1,4 +1,4 @@
-"""Control plane settings (the subscriber itself lives in :mod:`app.control_plane`)."""
+"""Control plane settings (the subscriber itself lives in :mod:`app.control.plane`)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from workers.registry import LocalPackage
+from app.registry.client import LocalPackage
 
 
 @dataclass

@@ -32,7 +32,7 @@ from litestar.exceptions import HTTPException
 from litestar.params import FromPath
 from msgspec import Meta, Struct
 
-from app import decoding
+from app.web import decoding
 from workers import malloc
 from workers.errors import (
     InvalidInput,
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from litestar.handlers import HTTPRouteHandler
 
     from app.factory import Components
-    from app.models import VersionContext
+    from app.serving.versions import VersionContext
 
 log = logging.getLogger("heimdall.oip")
 

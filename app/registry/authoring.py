@@ -21,15 +21,14 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from workers.registry import (
+from app.registry.client import (
     MODEL_FILE,
     SHA256_TAG,
     SPEC_FILE,
     SPEC_HASH_TAG,
     ModelRegistry,
-    sha256_file,
 )
-from workers.spec import decode_spec, spec_hash
+from workers.spec import decode_spec, sha256_file, spec_hash
 
 EXPERIMENT = "heimdall-models"
 """Experiment that holds the runs ``register`` creates."""

@@ -1,4 +1,4 @@
-"""Settings of field feedback, apart from :mod:`app.feedback` so loading them stays light."""
+"""Settings of field feedback, apart from :mod:`app.serving.feedback` so they load light."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Redis control plane, replica side: a level-triggered desired state, pushed by pub/sub.
 
-Publishers write the desired-state document atomically (see :mod:`app.control_protocol`),
+Publishers write the desired-state document atomically (see :mod:`app.control.protocol`),
 then announce its (epoch, revision) on ``{ns}:{model}:control``. Every replica reads the key
 and converges on it: on a message, on (re)connect, at start, on a slow poll and on SIGHUP
 (which also re-resolves aliases). A missed message only delays convergence.
@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from app.control import ControlSettings
-from app.control_protocol import (
+from app.control.protocol import (
     Current,
     ReplicaStatus,
     VersionFigures,
@@ -34,7 +33,8 @@ from app.control_protocol import (
     read_current,
     verified,
 )
-from app.rollout import DesiredState, Rollout
+from app.control.rollout import DesiredState, Rollout
+from app.control.settings import ControlSettings
 from workers.errors import ServiceError
 
 if TYPE_CHECKING:
@@ -250,7 +250,7 @@ class ControlPlane:
         """What to converge on, or None to keep serving what is applied.
 
         Refuses (and counts once per distinct document) what fails the checks of
-        :func:`~app.control_protocol.read_current`, a document of an epoch this replica
+        :func:`~app.control.protocol.read_current`, a document of an epoch this replica
         has left, and an older revision of the applied epoch.
         """
         current = await self._read()

@@ -37,9 +37,9 @@ import msgspec
 import numpy as np
 from msgspec import Struct
 
-from app.feedback_settings import FeedbackSettings
-from app.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu, summarise
-from app.schemas import EllipseHit, FeedbackRequest, FeedbackResponse, ModelRef
+from app.serving.feedback_settings import FeedbackSettings
+from app.serving.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu, summarise
+from app.serving.schemas import EllipseHit, FeedbackRequest, FeedbackResponse, ModelRef
 from workers.errors import (
     Conflict,
     ExpiredRequest,

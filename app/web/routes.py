@@ -17,10 +17,8 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
-from app import decoding
-from app.decoding import Format
-from app.feedback import FeedbackService
-from app.schemas import (
+from app.serving.feedback import FeedbackService
+from app.serving.schemas import (
     BatchRequest,
     BatchResponse,
     FeedbackRequest,
@@ -28,7 +26,9 @@ from app.schemas import (
     PredictRequest,
     Problem,
 )
-from app.service import InferenceService, problem_from
+from app.serving.service import InferenceService, problem_from
+from app.web import decoding
+from app.web.decoding import Format
 from workers.errors import (
     NotAcceptable,
     NotFound,
@@ -137,7 +137,7 @@ def prefers_msgpack(accept: str) -> bool:
 
 
 async def decode_body(request: Request[Any, Any, Any], kind: type) -> Any:
-    """Decode the body into ``kind`` through the one decoding boundary (app/decoding.py).
+    """Decode the body into ``kind`` through the one decoding boundary (app/web/decoding.py).
 
     Raises:
         MalformedRequest: undecodable or schema-violating body (with the field path), whatever

@@ -1,6 +1,6 @@
 """Operator verbs: promote, route, shadow, status (publish to and read the control plane).
 
-Only :mod:`app.control_protocol` (msgspec, redis) is needed by ``route``, ``shadow`` and
+Only :mod:`app.control.protocol` (msgspec, redis) is needed by ``route``, ``shadow`` and
 ``status``; the registry (MLflow) is imported by ``promote`` alone.
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from app.canary import CanaryState, read_canary
-from app.control_protocol import (
+from app.control.canary import CanaryState, read_canary
+from app.control.protocol import (
     Current,
     DesiredDoc,
     Proposal,
@@ -24,8 +24,8 @@ from app.control_protocol import (
     publish_change,
     read_current,
 )
+from app.registry.rest import RestAliases, is_remote
 from app.settings import OperatorSettings, load_operator_settings
-from workers.registry_rest import RestAliases, is_remote
 
 
 class UsageError(ValueError):
@@ -119,7 +119,7 @@ def set_alias(settings: OperatorSettings, alias: str, version: str) -> None:
         rest.check_version(name, version)
         rest.set_alias(name, alias, version)
         return
-    from workers.registry import ModelRegistry
+    from app.registry.client import ModelRegistry
 
     registry = ModelRegistry(settings.registry)
     registry.resolve(version)  # fails clearly when the version does not exist
@@ -137,7 +137,7 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
         NotFound: the version or alias is not registered.
         ModelLoadError: the registry is unreachable or failed.
     """
-    from workers.registry import parse_ref
+    from app.registry.client import parse_ref
 
     name = settings.registry.model_name()
     parsed = []
@@ -157,7 +157,7 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
             else:
                 rest.check_alias(name, str(alias))
         return
-    from workers.registry import ModelRegistry
+    from app.registry.client import ModelRegistry
 
     registry = ModelRegistry(settings.registry)
     for ref, _, _ in parsed:
@@ -424,7 +424,7 @@ def steps_pct(text: str) -> list[float]:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     """Raise VERSION's weight step by step; roll back by itself on a breach (exit 1)."""
-    from app.canary import Canary, Gates, LockHeld
+    from app.control.canary import Canary, Gates, LockHeld
 
     settings = load_operator_settings()
     if not args.no_check:

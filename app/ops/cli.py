@@ -18,11 +18,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from app.registry.client import RegistrySettings
 from app.settings import SettingsError, load_operator_settings, load_settings, settings_table
 from workers import malloc
-from workers.registry import RegistrySettings
 
-REFERENCE_PACKAGE = Path(__file__).resolve().parent.parent / "training" / "reference"
+REFERENCE_PACKAGE = Path(__file__).resolve().parents[2] / "training" / "reference"
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -87,8 +87,8 @@ def bootstrap_if_missing(settings: RegistrySettings) -> str | None:
     """
     if not settings.bootstrap_reference or not settings.tracking_uri.startswith("sqlite:"):
         return None
+    from app.registry.client import ModelRegistry, parse_ref
     from workers.errors import NotFound
-    from workers.registry import ModelRegistry, parse_ref
 
     name, _, alias = parse_ref(settings.model_uri, "")
     if alias is None:
@@ -129,7 +129,7 @@ def _raise_fd_limit(wanted: int) -> None:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Register the reference package as ``rf-localizer`` with alias ``production``."""
-    from workers.registry import ModelRegistry
+    from app.registry.client import ModelRegistry
 
     settings = load_settings()
     registry = ModelRegistry(settings.registry)
@@ -140,9 +140,9 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 
 
 def cmd_register(args: argparse.Namespace) -> int:
-    """Log a model and its spec as a new ONNX-flavor version (workers/authoring.py)."""
-    from workers.authoring import register_onnx
-    from workers.registry import MODEL_FILE, SPEC_FILE, ModelRegistry
+    """Log a model and its spec as a new ONNX-flavor version (app/registry/authoring.py)."""
+    from app.registry.authoring import register_onnx
+    from app.registry.client import MODEL_FILE, SPEC_FILE, ModelRegistry
 
     path = Path(args.path)
     model = path / MODEL_FILE if path.is_dir() else path
@@ -268,10 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=cmd_simulate)
     table = sub.add_parser("settings", help="print every setting as a Markdown table")
     table.set_defaults(func=cmd_settings)
-    from app.operate import add_operator_commands
+    from app.ops.operate import add_operator_commands
 
     add_operator_commands(sub)
-    from app.recalibrate_command import add_recalibrate_command
+    from app.ops.recalibrate_command import add_recalibrate_command
 
     add_recalibrate_command(sub)
     return parser
@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
-    from app.operate import UsageError
+    from app.ops.operate import UsageError
     from workers.errors import ModelLoadError, NotFound, ServiceError
 
     if isinstance(exc, SettingsError | UsageError | ValueError):

@@ -1,0 +1,1 @@
+"""The control plane: desired state over Redis, rolling swaps, canary rollouts."""

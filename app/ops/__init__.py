@@ -1,0 +1,1 @@
+"""The operator CLI: serve, bootstrap, register, promote, route, shadow, canary, recalibrate."""

@@ -1,0 +1,1 @@
+"""The MLflow model registry client, parent process only: resolve, download, verify, author."""

@@ -1,0 +1,1 @@
+"""The HTTP edge: routes, the RSGI front, body intake and decoding, OIP, OpenAPI, request ids."""
