@@ -51,6 +51,7 @@ run: bootstrap
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check app workers telemetry
+	$(BIN)/lint-imports
 
 typecheck: setup
 	$(BIN)/mypy
@@ -75,9 +76,16 @@ fuzz: setup
 	HEIMDALL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/security/test_decoder_fuzz.py \
 		--no-cov -q -s -p no:cacheprovider
 
+# The run (params, per-epoch curves, figures, package) is logged to MLflow (TRACKING_URI,
+# default: the embedded registry `make run` serves); REGISTER=1 also registers the exported
+# package as a new version (ALIAS=candidate points an alias at it).
+TRACKING_URI ?= $(or $(HEIMDALL_REGISTRY_TRACKING_URI),sqlite:///.local/mlflow.db)
 train: setup
 	$(BIN)/python -m pip install -q "torch==2.13.0" "onnx>=1.17" "onnxscript>=0.3"
-	$(BIN)/python -m training.train --out training/reference
+	@mkdir -p .local
+	$(BIN)/python -m training.train --out training/reference --tracking-uri "$(TRACKING_URI)"
+	@if [ -n "$(REGISTER)" ]; then HEIMDALL_REGISTRY_TRACKING_URI="$(TRACKING_URI)" \
+		$(BIN)/heimdall-inference register training/reference $(if $(ALIAS),--alias $(ALIAS)); fi
 
 lock: setup
 	$(BIN)/uv pip compile pyproject.toml --extra dev --python-version 3.11 -o requirements.lock

@@ -16,6 +16,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import time
 from pathlib import Path
 
@@ -230,9 +231,17 @@ def cached_dataset(n: int, seed: int, spec: ModelSpec, shards: int) -> PackedSet
 
 
 def train_model(
-    train: PackedSet, val: PackedSet, spec: ModelSpec, epochs: int, seed: int
+    train: PackedSet,
+    val: PackedSet,
+    spec: ModelSpec,
+    epochs: int,
+    seed: int,
+    history: list[dict[str, float]] | None = None,
 ) -> Localizer:
-    """Train a :class:`Localizer` with AdamW and a one-cycle schedule on the Gaussian NLL."""
+    """Train a :class:`Localizer` with AdamW and a one-cycle schedule on the Gaussian NLL.
+
+    ``history``, when given, receives one ``{train_nll, val_nll, val_median_km}`` per epoch.
+    """
     torch.manual_seed(seed)
     feat = spec.features
     model = Localizer(feat.n_frames, feat.n_bands, feat.norm_std_db)
@@ -265,6 +274,14 @@ def train_model(
         vm, vs, vr = predict(model, val)
         err_km = np.hypot(*(vm - val.target).T) * spec.output.position_scale_m / 1e3
         vnll = float(gaussian_nll(*(torch.from_numpy(a) for a in (vm, vs, vr, val.target))))
+        if history is not None:
+            history.append(
+                {
+                    "train_nll": total / len(order),
+                    "val_nll": vnll,
+                    "val_median_km": float(np.median(err_km)),
+                }
+            )
         print(
             f"epoch {epoch + 1:2d}/{epochs} train nll {total / len(order):+.3f} "
             f"val nll {vnll:+.3f} val median {np.median(err_km):.2f} km "
@@ -289,6 +306,12 @@ def main(argv: list[str] | None = None) -> None:
         help="skip training: calibrate and export the weights saved at this path (a run's "
         "training/runs/last_model.pt)",
     )
+    parser.add_argument(
+        "--tracking-uri",
+        default=os.environ.get("HEIMDALL_REGISTRY_TRACKING_URI", "sqlite:///.local/mlflow.db"),
+        help="MLflow tracking URI the run is logged to (default: HEIMDALL_REGISTRY_TRACKING_URI "
+        "or the embedded registry make run serves); 'none' to skip",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     started = time.perf_counter()
@@ -300,13 +323,14 @@ def main(argv: list[str] | None = None) -> None:
     val = cached_dataset(args.val, args.seed + 1, spec, shards=4)
     print(f"answerable captures: train {len(train.target)}, val {len(val.target)}", flush=True)
 
+    history: list[dict[str, float]] = []
     if args.export_only is not None:
         feat = spec.features
         model = Localizer(feat.n_frames, feat.n_bands, feat.norm_std_db)
         model.load_state_dict(torch.load(args.export_only))
         model.eval()
     else:
-        model = train_model(train, val, spec, args.epochs, args.seed)
+        model = train_model(train, val, spec, args.epochs, args.seed, history)
         RUNS.mkdir(exist_ok=True)
         torch.save(model.state_dict(), RUNS / "last_model.pt")
     from training.export import export_package  # local: export imports this module
@@ -326,6 +350,25 @@ def main(argv: list[str] | None = None) -> None:
     )
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(metrics, indent=2), flush=True)
+    if args.tracking_uri != "none":
+        from training.tracking import log_training_run
+
+        run_id = log_training_run(
+            args.tracking_uri,
+            params={
+                "train_captures": args.train,
+                "val_captures": args.val,
+                "epochs": args.epochs,
+                "seed": args.seed,
+                "export_only": args.export_only or "",
+                "domain": simulate.WIDE.describe(),
+                "distance_weight": DISTANCE_WEIGHT,
+            },
+            history=history,
+            figures=metrics,
+            package_dir=args.out,
+        )
+        print(f"logged training run {run_id} to {args.tracking_uri}", flush=True)
 
 
 if __name__ == "__main__":
