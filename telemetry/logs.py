@@ -189,4 +189,44 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # MLflow installs a text handler on its "mlflow" logger when it is imported (lazily, after
+    # this): ask it not to, and undo it if it already happened, so its lines join the schema.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    mlflow_logger = logging.getLogger("mlflow")
+    for old in list(mlflow_logger.handlers):
+        mlflow_logger.removeHandler(old)
+    mlflow_logger.propagate = True
     return chosen
+
+
+def granian_log_config(fmt: LogFormat, replica: str = "") -> dict[str, Any]:
+    """A ``logging.config.dictConfig`` for Granian's own loggers in this module's schema.
+
+    Granian logs its start, listen, worker and stop lines through ``_granian`` (and requests
+    through ``granian.access``) with a handler of its own; passed as Granian's
+    ``log_dictconfig``, this routes them to stderr through the same filter and formatter as
+    every other line, so a log store parses one schema from the first line to the last.
+    """
+    formatter = "JsonFormatter" if resolve_format(fmt) == "json" else "TextFormatter"
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "heimdall",
+        "filters": ["context"],
+        "stream": "ext://sys.stderr",
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "filters": {
+            "context": {
+                "()": f"{__name__}.ContextFilter",
+                "replica": replica or f"{os.uname().nodename}:{os.getpid()}",
+            }
+        },
+        "formatters": {"heimdall": {"()": f"{__name__}.{formatter}"}},
+        "handlers": {"heimdall": handler},
+        "loggers": {
+            "_granian": {"handlers": ["heimdall"], "level": "INFO", "propagate": False},
+            "granian.access": {"handlers": ["heimdall"], "level": "INFO", "propagate": False},
+        },
+    }

@@ -38,6 +38,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from granian.log import LogLevels
     from granian.server.mp import MPServer
 
+    from telemetry.logs import granian_log_config
+
     class HeimdallServer(MPServer):
         """Granian whose SIGHUP re-resolves model aliases instead of restarting workers."""
 
@@ -65,6 +67,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         backpressure=server.granian_backpressure,
         http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
         log_level=LogLevels(server.log_level.lower()),
+        log_dictconfig=granian_log_config(server.log_format, server.replica_id),
         websockets=False,
         workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
     ).serve()

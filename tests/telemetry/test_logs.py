@@ -28,8 +28,8 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:
-    """The JSON lines of a log (Granian's own start/stop lines are text)."""
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    """Every line of a server's log, parsed: Granian's and MLflow's own lines are JSON too."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def test_one_request_shares_its_trace_id_across_http_process_and_worker(
@@ -71,6 +71,9 @@ def test_one_request_shares_its_trace_id_across_http_process_and_worker(
     assert lines, server.log_path.read_text()[-2000:]
     for line in lines:
         assert set(line) >= SCHEMA, line
+    granian = [line["msg"] for line in lines if line["logger"].startswith("_granian")]
+    for start in ("Starting granian", "Listening at", "Started worker"):
+        assert any(msg.startswith(start) for msg in granian), (start, granian)
     traced = mine()
     by_logger = {line["logger"]: line for line in traced}
     access, worker = by_logger["heimdall.access"], by_logger["heimdall.worker"]
