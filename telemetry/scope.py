@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from contextvars import ContextVar, Token
 from typing import TYPE_CHECKING, Any
 
@@ -149,7 +149,7 @@ class _Unrecorded:
 
 def inference_scope(
     telemetry: Telemetry | None, *, version: str, model: str = "", started: float | None = None
-) -> InferenceScope | _Unrecorded:
+) -> AbstractContextManager[InferenceScope | None]:
     """The scope of one prediction of ``version`` (use with ``with``; ``as`` gives it or None).
 
     Args:
