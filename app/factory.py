@@ -41,8 +41,9 @@ from app.web.routes import (
 )
 from app.web.rsgi import RSGIFront
 from app.web.tracing import server_span_middleware
+from telemetry.instruments import Telemetry
 from telemetry.logs import configure_logging
-from telemetry.setup import Telemetry, build_telemetry
+from telemetry.providers import build_telemetry
 from workers.errors import ServiceError
 from workers.pool import WorkerPool
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # imported when a section is loaded: the operator verbs need 
     from app.serving.cache import CacheSettings
     from app.serving.feedback_settings import FeedbackSettings
     from app.serving.service import ServiceSettings
-    from telemetry.setup import TelemetrySettings
+    from telemetry.config import TelemetrySettings
     from workers.pool import PoolSettings
 
 
@@ -86,7 +86,7 @@ SECTIONS: dict[str, tuple[str, str, dict[str, str]]] = {
     "cache": ("app.serving.cache:CacheSettings", "HEIMDALL_CACHE_", {"redis_url": "REDIS_URL"}),
     "control": ("app.control.settings:ControlSettings", "HEIMDALL_CONTROL_", {}),
     "feedback": ("app.serving.feedback_settings:FeedbackSettings", "HEIMDALL_FEEDBACK_", {}),
-    "telemetry": ("telemetry.setup:TelemetrySettings", "HEIMDALL_TELEMETRY_", {}),
+    "telemetry": ("telemetry.config:TelemetrySettings", "HEIMDALL_TELEMETRY_", {}),
 }
 
 

@@ -38,7 +38,7 @@ from app.control.settings import ControlSettings
 from workers.errors import ServiceError
 
 if TYPE_CHECKING:
-    from telemetry.setup import Telemetry
+    from telemetry.instruments import Telemetry
 
 log = logging.getLogger("heimdall.control")
 

@@ -36,8 +36,8 @@ from app.serving.schemas import (
     Uncertainty,
 )
 from app.serving.versions import Routing, VersionContext
+from telemetry.instruments import Telemetry
 from telemetry.logs import request_id_var
-from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
 from workers.geo import distance_m, pairwise_distance_m
 from workers.messages import ItemError, Prediction, PredictItem

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
     from opentelemetry.context import Context
 
-    from telemetry.setup import Telemetry
+    from telemetry.instruments import Telemetry
 
 # Headers a propagator may read; anything else is not copied into the carrier.
 _PROPAGATION_HEADERS = frozenset({b"traceparent", b"tracestate", b"baggage"})

@@ -20,7 +20,9 @@ from prometheus_client import generate_latest
 
 from telemetry import aggregates as aggregates_module
 from telemetry.aggregates import Aggregates, Instrument
-from telemetry.setup import DURATION_BUCKETS_S, TelemetrySettings, build_telemetry
+from telemetry.config import TelemetrySettings
+from telemetry.instruments import DURATION_BUCKETS_S
+from telemetry.providers import build_telemetry
 
 
 def points(data: MetricsData | None, name: str) -> dict[frozenset[Any], Any]:

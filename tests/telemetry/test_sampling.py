@@ -8,7 +8,9 @@ import pytest
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from telemetry.setup import Telemetry, TelemetrySettings, build_telemetry
+from telemetry.config import TelemetrySettings
+from telemetry.instruments import Telemetry
+from telemetry.providers import build_telemetry
 
 
 def exporting(**settings: Any) -> Telemetry:

@@ -15,7 +15,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import generate_latest
 
 from app.web.tracing import server_span_middleware
-from telemetry.setup import Telemetry, TelemetrySettings, build_telemetry
+from telemetry.config import TelemetrySettings
+from telemetry.instruments import Telemetry
+from telemetry.providers import build_telemetry
 
 
 @get("/ok/{n:int}", sync_to_thread=False)

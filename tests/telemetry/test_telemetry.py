@@ -25,7 +25,8 @@ from opentelemetry.trace import SpanKind
 
 from app.factory import create_app
 from app.settings import load_settings
-from telemetry.setup import TelemetrySettings, build_telemetry
+from telemetry.config import TelemetrySettings
+from telemetry.providers import build_telemetry
 from tests.support.procs import Server, free_port
 from training.simulate import heard_batch, request_payload
 
