@@ -16,11 +16,11 @@ import msgspec
 from app.control.canary import CanaryState, read_canary
 from app.control.protocol import (
     Current,
-    DesiredDoc,
-    Proposal,
+    DesiredState,
     ReplicaStatus,
     fleet,
     history,
+    proposed,
     publish_change,
     read_current,
 )
@@ -80,7 +80,7 @@ async def _publish(
             if refusal:
                 raise SystemExit(refusal)
 
-        def change(current: DesiredDoc | None) -> Proposal:
+        def change(current: DesiredState | None) -> DesiredState:
             new_weights = weights or (
                 dict(current.weights) if current else {settings.registry.model_uri: 1.0}
             )
@@ -92,7 +92,7 @@ async def _publish(
             else:
                 new_shadow = str(shadow)
                 new_fraction = fraction if fraction is not None else 0.1
-            return Proposal(new_weights, new_shadow, new_fraction, reason)
+            return proposed(new_weights, new_shadow, new_fraction, reason)
 
         doc = await publish_change(client, control, model, change, start_epoch=start_epoch)
         print(
@@ -265,16 +265,16 @@ class FleetStatus(msgspec.Struct, frozen=True):
     warnings: list[str]
     epoch: str
     counter: int
-    desired: DesiredDoc | None
+    desired: DesiredState | None
     replicas: list[ReplicaView]
-    history: list[DesiredDoc]
+    history: list[DesiredState]
     canary: CanaryState | None = None
 
 
 def assess(
     current: Current,
     replicas: list[ReplicaStatus],
-    past: list[DesiredDoc],
+    past: list[DesiredState],
     grace_s: float,
     now: float,
 ) -> FleetStatus:

@@ -10,10 +10,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.control.protocol import (
-    DesiredDoc,
-    Proposal,
+    DesiredState,
     history,
     keys,
+    proposed,
     publish,
     publish_change,
     read_current,
@@ -39,9 +39,9 @@ async def test_concurrent_publishers_strictly_increase_revisions_and_lose_no_upd
         revisions = []
         for i in range(per_publisher):
             # Read-modify-write: each publish adds one entry to the current weights.
-            def add(current: DesiredDoc | None, key: str = f"{name}-{i}") -> Proposal:
+            def add(current: DesiredState | None, key: str = f"{name}-{i}") -> DesiredState:
                 weights = dict(current.weights) if current else {}
-                return Proposal({**weights, key: 1.0}, reason=key)
+                return proposed({**weights, key: 1.0}, reason=key)
 
             doc = await publish_change(client, settings, MODEL, add)
             revisions.append(doc.revision)
@@ -136,7 +136,7 @@ async def test_new_epoch_on_request_restarts_revisions_and_keeps_history(redis_u
         first = await publish(client, settings, MODEL, {"1": 1.0})
         second = await publish(client, settings, MODEL, {"2": 1.0})
         fresh = await publish_change(
-            client, settings, MODEL, lambda _: Proposal({"3": 1.0}), start_epoch=True
+            client, settings, MODEL, lambda _: proposed({"3": 1.0}), start_epoch=True
         )
         current = await read_current(client, settings, MODEL)
         past = await history(client, settings, MODEL)
