@@ -279,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
-    from app.ops.operate import UsageError
+    from app.ops.publish import UsageError
     from workers.errors import ModelLoadError, NotFound, ServiceError
 
     if isinstance(exc, SettingsError | UsageError | ValueError):
