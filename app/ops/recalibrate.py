@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from app.registry.client import MODEL_FILE, SPEC_FILE, LocalPackage
-from app.serving.feedback import FieldSample, FieldStore
 from app.serving.field import LEVELS, bootstrap_scale, coverage, fit_scale, level_key, split_halves
+from app.serving.field_store import FieldSample, FieldStore
 from app.settings import Settings, load_settings
 from workers.spec import decode_spec
 
