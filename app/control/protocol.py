@@ -303,12 +303,12 @@ async def publish_change(
 ) -> DesiredState:
     """Atomically publish ``change(current document)`` as the next revision.
 
-    ``change`` says the weights, shadow and reason (see :func:`proposed`); the rest is set
-    here. Reads (epoch, counter, document), builds and signs the next document, and writes it with
-    a compare-and-set on (epoch, counter): when another publisher got in between, it reads
-    again and re-applies ``change``, so revisions strictly increase and no update is lost.
-    Without an epoch key (first publish, or Redis lost its data) a new epoch starts, and so
-    does one with ``start_epoch``; its revisions count from the counter (1 after a reset).
+    ``change`` says the weights, shadow and reason (see :func:`proposed`); the rest is set here.
+    Reads (epoch, counter, document), builds and signs the next document, and writes it with a
+    compare-and-set on (epoch, counter): when another publisher got in between, it reads again
+    and re-applies ``change``, so revisions strictly increase and no update is lost. Without an
+    epoch key (first publish, or Redis lost its data) a new epoch starts, and so does one with
+    ``start_epoch``; its revisions count from the counter (1 after a reset).
 
     Raises:
         PublishConflict: the compare-and-set failed ``attempts`` times.
