@@ -2,10 +2,10 @@
 
 :meth:`Rollout.resolve` looks the state's aliases up in MLflow (once per apply; the plane
 compares the result with what it applied, so moving an alias rolls out), then
-:meth:`Rollout.apply`: download + verify → download + verify → every worker loads, warms up and
-validates the new sessions → routing switches atomically → versions no longer routed are
-unloaded after their queued and in-flight work. Any failure leaves the replica serving what
-it served before and is recorded (``last_error``) for /v1/models, logs and metrics.
+:meth:`Rollout.apply`: download + verify → every worker loads, warms up and validates the
+new sessions → routing switches atomically → versions no longer routed are unloaded after
+their queued and in-flight work. Any failure leaves the replica serving what it served
+before and is recorded (``last_error``) for /v1/models, logs and metrics.
 """
 
 from __future__ import annotations
