@@ -24,8 +24,9 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig
 from app.control.plane import ControlPlane
 from app.control.rollout import Rollout
 from app.registry.client import ModelRegistry
+from app.serving.breaker import Breaker
 from app.serving.cache import PredictionCache
-from app.serving.feedback import Breaker, FeedbackService
+from app.serving.feedback import FeedbackService
 from app.serving.service import InferenceService
 from app.settings import Settings, load_settings
 from app.web.intake import IntakeLimits

@@ -25,11 +25,11 @@ from typing import Any
 import msgspec
 
 from app.control.protocol import (
-    DesiredDoc,
-    Proposal,
+    DesiredState,
     ReplicaStatus,
     VersionFigures,
     fleet,
+    proposed,
     publish_change,
     publisher_id,
     read_current,
@@ -259,14 +259,14 @@ class Canary:
         await self.client.set(self.state_key, msgspec.json.encode(doc))
 
     async def _publish(
-        self, weights: dict[str, float], reason: str, base: DesiredDoc
-    ) -> DesiredDoc:
-        proposal = Proposal(weights, base.shadow, base.shadow_fraction, reason)
+        self, weights: dict[str, float], reason: str, base: DesiredState
+    ) -> DesiredState:
+        proposal = proposed(weights, base.shadow, base.shadow_fraction, reason)
         doc = await publish_change(self.client, self.settings, self.model, lambda _: proposal)
         self._log(f"published revision {doc.revision}: {doc.weights} ({reason})")
         return doc
 
-    async def _converged(self, doc: DesiredDoc, timeout_s: float) -> list[ReplicaStatus]:
+    async def _converged(self, doc: DesiredState, timeout_s: float) -> list[ReplicaStatus]:
         deadline = time.monotonic() + timeout_s
         while True:
             replicas = await fleet(self.client, self.settings, self.model)
@@ -287,7 +287,7 @@ class Canary:
             await self._renew()
             await asyncio.sleep(0.5)
 
-    async def _observe(self, doc: DesiredDoc) -> tuple[Window, Window]:
+    async def _observe(self, doc: DesiredState) -> tuple[Window, Window]:
         """Figures over ``interval_s`` after the fleet applied ``doc`` (longer if too few)."""
         start = await self._converged(doc, max(30.0, self.interval_s))
         waited = 0.0

@@ -26,6 +26,7 @@ import msgspec
 
 from app.control.protocol import (
     Current,
+    DesiredState,
     ReplicaStatus,
     VersionFigures,
     decode_message,
@@ -33,7 +34,7 @@ from app.control.protocol import (
     read_current,
     verified,
 )
-from app.control.rollout import DesiredState, Rollout
+from app.control.rollout import Rollout
 from app.control.settings import ControlSettings
 from workers.errors import ServiceError
 
@@ -60,7 +61,7 @@ class ControlPlane:
         self.settings = settings
         self.client = client
         self.model = model
-        self.default = DesiredState({default_ref: 1.0}, revision=0)
+        self.default = DesiredState(revision=0, weights={default_ref: 1.0})
         self.rollout = rollout
         self.replica = replica
         self.telemetry = telemetry
@@ -276,27 +277,25 @@ class ControlPlane:
                 self._refuse("document", reason or "invalid", problem)
             return None if applied else self.default
         assert doc is not None
-        return DesiredState(
-            dict(doc.weights), doc.shadow, doc.shadow_fraction, doc.revision, doc.epoch
-        )
+        return doc
 
     async def _converge(self) -> None:
         desired = await self._desired()
         if desired is None:
             return
         try:
-            resolved = await self._resolve_refs(desired)
+            resolved = await self.rollout.resolve(desired)
         except ServiceError as exc:
             self.rollout.record_failure(desired, exc.detail)
             raise
-        fingerprint = (desired.epoch, desired.revision, resolved)
+        fingerprint = resolved.key
         if fingerprint == self._applied and not self._reresolve:
             return
         self._reresolve = False
         before = self.rollout.status
         old_epoch, old_revision = before.applied_epoch, before.applied_revision
         try:
-            await self.rollout.apply(desired)
+            await self.rollout.apply(resolved)
             self._applied = fingerprint
             if old_revision >= 1 and desired.epoch != old_epoch:
                 self._epoch_changed(old_epoch, old_revision, desired)
@@ -324,17 +323,6 @@ class ControlPlane:
             desired.revision,
         )
 
-    async def _resolve_refs(self, desired: DesiredState) -> tuple[tuple[str, str], ...]:
-        refs = sorted(set(desired.weights) | ({desired.shadow} if desired.shadow else set()))
-        out = []
-        for ref in refs:
-            if ref.startswith("@") or ref.startswith("models:/"):
-                info = await asyncio.to_thread(self.rollout.registry.resolve, ref)
-                out.append((ref, info.version))
-            else:
-                out.append((ref, ref))
-        return tuple(out)
-
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.heartbeat_ttl_s / 3)
@@ -354,7 +342,7 @@ class ControlPlane:
     async def _report(self) -> None:
         if self.client is None or not self.settings.enabled:
             return
-        routing = self.rollout.service.routing
+        routing = self.rollout.routing
         status = self.rollout.status
         last = self.last_rejection
         report = ReplicaStatus(

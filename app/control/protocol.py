@@ -37,8 +37,15 @@ Weight = Annotated[float, Meta(ge=0.0)]
 HISTORY_LENGTH = 50
 
 
-class DesiredDoc(Struct, frozen=True, forbid_unknown_fields=True):
-    """The desired-state document stored in Redis."""
+class DesiredState(Struct, frozen=True, forbid_unknown_fields=True):
+    """What every replica of one model should serve: the document stored in Redis.
+
+    The one type of the desired state, from the key through the replica's plane to the
+    rollout (which resolves its aliases, see :class:`app.control.rollout.Resolved`).
+    Routing weights and the shadow name versions (``"3"``), aliases (``"@production"``) or
+    model URIs. Revision 0 never travels: it is the state a replica serves without a document
+    (``HEIMDALL_MODEL_URI``), or a proposal before :func:`publish_change` numbers it.
+    """
 
     revision: Annotated[int, Meta(ge=1)]
     weights: Annotated[dict[str, Weight], Meta(min_length=1)]
@@ -52,6 +59,10 @@ class DesiredDoc(Struct, frozen=True, forbid_unknown_fields=True):
     by: str = ""
     """Who published it (user@host)."""
     hmac: str = ""
+
+    def references(self) -> list[str]:
+        """Every version reference: the weighted ones in order, then the shadow."""
+        return [*self.weights, *([self.shadow] if self.shadow else [])]
 
 
 class ControlMessage(Struct, frozen=True, forbid_unknown_fields=True):
@@ -96,7 +107,7 @@ class ReplicaStatus(Struct, frozen=True):
     """Per-version cumulative figures since the replica started."""
 
 
-_doc_decoder = msgspec.json.Decoder(DesiredDoc)
+_doc_decoder = msgspec.json.Decoder(DesiredState)
 _msg_decoder = msgspec.json.Decoder(ControlMessage)
 _status_decoder = msgspec.json.Decoder(ReplicaStatus)
 
@@ -144,7 +155,7 @@ def sign(value: Struct, secret: str, namespace: str, model: str) -> str:
     return hmac.new(secret.encode(), payload, hashlib.sha256).hexdigest()
 
 
-def verified(value: DesiredDoc | ControlMessage, secret: str, namespace: str, model: str) -> bool:
+def verified(value: DesiredState | ControlMessage, secret: str, namespace: str, model: str) -> bool:
     """True when no secret is configured or the HMAC matches."""
     return not secret or hmac.compare_digest(value.hmac, sign(value, secret, namespace, model))
 
@@ -162,7 +173,7 @@ def decode_message(data: bytes) -> ControlMessage:
 class Current:
     """The desired state as a replica or the CLI reads it."""
 
-    doc: DesiredDoc | None
+    doc: DesiredState | None
     """The document, when present, valid and (with a secret) correctly signed."""
     epoch: str
     """The epoch key ('' when absent)."""
@@ -208,7 +219,7 @@ async def read_current(client: Any, settings: ControlSettings, model: str) -> Cu
     return Current(doc, epoch, revision, raw)
 
 
-async def read_desired(client: Any, settings: ControlSettings, model: str) -> DesiredDoc | None:
+async def read_desired(client: Any, settings: ControlSettings, model: str) -> DesiredState | None:
     """The current document, or None when absent or refused (logged)."""
     current = await read_current(client, settings, model)
     if current.problem:
@@ -229,7 +240,7 @@ async def fleet(client: Any, settings: ControlSettings, model: str) -> list[Repl
     return sorted(out, key=lambda s: s.replica)
 
 
-async def history(client: Any, settings: ControlSettings, model: str) -> list[DesiredDoc]:
+async def history(client: Any, settings: ControlSettings, model: str) -> list[DesiredState]:
     """The last published documents, newest first (undecodable entries skipped)."""
     out = []
     for raw in await client.lrange(keys(settings.namespace, model).history, 0, -1):
@@ -238,14 +249,16 @@ async def history(client: Any, settings: ControlSettings, model: str) -> list[De
     return out
 
 
-@dataclass(frozen=True)
-class Proposal:
-    """What a publisher wants the desired state to be (epoch and revision are assigned)."""
-
-    weights: dict[str, float]
-    shadow: str | None = None
-    shadow_fraction: float = 0.0
-    reason: str = ""
+def proposed(
+    weights: dict[str, float],
+    shadow: str | None = None,
+    shadow_fraction: float = 0.0,
+    reason: str = "",
+) -> DesiredState:
+    """A state to publish; :func:`publish_change` assigns its epoch, revision, time and author."""
+    return DesiredState(
+        revision=0, weights=weights, shadow=shadow, shadow_fraction=shadow_fraction, reason=reason
+    )
 
 
 # Compare-and-set: the epoch key and the counter must still be what the publisher read
@@ -283,18 +296,19 @@ async def publish_change(
     client: Any,
     settings: ControlSettings,
     model: str,
-    change: Callable[[DesiredDoc | None], Proposal],
+    change: Callable[[DesiredState | None], DesiredState],
     *,
     start_epoch: bool = False,
     attempts: int = 50,
-) -> DesiredDoc:
+) -> DesiredState:
     """Atomically publish ``change(current document)`` as the next revision.
 
-    Reads (epoch, counter, document), builds and signs the next document, and writes it with
-    a compare-and-set on (epoch, counter): when another publisher got in between, it reads
-    again and re-applies ``change``, so revisions strictly increase and no update is lost.
-    Without an epoch key (first publish, or Redis lost its data) a new epoch starts, and so
-    does one with ``start_epoch``; its revisions count from the counter (1 after a reset).
+    ``change`` says the weights, shadow and reason (see :func:`proposed`); the rest is set here.
+    Reads (epoch, counter, document), builds and signs the next document, and writes it with a
+    compare-and-set on (epoch, counter): when another publisher got in between, it reads again
+    and re-applies ``change``, so revisions strictly increase and no update is lost. Without an
+    epoch key (first publish, or Redis lost its data) a new epoch starts, and so does one with
+    ``start_epoch``; its revisions count from the counter (1 after a reset).
 
     Raises:
         PublishConflict: the compare-and-set failed ``attempts`` times.
@@ -310,7 +324,7 @@ async def publish_change(
         if start_epoch or not epoch:
             epoch = new_epoch()
             revision = 1 if start_epoch else revision
-        doc = DesiredDoc(
+        doc = DesiredState(
             revision=revision,
             weights=dict(proposal.weights),
             shadow=proposal.shadow,
@@ -353,7 +367,7 @@ async def publish(
     shadow: str | None = None,
     shadow_fraction: float = 0.0,
     reason: str = "",
-) -> DesiredDoc:
+) -> DesiredState:
     """Publish a fixed desired state as the next revision (see :func:`publish_change`)."""
-    proposal = Proposal(weights, shadow, shadow_fraction, reason)
+    proposal = proposed(weights, shadow, shadow_fraction, reason)
     return await publish_change(client, settings, model, lambda _: proposal)

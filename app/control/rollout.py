@@ -1,9 +1,11 @@
 """Applying a desired serving state as a rolling swap.
 
-resolve references in MLflow → download + verify → every worker loads, warms up and
-validates the new sessions → routing switches atomically → versions no longer routed are
-unloaded after their queued and in-flight work. Any failure leaves the replica serving what
-it served before and is recorded (``last_error``) for /v1/models, logs and metrics.
+:meth:`Rollout.resolve` looks the state's aliases up in MLflow (once per apply; the plane
+compares the result with what it applied, so moving an alias rolls out), then
+:meth:`Rollout.apply`: download + verify → every worker loads, warms up and validates the
+new sessions → routing switches atomically → versions no longer routed are unloaded after
+their queued and in-flight work. Any failure leaves the replica serving what it served
+before and is recorded (``last_error``) for /v1/models, logs and metrics.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.registry.client import LocalPackage, ModelRegistry
+from app.control.protocol import DesiredState
+from app.registry.client import LocalPackage, ModelRegistry, VersionInfo
 from app.serving.service import InferenceService
 from app.serving.versions import Routing, VersionContext
 from workers.errors import ServiceError
@@ -24,15 +27,28 @@ from workers.pool import WorkerPool
 log = logging.getLogger("heimdall.rollout")
 
 
-@dataclass(frozen=True)
-class DesiredState:
-    """What a replica should serve: weights over version references, optional shadow."""
+def _symbolic(ref: str) -> bool:
+    """An alias or a model URI: only the registry knows which version it names now."""
+    return ref.startswith(("@", "models:/"))
 
-    weights: dict[str, float]
-    shadow: str | None = None
-    shadow_fraction: float = 0.0
-    revision: int = 0
-    epoch: str = ""
+
+@dataclass(frozen=True)
+class Resolved:
+    """A desired state with its aliases (and model URIs) resolved to registry versions."""
+
+    state: DesiredState
+    aliases: dict[str, VersionInfo]
+    """Each symbolic reference of ``state`` and the version it named when resolved."""
+
+    @property
+    def key(self) -> tuple[str, int, tuple[tuple[str, str], ...]]:
+        """(epoch, revision, every reference and its version): equal keys serve the same."""
+        refs = sorted(set(self.state.references()))
+        return (
+            self.state.epoch,
+            self.state.revision,
+            tuple((ref, self.aliases[ref].version if ref in self.aliases else ref) for ref in refs),
+        )
 
 
 @dataclass
@@ -59,25 +75,43 @@ class Rollout:
         on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         """Keep collaborators; nothing runs until :meth:`apply`."""
-        self.registry = registry
-        self.pool = pool
-        self.service = service
+        self._registry = registry
+        self._pool = pool
+        self._service = service
         self.status = RolloutStatus()
         self._lock = asyncio.Lock()
         self._on_outcome = on_outcome
         self._resolved: dict[str, str] = {}
 
-    async def apply(self, state: DesiredState) -> None:
-        """Apply ``state`` (serialised; a newer call waits for the running one).
+    @property
+    def routing(self) -> Routing | None:
+        """What the service routes now (None before the first apply)."""
+        return self._service.routing
+
+    async def resolve(self, state: DesiredState) -> Resolved:
+        """Look up the versions that ``state``'s aliases and model URIs name now.
+
+        Raises:
+            ServiceError: the registry does not know a reference or failed.
+        """
+        aliases = {}
+        for ref in sorted(set(state.references())):
+            if _symbolic(ref):
+                aliases[ref] = await asyncio.to_thread(self._registry.resolve, ref)
+        return Resolved(state, aliases)
+
+    async def apply(self, resolved: Resolved) -> None:
+        """Apply a resolved state (serialised; a newer call waits for the running one).
 
         Raises:
             ServiceError: resolution, download, verification or loading failed; the previous
                 state keeps serving.
         """
+        state = resolved.state
         async with self._lock:
             self.status.attempts += 1
             try:
-                await self._apply(state)
+                await self._apply(resolved)
             except ServiceError as exc:
                 self._record("failed", state, exc.detail)
                 raise
@@ -111,29 +145,32 @@ class Rollout:
         if error:
             log.error("applying revision %d failed: %s", state.revision, error)
         else:
-            log.info("applied revision %d: %s", state.revision, self.service.routing)
+            log.info("applied revision %d: %s", state.revision, self._service.routing)
         if self._on_outcome:
             self._on_outcome(outcome)
 
-    async def _apply(self, state: DesiredState) -> None:
-        refs = list(state.weights) + ([state.shadow] if state.shadow else [])
+    async def _apply(self, resolved: Resolved) -> None:
+        state = resolved.state
+        refs = state.references()
         versions: dict[str, str] = {}
         packages: dict[str, LocalPackage] = {}
         for ref in refs:
-            info = await asyncio.to_thread(self.registry.resolve, ref)
+            info = resolved.aliases.get(ref)
+            if info is None:  # a version number: its metadata, checked to exist
+                info = await asyncio.to_thread(self._registry.resolve, ref)
             versions[ref] = info.version
-            if info.version not in self.service.contexts:
-                packages[info.version] = await asyncio.to_thread(self.registry.fetch, info)
+            if info.version not in self._service.contexts:
+                packages[info.version] = await asyncio.to_thread(self._registry.fetch, info)
         loaded: list[str] = []
         try:
             for version, package in packages.items():
-                await self.pool.load(
+                await self._pool.load(
                     version, str(package.model_path), package.spec_raw, package.info.sha256
                 )
                 loaded.append(version)
         except BaseException:
             for version in loaded:
-                await self.pool.unload(version)
+                await self._pool.unload(version)
             raise
         contexts = {v: VersionContext(p) for v, p in packages.items()}
         weights: dict[str, float] = {}
@@ -145,12 +182,12 @@ class Rollout:
             shadow_fraction=state.shadow_fraction if state.shadow else 0.0,
             revision=state.revision,
         )
-        previous = set(self.service.contexts)
-        self.service.install(contexts, routing)
+        previous = set(self._service.contexts)
+        self._service.install(contexts, routing)
         self._resolved = versions
-        for version in previous - self.service.routed_versions():
-            await self.pool.unload(version)
-            self.service.retire(version)
+        for version in previous - self._service.routed_versions():
+            await self._pool.unload(version)
+            self._service.retire(version)
 
     def describe(self) -> dict[str, Any]:
         """Status for /v1/models."""

@@ -90,6 +90,7 @@ def bootstrap_if_missing(settings: RegistrySettings) -> str | None:
     """
     if not settings.bootstrap_reference or not settings.tracking_uri.startswith("sqlite:"):
         return None
+    from app.registry.authoring import register_package
     from app.registry.client import ModelRegistry, parse_ref
     from workers.errors import NotFound
 
@@ -100,7 +101,7 @@ def bootstrap_if_missing(settings: RegistrySettings) -> str | None:
     try:
         registry.resolve(settings.model_uri)
     except NotFound:
-        version = registry.register(REFERENCE_PACKAGE, name, alias=alias)
+        version = register_package(registry, REFERENCE_PACKAGE, name, alias=alias)
         print(
             f"bootstrapped the reference model as {name} version {version} (alias {alias}) in "
             f"{registry.tracking_uri}; HEIMDALL_BOOTSTRAP_REFERENCE=false turns this off",
@@ -132,12 +133,13 @@ def _raise_fd_limit(wanted: int) -> None:
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
     """Register the reference package as ``rf-localizer`` with alias ``production``."""
+    from app.registry.authoring import register_package
     from app.registry.client import ModelRegistry
 
     settings = load_settings()
     registry = ModelRegistry(settings.registry)
     name = args.name or settings.registry.model_name()
-    version = registry.register(Path(args.package), name, alias=args.alias)
+    version = register_package(registry, Path(args.package), name, alias=args.alias)
     print(f"registered {name} version {version} (alias {args.alias}) in {registry.tracking_uri}")
     return 0
 
@@ -282,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(exc: BaseException) -> int | None:
     """The documented exit code of an expected failure, None for a bug."""
-    from app.ops.operate import UsageError
+    from app.ops.publish import UsageError
     from workers.errors import ModelLoadError, NotFound, ServiceError
 
     if isinstance(exc, SettingsError | UsageError | ValueError):

@@ -25,9 +25,10 @@ from typing import Any
 
 import numpy as np
 
+from app.registry.authoring import register_package
 from app.registry.client import MODEL_FILE, SPEC_FILE, LocalPackage
-from app.serving.feedback import FieldSample, FieldStore
 from app.serving.field import LEVELS, bootstrap_scale, coverage, fit_scale, level_key, split_halves
+from app.serving.field_store import FieldSample, FieldStore
 from app.settings import Settings, load_settings
 from workers.spec import decode_spec
 
@@ -127,7 +128,7 @@ def _register(registry: Any, package: LocalPackage, spec: bytes, name: str) -> s
         folder = Path(tmp)
         shutil.copyfile(package.model_path, folder / MODEL_FILE)
         (folder / SPEC_FILE).write_bytes(spec)
-        return str(registry.register(folder, name, alias=None))
+        return register_package(registry, folder, name, alias=None)
 
 
 def _row(label: str, figures: dict[str, float]) -> str:

@@ -1,6 +1,8 @@
 """Register a model the way MLflow users expect: an ONNX-flavor model version with its spec.
 
-``heimdall-inference register`` calls :func:`register_onnx`. The version's artifacts are an
+``heimdall-inference register`` calls :func:`register_onnx`; ``bootstrap``, the embedded
+registry's reference model and ``recalibrate`` call :func:`register_package`, which logs a
+package directory as it is. The version's artifacts are an
 MLflow model directory in the ``onnx`` flavor's layout (``MLmodel`` with the ``onnx`` and
 ``python_function`` flavors and a tensor signature, ``model.onnx``) plus ``model_spec.json``
 next to them, and the version carries the sha256 and spec-hash tags the server verifies.
@@ -111,6 +113,69 @@ def _mlmodel(run_id: str, model_path: Path) -> str:
     return str(yaml.safe_dump(doc, sort_keys=False))
 
 
+def artifact_root(registry: ModelRegistry) -> str | None:
+    """Where a new experiment keeps its artifacts: beside an embedded sqlite registry.
+
+    None lets a tracking server decide (proxied artifacts).
+    """
+    if registry.tracking_uri.startswith("sqlite:///"):
+        root = Path(registry.tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
+        root.mkdir(parents=True, exist_ok=True)
+        return root.as_uri()
+    return None
+
+
+def register_package(
+    registry: ModelRegistry, package_dir: Path, name: str, alias: str | None = "production"
+) -> str:
+    """Register a package directory as a new version (idempotent).
+
+    A version whose sha256 and spec-hash tags equal the package's is reused; ``alias`` is
+    pointed at it. Returns the version number.
+    """
+    model = package_dir / MODEL_FILE
+    digest = sha256_file(model)
+    raw = (package_dir / SPEC_FILE).read_bytes()
+    feature_version = spec_hash(raw)
+    client = registry.client
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description="Radio-transmitter localizer")
+    existing = [
+        mv
+        for mv in client.search_model_versions(f"name='{name}'")
+        if (mv.tags or {}).get(SHA256_TAG) == digest
+        and (mv.tags or {}).get(SPEC_HASH_TAG) == feature_version
+    ]
+    if existing:
+        version = str(min(int(mv.version) for mv in existing))
+    else:
+        experiment = client.get_experiment_by_name("heimdall-packages")
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(
+                "heimdall-packages", artifact_location=artifact_root(registry)
+            )
+        )
+        run = client.create_run(experiment_id, run_name=f"package-{digest[:12]}")
+        client.log_artifacts(run.info.run_id, str(package_dir), artifact_path="package")
+        client.set_terminated(run.info.run_id)
+        mv = client.create_model_version(
+            name,
+            source=f"{run.info.artifact_uri}/package",
+            run_id=run.info.run_id,
+            tags={SHA256_TAG: digest, SPEC_HASH_TAG: feature_version},
+        )
+        version = str(mv.version)
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+    return version
+
+
 def register_onnx(
     registry: ModelRegistry,
     model_path: Path,
@@ -155,7 +220,7 @@ def register_onnx(
     experiment_id = (
         experiment.experiment_id
         if experiment
-        else client.create_experiment(EXPERIMENT, artifact_location=registry._artifact_root())
+        else client.create_experiment(EXPERIMENT, artifact_location=artifact_root(registry))
     )
     run = client.create_run(
         experiment_id,

@@ -4,7 +4,7 @@ MLflow is imported lazily (it is slow to import) and every call here blocks: the
 runs them in a thread. A version's artifacts are downloaded once per replica into
 ``<cache>/<name>/<version>/`` through a temporary directory and renamed into place only after
 ``model.onnx`` matched the sha256 recorded in the version's tags, so a half-written or
-tampered package is never loaded.
+tampered package is never loaded. Registering versions lives in :mod:`app.registry.authoring`.
 """
 
 from __future__ import annotations
@@ -346,63 +346,6 @@ class ModelRegistry:
         except (OSError, SpecError) as exc:
             raise ModelLoadError(f"version {info.version}: {exc}") from exc
         return LocalPackage(info, model, raw, spec, spec_hash(raw))
-
-    # ------------------------------------------------------------------ publishing
-
-    def register(self, package_dir: Path, name: str, alias: str | None = "production") -> str:
-        """Register a package directory as a new version (idempotent).
-
-        A version whose sha256 and spec-hash tags equal the package's is reused; ``alias`` is
-        pointed at it. Returns the version number.
-        """
-        model = package_dir / MODEL_FILE
-        digest = sha256_file(model)
-        raw = (package_dir / SPEC_FILE).read_bytes()
-        feature_version = spec_hash(raw)
-        client = self.client
-        from mlflow.exceptions import MlflowException
-
-        try:
-            client.get_registered_model(name)
-        except MlflowException:
-            client.create_registered_model(name, description="Radio-transmitter localizer")
-        existing = [
-            mv
-            for mv in client.search_model_versions(f"name='{name}'")
-            if (mv.tags or {}).get(SHA256_TAG) == digest
-            and (mv.tags or {}).get(SPEC_HASH_TAG) == feature_version
-        ]
-        if existing:
-            version = str(min(int(mv.version) for mv in existing))
-        else:
-            experiment = client.get_experiment_by_name("heimdall-packages")
-            experiment_id = (
-                experiment.experiment_id
-                if experiment
-                else client.create_experiment(
-                    "heimdall-packages", artifact_location=self._artifact_root()
-                )
-            )
-            run = client.create_run(experiment_id, run_name=f"package-{digest[:12]}")
-            client.log_artifacts(run.info.run_id, str(package_dir), artifact_path="package")
-            client.set_terminated(run.info.run_id)
-            mv = client.create_model_version(
-                name,
-                source=f"{run.info.artifact_uri}/package",
-                run_id=run.info.run_id,
-                tags={SHA256_TAG: digest, SPEC_HASH_TAG: feature_version},
-            )
-            version = str(mv.version)
-        if alias:
-            client.set_registered_model_alias(name, alias, version)
-        return version
-
-    def _artifact_root(self) -> str | None:
-        if self.tracking_uri.startswith("sqlite:///"):
-            root = Path(self.tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
-            root.mkdir(parents=True, exist_ok=True)
-            return root.as_uri()
-        return None  # a tracking server decides (proxied artifacts)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point ``alias`` at ``version``."""

@@ -1,19 +1,14 @@
-"""Ground truth from the field: what was answered, feedback joined with it, field figures.
+"""Ground truth from the field: ``POST /v1/feedback`` joins it with what was answered.
 
 Three parts, all on Redis so that every replica sees the same state:
 
-* :class:`AnswerLog` — every answer (model name and version, mean position, covariance,
-  domain flag, receiver ids) is written under its request id with a TTL, after the answer,
-  in one script call per 50 ms (a batch is one call), and never delays or fails a
-  prediction: with Redis down or its breaker open the answer is simply not kept. The number
-  of kept answers is capped; the oldest are deleted first.
+* :class:`~app.serving.answers.AnswerLog` — what was answered, per request id, written after
+  the answer and never delaying it.
 * :class:`FeedbackService` — ``POST /v1/feedback``: rate-limited per client, looks the
   answer up, computes the error and the truth's Mahalanobis distance and records the result
   once (a duplicate gets the same answer and is not counted twice).
-* :class:`FieldStore` — per model version: counts (total, inside each ellipse, per source)
-  in a hash and a bounded list of the latest samples (``d²``, error) for quantiles and for
-  ``heimdall-inference recalibrate``. :meth:`FieldStore.figures` is the read API for
-  ``/v1/models/{version}`` and for canary gates.
+* :class:`~app.serving.field_store.FieldStore` — per-version counts and the latest samples,
+  read by ``/v1/models/{version}``, canary gates and ``heimdall-inference recalibrate``.
 
 Keys (prefix ``HEIMDALL_FEEDBACK_PREFIX``): ``answer:{id}`` (TTL answer_ttl + grace),
 ``answers`` (index list for the cap), ``feedback:{id}`` (same TTL), ``figures:{model}:
@@ -25,20 +20,20 @@ Redis node (no cluster slot routing).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import numpy as np
 from msgspec import Struct
 
+from app.serving.answers import AnswerLog, AnswerRecord, answer_decoder
+from app.serving.breaker import Breaker
 from app.serving.feedback_settings import FeedbackSettings
-from app.serving.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu, summarise
+from app.serving.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu
+from app.serving.field_store import FieldSample, FieldStore, field_keys
 from app.serving.schemas import EllipseHit, FeedbackRequest, FeedbackResponse, ModelRef
 from workers.errors import (
     Conflict,
@@ -48,23 +43,6 @@ from workers.errors import (
     TooManyRequests,
     UnknownRequest,
 )
-from workers.messages import Prediction
-
-log = logging.getLogger("heimdall.feedback")
-
-
-class AnswerRecord(Struct, array_like=True, frozen=True):
-    """What the service answered for one request id (stored in Redis)."""
-
-    model: str
-    version: str
-    latitude: float
-    longitude: float
-    covariance_enu_m2: list[list[float]]
-    domain_inside: bool
-    receivers: list[str]
-    answered_at: float
-    accept_until: float
 
 
 class StoredFeedback(Struct, array_like=True, frozen=True):
@@ -75,40 +53,11 @@ class StoredFeedback(Struct, array_like=True, frozen=True):
     response: FeedbackResponse
 
 
-class FieldSample(Struct, array_like=True, frozen=True):
-    """One feedback sample of a version: what recalibration and quantiles read."""
-
-    request_id: str
-    d2: float
-    error_m: float
-    source: str
-    domain_inside: bool
-    observed_at: float
-
-
-WRITE_DELAY_S = 0.05
-"""Answers given within this time are written to Redis in one call."""
 RECHECK_DELAY_S = 0.25
 """A truth that finds no answer looks again after this long: the answer's write may lag."""
 
-_answer_decoder = msgspec.msgpack.Decoder(AnswerRecord)
 _feedback_decoder = msgspec.msgpack.Decoder(StoredFeedback)
-_sample_decoder = msgspec.msgpack.Decoder(FieldSample)
 _encoder = msgspec.msgpack.Encoder()
-
-_RECORD_ANSWERS = """
-local n = 0
-for i = 4, #ARGV, 2 do
-  redis.call('SET', ARGV[1] .. ARGV[i], ARGV[i + 1], 'EX', ARGV[2])
-  n = redis.call('RPUSH', KEYS[1], ARGV[i])
-end
-local cap = tonumber(ARGV[3])
-if n > cap then
-  local old = redis.call('LPOP', KEYS[1], n - cap)
-  for _, id in ipairs(old) do redis.call('DEL', ARGV[1] .. id) end
-end
-return n
-"""
 
 _RECORD_FEEDBACK = """
 local prev = redis.call('GET', KEYS[1])
@@ -138,34 +87,6 @@ return {1, src}
 """
 
 
-class Breaker:
-    """Consecutive Redis failures open it for a cool-down; then one call probes."""
-
-    def __init__(self, failures: int = 3, cooldown_s: float = 2.0) -> None:
-        """Open after ``failures`` consecutive errors, for ``cooldown_s`` seconds."""
-        self.failures = failures
-        self.cooldown_s = cooldown_s
-        self._count = 0
-        self._open_until = 0.0
-        self.last_error: str | None = None
-
-    @property
-    def closed(self) -> bool:
-        """Whether a call may be tried now."""
-        return time.monotonic() >= self._open_until
-
-    def failed(self, exc: BaseException) -> None:
-        """Count a failure; open when there were enough in a row."""
-        self._count += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if self._count >= self.failures:
-            self._open_until = time.monotonic() + self.cooldown_s
-
-    def ok(self) -> None:
-        """A call succeeded."""
-        self._count = 0
-
-
 class RateLimiter:
     """A token bucket per client key, in process (each replica limits what it receives)."""
 
@@ -190,156 +111,6 @@ class RateLimiter:
         while len(self._buckets) > self.max_clients:
             self._buckets.popitem(last=False)
         return wait
-
-
-class AnswerLog:
-    """Keeps what was answered per request id, written after the answer in the background."""
-
-    def __init__(self, settings: FeedbackSettings, client: Any | None, breaker: Breaker) -> None:
-        """Write through ``client`` (``redis.asyncio.Redis``; None or disabled: keep nothing)."""
-        self.settings = settings
-        self.client = client if settings.enabled else None
-        self.breaker = breaker
-        self._pending: list[tuple[str, bytes]] = []
-        self._flush: asyncio.Task[None] | None = None
-        self._script = (
-            self.client.register_script(_RECORD_ANSWERS) if self.client is not None else None
-        )
-        self.dropped = 0
-
-    def record(
-        self,
-        request_id: str,
-        model: str,
-        version: str,
-        prediction: Prediction,
-        receivers: Sequence[str],
-    ) -> None:
-        """Queue one answer; answers queued within ``WRITE_DELAY_S`` are written at once."""
-        if self.client is None:
-            return
-        if not self.breaker.closed:
-            self.dropped += 1
-            return
-        now = time.time()
-        record = AnswerRecord(
-            model,
-            version,
-            prediction.latitude,
-            prediction.longitude,
-            prediction.covariance_enu_m2,
-            prediction.domain_inside,
-            list(receivers),
-            now,
-            now + self.settings.answer_ttl_s,
-        )
-        self._pending.append((request_id, _encoder.encode(record)))
-        if self._flush is None:
-            self._flush = asyncio.get_running_loop().create_task(self._write())
-
-    async def _write(self) -> None:
-        # Gather what the next 50 ms answer into one call: a Redis call per request cost the
-        # HTTP process ≈100 µs CPU per request at 8 concurrent callers, batched ≈20 µs.
-        await asyncio.sleep(WRITE_DELAY_S)
-        pending, self._pending = self._pending, []
-        self._flush = None
-        args: list[Any] = [
-            self.settings.prefix + "answer:",
-            self.settings.answer_ttl_s + self.settings.expired_grace_s,
-            self.settings.max_answers,
-        ]
-        for request_id, data in pending:
-            args += [request_id, data]
-        assert self._script is not None
-        try:
-            async with asyncio.timeout(self.settings.timeout_s):
-                await self._script(keys=[self.settings.prefix + "answers"], args=args)
-        except Exception as exc:  # any Redis failure only means "not kept"
-            self.breaker.failed(exc)
-            self.dropped += len(pending)
-        else:
-            self.breaker.ok()
-
-    async def close(self) -> None:
-        """Let a pending write finish (briefly)."""
-        if self._flush is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(self._flush), 1.0)
-
-
-def _keys(prefix: str, model: str, version: str) -> tuple[str, str, str]:
-    return (
-        f"{prefix}figures:{model}:{version}",
-        f"{prefix}samples:{model}:{version}",
-        f"{prefix}sources:{model}:{version}",
-    )
-
-
-def _share(count: int, total: int) -> float | None:
-    return round(count / total, 4) if total else None
-
-
-class FieldStore:
-    """Per-version field figures in Redis: counts, the latest samples, the sources."""
-
-    def __init__(self, settings: FeedbackSettings, client: Any) -> None:
-        """Read and write through ``client`` (``redis.asyncio.Redis``)."""
-        self.settings = settings
-        self.client = client
-
-    async def samples(self, model: str, version: str) -> list[FieldSample]:
-        """The latest samples of ``version`` (newest first); undecodable entries skipped."""
-        _, samples_key, _ = _keys(self.settings.prefix, model, version)
-        out = []
-        for raw in await self.client.lrange(samples_key, 0, -1):
-            with contextlib.suppress(msgspec.DecodeError):
-                out.append(_sample_decoder.decode(raw))
-        return out
-
-    async def figures(self, model: str, version: str) -> dict[str, Any]:
-        """Field figures of one version, as every replica sees them.
-
-        ``count`` and ``coverage`` cover every feedback ever received for the version;
-        ``error_m`` and ``mahalanobis`` quantiles the latest ``samples`` (at most
-        ``max_samples``); ``sources`` the same per source. This is what canary gates read
-        (candidate vs current version).
-        """
-        figures_key, _, sources_key = _keys(self.settings.prefix, model, version)
-        async with self.client.pipeline(transaction=False) as pipe:
-            pipe.hgetall(figures_key)
-            pipe.smembers(sources_key)
-            counts_raw, sources_raw = await pipe.execute()
-        counts = {k.decode(): int(v) for k, v in counts_raw.items()}
-        sources = {s.decode() for s in sources_raw}
-        samples = await self.samples(model, version)
-        out = self._section(counts, "", samples)
-        out["model"] = model
-        out["version"] = version
-        per_source: dict[str, Any] = {}
-        for name in sorted(
-            {k.split(":")[1] for k in counts if k.startswith("src:") and k.endswith(":n")}
-        ):
-            own = [s for s in samples if (s.source if s.source in sources else "other") == name]
-            per_source[name] = self._section(counts, f"src:{name}:", own)
-        out["sources"] = per_source
-        return out
-
-    @staticmethod
-    def _section(counts: dict[str, int], prefix: str, samples: list[FieldSample]) -> dict[str, Any]:
-        total = counts.get(prefix + "n", 0)
-        recent = summarise([s.d2 for s in samples], [s.error_m for s in samples])
-        return {
-            "count": total,
-            "coverage": {
-                level_key(p): _share(counts.get(f"{prefix}in:{level_key(p)}", 0), total)
-                for p in LEVELS
-            },
-            "inside": {level_key(p): counts.get(f"{prefix}in:{level_key(p)}", 0) for p in LEVELS},
-            "outside_domain": counts.get(prefix + "outside_domain", 0),
-            "samples": recent.get("samples", 0),
-            "error_m": recent.get("error_m"),
-            "mahalanobis": recent.get("mahalanobis"),
-        }
 
 
 class FeedbackService:
@@ -415,7 +186,7 @@ class FeedbackService:
             )
         response, sample = self._join(request, answer)
         stored = StoredFeedback(request.position.latitude, request.position.longitude, response)
-        figures_key, samples_key, sources_key = _keys(
+        figures_key, samples_key, sources_key = field_keys(
             self.settings.prefix, answer.model, answer.version
         )
         assert self._script is not None
@@ -469,7 +240,7 @@ class FeedbackService:
                 field="$.request_id",
             )
         try:
-            return _answer_decoder.decode(raw)
+            return answer_decoder.decode(raw)
         except msgspec.DecodeError as exc:
             raise UnknownRequest(
                 f"the answer kept for request id {request_id!r} cannot be read",

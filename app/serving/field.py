@@ -160,7 +160,7 @@ def split_halves(ids: Sequence[str]) -> tuple[npt.NDArray[np.intp], npt.NDArray[
 def window_coverage(earlier: dict[str, Any], later: dict[str, Any]) -> dict[str, Any]:
     """Coverage of the feedback received between two readings of the same version's figures.
 
-    ``earlier`` and ``later`` are :meth:`app.serving.feedback.FieldStore.figures` documents (or
+    ``earlier`` and ``later`` are :meth:`app.serving.field_store.FieldStore.figures` documents (or
     their ``sources`` entries) read at the start and the end of a window, e.g. a canary step:
     the counters only grow, so their difference is the window's feedback.
 

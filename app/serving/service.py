@@ -22,8 +22,8 @@ import numpy as np
 from msgspec import Meta, Struct
 from opentelemetry import trace
 
+from app.serving.answers import AnswerLog
 from app.serving.cache import PredictionCache, input_digest
-from app.serving.feedback import AnswerLog
 from app.serving.schemas import (
     DomainFlags,
     FieldError,

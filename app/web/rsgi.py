@@ -19,7 +19,7 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
   sent in several is streamed.
 - ASGI lifespan runs from Granian's RSGI hooks: startup in ``__rsgi_init__`` (a failure
   stops the HTTP process, as Granian does for ASGI), shutdown in ``__rsgi_del__`` after
-  Granian has drained the in-flight requests.
+  Granian has drained the in-flight requests (app/web/lifespan.py).
 """
 
 from __future__ import annotations
@@ -27,27 +27,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
 from app.web.intake import BodyClock, IntakeLimits, UploadGate, next_chunk, within
+from app.web.lifespan import ASGI_VERSION, ASGIApp, Lifespan, LifespanFailed, Message, flush_logs
 from workers.errors import IncompleteBody, ServiceError
 
 log = logging.getLogger("heimdall.rsgi")
 
-Message = MutableMapping[str, Any]
-ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
-"""An ASGI 3 application (scope, receive, send); loose so any framework's app fits."""
-
-_ASGI = {"version": "3.0", "spec_version": "2.3"}
 _PATH_SAFE = "/!$&'()*+,;=:@-._~"  # RFC 3986 pchar and "/": left as they are in raw_path
-
-
-class LifespanFailed(RuntimeError):
-    """The application reported ``lifespan.startup.failed`` (or raised during startup)."""
 
 
 def _address(value: str) -> tuple[str, int] | None:
@@ -55,80 +47,6 @@ def _address(value: str) -> tuple[str, int] | None:
     if not host or not port.isdigit():
         return None
     return host.strip("[]"), int(port)
-
-
-def _flush_logs() -> None:
-    """Drain queue-based handlers (Litestar's) before the process ends.
-
-    Granian's worker processes end through ``os._exit``, so the ``atexit`` hooks that stop
-    queue listeners never run and the last records (the reason for exiting) would be lost.
-    """
-    for handler in logging.getLogger().handlers:
-        listener = getattr(handler, "listener", None)
-        if listener is not None and hasattr(listener, "stop"):
-            listener.stop()
-
-
-class _Lifespan:
-    """The ASGI lifespan protocol driven from outside a running loop."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.state: dict[str, Any] = {}
-        self._inbox: asyncio.Queue[Message] | None = None
-        self._waiters: dict[str, asyncio.Future[None]] = {}
-        self._task: asyncio.Task[None] | None = None
-        self.supported = True
-
-    async def startup(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._inbox = asyncio.Queue()
-        self._waiters = {
-            "startup": loop.create_future(),
-            "shutdown": loop.create_future(),
-        }
-        self._task = loop.create_task(self._run())
-        await self._inbox.put({"type": "lifespan.startup"})
-        await self._waiters["startup"]
-
-    async def shutdown(self) -> None:
-        if self._inbox is None or not self.supported:
-            return
-        await self._inbox.put({"type": "lifespan.shutdown"})
-        await self._waiters["shutdown"]
-
-    async def _run(self) -> None:
-        scope = {"type": "lifespan", "asgi": _ASGI, "state": self.state}
-        try:
-            await self.app(scope, self._receive, self._send)
-        except BaseException as exc:  # the app's own failure, reported through the waiters
-            startup = self._waiters["startup"]
-            if startup.done() and not startup.cancelled() and startup.exception() is not None:
-                self._waiters["shutdown"].set_result(None)  # failed at startup: nothing to stop
-                return
-            if not self._waiters["startup"].done():
-                self._waiters["startup"].set_exception(LifespanFailed(repr(exc)))
-            elif not self._waiters["shutdown"].done():
-                self._waiters["shutdown"].set_exception(LifespanFailed(repr(exc)))
-            return
-        # An application that returns without answering does not support lifespan.
-        self.supported = self._waiters["startup"].done()
-        for waiter in self._waiters.values():
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def _receive(self) -> Message:
-        assert self._inbox is not None
-        return await self._inbox.get()
-
-    async def _send(self, message: Message) -> None:
-        kind = str(message["type"])
-        phase = kind.split(".")[1]
-        waiter = self._waiters[phase]
-        if kind.endswith(".failed"):
-            waiter.set_exception(LifespanFailed(str(message.get("message", ""))))
-        else:
-            waiter.set_result(None)
 
 
 class _Exchange:
@@ -311,7 +229,7 @@ class RSGIFront:
         self.intake = intake or IntakeLimits()
         self.uploads = UploadGate(self.intake.max_uploads)
         self.on_client_fault = on_client_fault
-        self.lifespan = _Lifespan(app)
+        self.lifespan = Lifespan(app)
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run the application's lifespan startup before Granian accepts connections."""
@@ -319,7 +237,7 @@ class RSGIFront:
             loop.run_until_complete(self.lifespan.startup())
         except LifespanFailed:
             log.exception("application startup failed")
-            _flush_logs()
+            flush_logs()
             raise SystemExit(1) from None
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -344,7 +262,7 @@ class RSGIFront:
         path = scope.path  # Granian has percent-decoded it (as ASGI's "path" is)
         asgi_scope: dict[str, Any] = {
             "type": "http",
-            "asgi": _ASGI,
+            "asgi": ASGI_VERSION,
             "http_version": scope.http_version,
             "server": _address(scope.server),
             "client": _address(scope.client),

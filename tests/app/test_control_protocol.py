@@ -10,13 +10,16 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.control.protocol import (
-    DesiredDoc,
-    Proposal,
+    ControlMessage,
+    DesiredState,
     history,
     keys,
+    proposed,
     publish,
     publish_change,
     read_current,
+    sign,
+    verified,
 )
 from app.control.settings import ControlSettings
 
@@ -39,9 +42,9 @@ async def test_concurrent_publishers_strictly_increase_revisions_and_lose_no_upd
         revisions = []
         for i in range(per_publisher):
             # Read-modify-write: each publish adds one entry to the current weights.
-            def add(current: DesiredDoc | None, key: str = f"{name}-{i}") -> Proposal:
+            def add(current: DesiredState | None, key: str = f"{name}-{i}") -> DesiredState:
                 weights = dict(current.weights) if current else {}
-                return Proposal({**weights, key: 1.0}, reason=key)
+                return proposed({**weights, key: 1.0}, reason=key)
 
             doc = await publish_change(client, settings, MODEL, add)
             revisions.append(doc.revision)
@@ -136,7 +139,7 @@ async def test_new_epoch_on_request_restarts_revisions_and_keeps_history(redis_u
         first = await publish(client, settings, MODEL, {"1": 1.0})
         second = await publish(client, settings, MODEL, {"2": 1.0})
         fresh = await publish_change(
-            client, settings, MODEL, lambda _: Proposal({"3": 1.0}), start_epoch=True
+            client, settings, MODEL, lambda _: proposed({"3": 1.0}), start_epoch=True
         )
         current = await read_current(client, settings, MODEL)
         past = await history(client, settings, MODEL)
@@ -150,3 +153,32 @@ async def test_new_epoch_on_request_restarts_revisions_and_keeps_history(redis_u
         (first.epoch, 2),
         (first.epoch, 1),
     ]
+
+
+# Written and signed by the code before the desired state became one type (2b7c9c6): other
+# replicas and older versions of the CLI read and sign exactly these bytes.
+GOLDEN_DOCUMENT = (
+    b'{"revision":7,"weights":{"@production":0.9,"4":0.1},"shadow":"5","shadow_fraction":0.2,'
+    b'"updated_at":1700000000.5,"epoch":"0123456789abcdef","reason":"route","by":"ops@host",'
+    b'"hmac":"19ff19964b732c17ec565cb0f2ba1bb866913cca9858c661b6f1db885bbbb97b"}'
+)
+GOLDEN_MESSAGE_HMAC = "00d7ba16093381c766c8991a654aa373751efe8da9bad3ddfe3787314e327c90"
+
+
+def test_the_document_and_its_signature_are_unchanged_on_the_wire() -> None:
+    state = DesiredState(
+        revision=7,
+        weights={"@production": 0.9, "4": 0.1},
+        shadow="5",
+        shadow_fraction=0.2,
+        updated_at=1700000000.5,
+        epoch="0123456789abcdef",
+        reason="route",
+        by="ops@host",
+    )
+    signed = msgspec.structs.replace(state, hmac=sign(state, SECRET, "heimdall", MODEL))
+    assert msgspec.json.encode(signed) == GOLDEN_DOCUMENT
+    assert msgspec.json.decode(GOLDEN_DOCUMENT, type=DesiredState) == signed
+    assert verified(signed, SECRET, "heimdall", MODEL)
+    message = ControlMessage(7, "0123456789abcdef")
+    assert sign(message, SECRET, "heimdall", MODEL) == GOLDEN_MESSAGE_HMAC

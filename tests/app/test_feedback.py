@@ -12,7 +12,8 @@ import pytest
 import redis.asyncio as aioredis
 from pyproj import Geod
 
-from app.serving.feedback import Breaker, FeedbackService
+from app.serving.breaker import Breaker
+from app.serving.feedback import FeedbackService
 from app.serving.feedback_settings import FeedbackSettings
 from app.serving.field import window_coverage
 from app.serving.schemas import FeedbackRequest, TruePosition

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+from app.registry.authoring import register_package
 from app.registry.client import SHA256_TAG, ModelRegistry, RegistrySettings
 from tests.support.procs import REFERENCE
 
@@ -47,7 +48,7 @@ def register_variant(
         (target / "model.onnx").write_bytes(flaky_model(target / "model.onnx", above=6.5))
     (target / "model_spec.json").write_text(json.dumps(spec, indent=2))
     reg = registry(env)
-    version = reg.register(target, "rf-localizer", alias=None)
+    version = register_package(reg, target, "rf-localizer", alias=None)
     if kind == "bad_sha":
         reg.client.set_model_version_tag("rf-localizer", version, SHA256_TAG, "0" * 64)
     return version

@@ -1,0 +1,283 @@
+"""Operator verbs that publish a desired state: promote, route, shadow and canary.
+
+Only :mod:`app.control.protocol` (msgspec, redis) is needed by ``route`` and ``shadow``; the
+registry (MLflow) is imported by ``promote`` alone (and by the reference checks on a local
+sqlite registry).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from typing import Any
+
+from app.control.protocol import (
+    Current,
+    DesiredState,
+    ReplicaStatus,
+    fleet,
+    proposed,
+    publish_change,
+    read_current,
+)
+from app.registry.rest import RestAliases, is_remote
+from app.settings import OperatorSettings, load_operator_settings
+
+
+class UsageError(ValueError):
+    """The command line is wrong (exit code 2, like argparse's own usage errors)."""
+
+
+def redis_client(settings: OperatorSettings) -> Any:
+    """A Redis client for the control plane (``REDIS_URL``)."""
+    import redis.asyncio as aioredis
+
+    if not settings.cache.redis_url:
+        raise UsageError("REDIS_URL is empty: the control plane needs Redis")
+    return aioredis.from_url(settings.cache.redis_url, socket_timeout=5)
+
+
+def unsigned_refusal(current: Current, replicas: list[ReplicaStatus]) -> str | None:
+    """Why publishing without a secret would break a signed fleet (None when it would not)."""
+    signed = [r.replica for r in replicas if r.signed]
+    doc_signed = current.doc is not None and bool(current.doc.hmac)
+    if not signed and not doc_signed:
+        return None
+    reasons = []
+    if signed:
+        reasons.append(f"replicas {', '.join(signed)} accept only signed documents")
+    if doc_signed and current.doc is not None:
+        reasons.append(f"the desired revision {current.doc.revision} is signed")
+    return (
+        "refusing to publish an unsigned desired state: the fleet's state is signed ("
+        + "; ".join(reasons)
+        + "). Signed replicas would refuse it, and it would replace a signed state. "
+        "Set HEIMDALL_CONTROL_HMAC_SECRET, or pass --force to publish unsigned anyway."
+    )
+
+
+async def publish_state(
+    settings: OperatorSettings,
+    weights: dict[str, float] | None,
+    shadow: str | bool | None,
+    fraction: float | None,
+    *,
+    reason: str,
+    force: bool = False,
+    start_epoch: bool = False,
+) -> None:
+    """Publish the next desired state: given weights/shadow, or the current one's.
+
+    ``shadow`` False removes the shadow, None keeps the current one. Without a secret the
+    publish is refused when the fleet is signed, unless ``force``.
+    """
+    client = redis_client(settings)
+    model = settings.registry.model_name()
+    control = settings.control
+    try:
+        if not control.hmac_secret and not force:
+            refusal = unsigned_refusal(
+                await read_current(client, control, model), await fleet(client, control, model)
+            )
+            if refusal:
+                raise SystemExit(refusal)
+
+        def change(current: DesiredState | None) -> DesiredState:
+            new_weights = weights or (
+                dict(current.weights) if current else {settings.registry.model_uri: 1.0}
+            )
+            if shadow is False:
+                new_shadow, new_fraction = None, 0.0
+            elif shadow is None:
+                new_shadow = current.shadow if current else None
+                new_fraction = current.shadow_fraction if current else 0.0
+            else:
+                new_shadow = str(shadow)
+                new_fraction = fraction if fraction is not None else 0.1
+            return proposed(new_weights, new_shadow, new_fraction, reason)
+
+        doc = await publish_change(client, control, model, change, start_epoch=start_epoch)
+        print(
+            f"published epoch {doc.epoch} revision {doc.revision}: weights {doc.weights}"
+            + (f", shadow {doc.shadow} at {doc.shadow_fraction:g}" if doc.shadow else "")
+            + (" (signed)" if doc.hmac else " (unsigned)")
+        )
+    finally:
+        await client.aclose()
+
+
+def set_alias(settings: OperatorSettings, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` after checking it exists.
+
+    A tracking server is spoken to over REST (no MLflow import: seconds saved); a local
+    sqlite registry goes through MLflow.
+
+    Raises:
+        ServiceError: the version does not exist (NotFound) or the registry failed.
+    """
+    name = settings.registry.model_name()
+    if is_remote(settings.registry.tracking_uri):
+        rest = RestAliases(settings.registry.tracking_uri)
+        rest.check_version(name, version)
+        rest.set_alias(name, alias, version)
+        return
+    from app.registry.client import ModelRegistry
+
+    registry = ModelRegistry(settings.registry)
+    registry.resolve(version)  # fails clearly when the version does not exist
+    registry.set_alias(name, alias, version)
+
+
+def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
+    """Check that every version or alias in ``refs`` exists in the registry before publishing.
+
+    A desired state naming a version the registry lacks can never be applied: every replica
+    would keep failing to load it. A tracking server is asked over REST (no MLflow import).
+
+    Raises:
+        UsageError: a reference is malformed or names another model.
+        NotFound: the version or alias is not registered.
+        ModelLoadError: the registry is unreachable or failed.
+    """
+    from app.registry.client import parse_ref
+
+    name = settings.registry.model_name()
+    parsed = []
+    for ref in refs:
+        try:
+            ref_name, version, alias = parse_ref(ref, name)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from exc
+        if ref_name != name:
+            raise UsageError(f"{ref!r} names model {ref_name!r}; this fleet serves {name!r}")
+        parsed.append((ref, version, alias))
+    if is_remote(settings.registry.tracking_uri):
+        rest = RestAliases(settings.registry.tracking_uri)
+        for _, version, alias in parsed:
+            if version is not None:
+                rest.check_version(name, version)
+            else:
+                rest.check_alias(name, str(alias))
+        return
+    from app.registry.client import ModelRegistry
+
+    registry = ModelRegistry(settings.registry)
+    for ref, _, _ in parsed:
+        registry.resolve(ref)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    """Point the alias at VERSION in MLflow and route all traffic to the alias."""
+    settings = load_operator_settings()
+    name = settings.registry.model_name()
+    if not str(args.version).isdigit():
+        raise UsageError(f"VERSION must be a version number, got {args.version!r}")
+    set_alias(settings, args.alias, str(args.version))
+    print(f"{name}@{args.alias} -> version {args.version}")
+    asyncio.run(
+        publish_state(
+            settings,
+            {f"@{args.alias}": 1.0},
+            None,
+            None,
+            reason=f"promote {args.version} as @{args.alias}",
+            force=args.force,
+            start_epoch=args.new_epoch,
+        )
+    )
+    return 0
+
+
+def cmd_route(args: argparse.Namespace) -> int:
+    """Publish routing weights, e.g. ``route 3=0.9 4=0.1``."""
+    weights: dict[str, float] = {}
+    for part in args.weights:
+        ref, _, weight = part.partition("=")
+        try:
+            weights[ref] = float(weight)
+        except ValueError:
+            ref = ""
+        if not ref or weights[ref] < 0:
+            raise UsageError(f"expected VERSION=WEIGHT (a number >= 0), got {part!r}")
+    if not any(weights.values()):
+        raise UsageError("at least one weight must be > 0")
+    settings = load_operator_settings()
+    if not args.no_check:
+        check_refs(settings, list(weights))
+    asyncio.run(
+        publish_state(
+            settings,
+            weights,
+            None,
+            None,
+            reason="route " + " ".join(args.weights),
+            force=args.force,
+            start_epoch=args.new_epoch,
+        )
+    )
+    return 0
+
+
+def cmd_shadow(args: argparse.Namespace) -> int:
+    """Publish a shadow version (``--off`` removes it)."""
+    shadow: str | bool = False if args.off else str(args.version)
+    if not args.off and not args.version:
+        raise UsageError("give a VERSION or --off")
+    if args.fraction is not None and not 0 <= args.fraction <= 1:
+        raise UsageError(f"--fraction must be within [0, 1], got {args.fraction:g}")
+    settings = load_operator_settings()
+    if not args.off and not args.no_check:
+        check_refs(settings, [str(args.version)])
+    asyncio.run(
+        publish_state(
+            settings,
+            None,
+            shadow,
+            args.fraction,
+            reason="shadow off" if args.off else f"shadow {args.version}",
+            force=args.force,
+            start_epoch=args.new_epoch,
+        )
+    )
+    return 0
+
+
+def cmd_canary(args: argparse.Namespace) -> int:
+    """Raise VERSION's weight step by step; roll back by itself on a breach (exit 1)."""
+    from app.control.canary import Canary, Gates, LockHeld
+
+    settings = load_operator_settings()
+    if not args.no_check:
+        check_refs(settings, [str(args.version)])
+    gates = Gates(
+        args.max_error_rate_delta, args.max_p99_ratio, args.max_shadow_m, args.min_requests
+    )
+
+    async def run() -> bool:
+        client = redis_client(settings)
+        try:
+            if not settings.control.hmac_secret and not args.force:
+                model = settings.registry.model_name()
+                refusal = unsigned_refusal(
+                    await read_current(client, settings.control, model),
+                    await fleet(client, settings.control, model),
+                )
+                if refusal:
+                    raise SystemExit(refusal)
+            canary = Canary(
+                client,
+                settings.control,
+                settings.registry.model_name(),
+                str(args.version),
+                args.steps,
+                args.interval,
+                gates,
+            )
+            return await canary.run()
+        finally:
+            await client.aclose()
+
+    try:
+        return 0 if asyncio.run(run()) else 1
+    except LockHeld as exc:
+        raise SystemExit(str(exc)) from exc

@@ -1,0 +1,62 @@
+"""A replica's plane and rollout against a real registry and real workers: registry lookups."""
+
+from __future__ import annotations
+
+import asyncio
+
+from app.control.plane import ControlPlane
+from app.control.rollout import Rollout
+from app.control.settings import ControlSettings
+from app.registry.client import ModelRegistry, RegistrySettings, VersionInfo
+from app.serving.service import InferenceService, ServiceSettings
+from workers.pool import PoolSettings, WorkerPool
+
+
+class CountingRegistry(ModelRegistry):
+    """The real registry client, counting the references it resolves."""
+
+    def __init__(self, settings: RegistrySettings) -> None:
+        super().__init__(settings)
+        self.resolved: list[str] = []
+
+    def resolve(self, ref: str) -> VersionInfo:
+        self.resolved.append(ref)
+        return super().resolve(ref)
+
+
+async def test_an_alias_is_resolved_once_per_apply(registry_env: dict[str, str]) -> None:
+    registry = CountingRegistry(
+        RegistrySettings(
+            tracking_uri=registry_env["MLFLOW_TRACKING_URI"],
+            artifact_cache=registry_env["HEIMDALL_ARTIFACT_CACHE"],
+        )
+    )
+    pool = WorkerPool(PoolSettings(workers=1), log_level="WARNING")
+    outcomes: list[tuple[str, int]] = []
+    applied = asyncio.Event()
+
+    def on_outcome(outcome: str) -> None:
+        # How many lookups the apply that just ended took, in total so far.
+        outcomes.append((outcome, len(registry.resolved)))
+        applied.set()
+
+    await pool.start()
+    service = InferenceService(pool, ServiceSettings())
+    rollout = Rollout(registry, pool, service, on_outcome=on_outcome)
+    # No Redis: the replica serves its default reference, an alias, as revision 0.
+    plane = ControlPlane(
+        ControlSettings(enabled=False), None, "rf-localizer", "@production", rollout, "t"
+    )
+    try:
+        plane.start()
+        await asyncio.wait_for(applied.wait(), 120)
+        applied.clear()
+        plane.reresolve()  # SIGHUP: look the alias up again and reapply
+        await asyncio.wait_for(applied.wait(), 120)
+    finally:
+        await plane.stop()
+        await pool.stop()
+    assert outcomes == [("applied", 1), ("applied", 2)]
+    assert registry.resolved == ["@production", "@production"]
+    assert service.routing is not None
+    assert list(service.routing.weights) == ["1"]
