@@ -9,10 +9,13 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.registry.client import LocalPackage
+from app.serving.schemas import PredictRequest
+from workers.errors import NotFound, NotReady
 
 
 @dataclass
@@ -102,3 +105,72 @@ class Routing:
     def take_shadow(self) -> bool:
         """Whether this request also runs on the shadow version."""
         return self.shadow is not None and random.random() < self.shadow_fraction  # noqa: S311
+
+
+class VersionTable:
+    """The resident versions and the routing between them (switched atomically)."""
+
+    def __init__(self) -> None:
+        """Nothing resident, nothing routed."""
+        self.contexts: dict[str, VersionContext] = {}
+        self.routing: Routing | None = None
+
+    def install(self, contexts: dict[str, VersionContext], routing: Routing) -> None:
+        """Switch routing atomically to versions that are already resident in the pool."""
+        for version, ctx in contexts.items():
+            self.contexts.setdefault(version, ctx)
+        self.routing = routing
+
+    def retire(self, version: str) -> None:
+        """Forget a version no longer routed (after the pool unloaded it)."""
+        self.contexts.pop(version, None)
+
+    def routed_versions(self) -> set[str]:
+        """Versions the routing table (and shadow) can send traffic to."""
+        if self.routing is None:
+            return set()
+        versions = set(self.routing.weights)
+        if self.routing.shadow:
+            versions.add(self.routing.shadow)
+        return versions
+
+    def route(self, request: PredictRequest) -> tuple[str, VersionContext]:
+        """The request id and the version that will answer (weights, sticky routing).
+
+        Raises:
+            NotReady: nothing is routed yet.
+        """
+        if self.routing is None:
+            raise NotReady("no model version is loaded yet", retry_after=2)
+        request_id = request.request_id or uuid.uuid4().hex
+        return request_id, self.contexts[self.routing.choose(request_id, request.sticky)]
+
+    def resolve(self, model: str, version: str | None, request_id: str | None) -> VersionContext:
+        """The version answering tensor-in work: ``version``, else the routing's choice.
+
+        Raises:
+            NotReady: no version is given and none is routed yet.
+            NotFound: the version is not resident here.
+        """
+        if version is None:
+            if self.routing is None:
+                raise NotReady("no model version is loaded yet", retry_after=2)
+            version = self.routing.choose(request_id, False)
+        ctx = self.contexts.get(version)
+        if ctx is None:
+            resident = ", ".join(self.resident_versions()) or "none"
+            raise NotFound(
+                f"version {version!r} of model {model!r} is not served here (resident: {resident})"
+            )
+        return ctx
+
+    def resident_versions(self) -> list[str]:
+        """Resident versions, oldest first."""
+        return sorted(self.contexts, key=lambda v: (len(v), v))
+
+    def main_version(self) -> str | None:
+        """The routed version with the largest weight (None before anything is routed)."""
+        routing = self.routing
+        if routing is None or not routing.weights:
+            return None
+        return max(routing.weights, key=lambda v: (routing.weights[v], len(v), v))

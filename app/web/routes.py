@@ -17,6 +17,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from app.serving.answers import problem_from
 from app.serving.feedback import FeedbackService
 from app.serving.schemas import (
     BatchRequest,
@@ -26,7 +27,7 @@ from app.serving.schemas import (
     PredictRequest,
     Problem,
 )
-from app.serving.service import InferenceService, problem_from
+from app.serving.service import InferenceService
 from app.web import decoding
 from app.web.decoding import Format
 from workers.errors import (
