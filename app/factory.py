@@ -29,7 +29,8 @@ from app.serving.feedback import Breaker, FeedbackService
 from app.serving.service import InferenceService
 from app.settings import Settings, load_settings
 from app.web.intake import IntakeLimits
-from app.web.oip import build_oip_routes, v2_aware
+from app.web.oip.errors import v2_aware
+from app.web.oip.routes import build_oip_routes
 from app.web.openapi import complete_openapi
 from app.web.request_context import RequestContext
 from app.web.routes import (
@@ -204,7 +205,12 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         max_body=settings.server.max_body_bytes,
         max_batch_body=settings.server.max_batch_body_bytes,
     )
-    routes += build_oip_routes(components)
+    routes += build_oip_routes(
+        components.service,
+        model_name=settings.registry.model_name(),
+        readiness=components.readiness,
+        max_body=settings.server.max_batch_body_bytes,
+    )
     middleware = []
     if components.telemetry is not None:
         if components.telemetry.registry is not None:
