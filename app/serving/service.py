@@ -61,12 +61,16 @@ class InferenceService(VersionTable):
 
     # ------------------------------------------------------------------ readiness
 
-    def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: every routed version is served by at least one ready worker."""
+    def ready(self) -> tuple[bool, list[str], list[str]]:
+        """Readiness: every routed version is served by at least one ready worker.
+
+        Returns:
+            Whether ready, the routed versions and the versions a ready worker serves.
+        """
         routed = set(self.routing.weights) if self.routing else set()
         served = self.pool.ready_versions()
         ok = bool(routed) and routed <= served and not self.pool.closing
-        return ok, {"routed": sorted(routed), "served": sorted(served)}
+        return ok, sorted(routed), sorted(served)
 
     def prepare(self, request: PredictRequest, prefix: str = "$") -> Prepared:
         """Route and validate one request against the answering version's contract.

@@ -15,6 +15,7 @@ from typing import Any
 
 from app.registry.client import LocalPackage
 from app.serving.schemas import PredictRequest
+from app.serving.status import CaptureContract, RoutingState, VersionState
 from workers.errors import NotFound, NotReady
 
 
@@ -40,31 +41,31 @@ class VersionContext:
         """Registered model name."""
         return self.package.info.name
 
-    def describe(self, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    def describe(self, live: dict[str, Any] | None = None) -> VersionState:
         """Spec summary, registry metadata, figures, load time and live counters."""
         spec, info = self.package.spec, self.package.info
         cap = spec.capture
-        return {
-            "name": info.name,
-            "version": info.version,
-            "run_id": info.run_id,
-            "created": info.created_ms,
-            "aliases": info.aliases,
-            "sha256": info.sha256,
-            "feature_pipeline_version": self.package.spec_hash,
-            "loaded_at": self.loaded_at,
-            "capture": {
-                "sample_rate_hz": cap.sample_rate_hz,
-                "samples_per_receiver": cap.samples_per_receiver,
-                "min_receivers": cap.min_receivers,
-                "max_receivers": cap.max_receivers,
-                "receivers": [r.id for r in cap.receivers],
-            },
-            "inputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.inputs.items()},
-            "outputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.outputs.items()},
-            "metrics": spec.provenance.metrics,
-            "training_data": spec.provenance.training_data,
-            "live": live
+        return VersionState(
+            name=info.name,
+            version=info.version,
+            run_id=info.run_id,
+            created=info.created_ms,
+            aliases=info.aliases,
+            sha256=info.sha256,
+            feature_pipeline_version=self.package.spec_hash,
+            loaded_at=self.loaded_at,
+            capture=CaptureContract(
+                sample_rate_hz=cap.sample_rate_hz,
+                samples_per_receiver=cap.samples_per_receiver,
+                min_receivers=cap.min_receivers,
+                max_receivers=cap.max_receivers,
+                receivers=[r.id for r in cap.receivers],
+            ),
+            inputs={k: (t.name, t.datatype, t.shape) for k, t in spec.inputs.items()},
+            outputs={k: (t.name, t.datatype, t.shape) for k, t in spec.outputs.items()},
+            metrics=spec.provenance.metrics,
+            training_data=spec.provenance.training_data,
+            live=live
             or {
                 "requests": 0,
                 "errors": 0,
@@ -72,7 +73,7 @@ class VersionContext:
                 "latency_ms_p50": None,
                 "latency_ms_p95": None,
             },
-        }
+        )
 
 
 @dataclass(frozen=True)
@@ -174,3 +175,13 @@ class VersionTable:
         if routing is None or not routing.weights:
             return None
         return max(routing.weights, key=lambda v: (routing.weights[v], len(v), v))
+
+    def routing_state(self) -> RoutingState:
+        """The routing table as reported by ``/v1/models``."""
+        routing = self.routing
+        return RoutingState(
+            weights=dict(routing.weights) if routing else {},
+            shadow=routing.shadow if routing else None,
+            shadow_fraction=routing.shadow_fraction if routing else 0.0,
+            revision=routing.revision if routing else None,
+        )
