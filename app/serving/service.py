@@ -1,9 +1,10 @@
 """The transport-agnostic inference service: validate, route, cache, dispatch, assemble.
 
-HTTP handlers decode a body, call one method here and encode what it returns. Everything
-between — checks against the served model's capture contract, version routing, the
-prediction cache, dispatch to the worker pool, shadow traffic, per-version counters and
-spans — lives here, below HTTP.
+HTTP handlers decode a body, call one method here and encode what it returns: ``predict``
+and ``predict_batch`` for captures (``/v1``), ``infer`` for ready-made tensors (``/v2``).
+Everything between — checks against the served model's capture contract (contract.py),
+version routing (versions.py), the prediction cache, dispatch to the worker pool, shadow
+traffic, per-version counters and spans, answer assembly (answers.py) — happens below HTTP.
 """
 
 from __future__ import annotations
