@@ -28,9 +28,11 @@ from app.serving.breaker import Breaker
 from app.serving.cache import PredictionCache
 from app.serving.feedback import FeedbackService
 from app.serving.service import InferenceService
+from app.serving.status import ModelsState, Readiness, RolloutOutcome
 from app.settings import Settings, load_settings
 from app.web.intake import IntakeLimits
-from app.web.oip import build_oip_routes, v2_aware
+from app.web.oip.errors import v2_aware
+from app.web.oip.routes import build_oip_routes
 from app.web.openapi import complete_openapi
 from app.web.request_context import RequestContext
 from app.web.routes import (
@@ -144,41 +146,39 @@ class Components:
                 with contextlib.suppress(Exception):
                     await client.aclose()
 
-    def readiness(self) -> tuple[bool, dict[str, Any]]:
+    def readiness(self) -> tuple[bool, Readiness]:
         """Ready when every routed version is served; details for operators."""
-        ok, details = self.service.ready()
-        details["pool"] = self.pool.stats()["states"]
-        details["cache"] = self.cache.state()
-        details["feedback"] = self.feedback.state()
-        details["rollout"] = {
-            "last_outcome": self.rollout.status.last_outcome,
-            "last_error": self.rollout.status.last_error,
-        }
-        details["control"] = self.control.state()
-        return ok, details
+        ok, routed, served = self.service.ready()
+        return ok, Readiness(
+            routed=routed,
+            served=served,
+            pool=self.pool.stats()["states"],
+            cache=self.cache.state(),
+            feedback=self.feedback.state(),
+            rollout=RolloutOutcome(
+                last_outcome=self.rollout.status.last_outcome,
+                last_error=self.rollout.status.last_error,
+            ),
+            control=self.control.state(),
+            status="ready" if ok else "not ready",
+        )
 
     def live(self) -> dict[str, dict[str, Any]]:
         """Per-version live figures from the telemetry instruments."""
         return self.telemetry.live() if self.telemetry else {}
 
-    def models_state(self) -> dict[str, Any]:
+    def models_state(self) -> ModelsState:
         """/v1/models: resident versions, routing, rollout outcome, per-version counters."""
-        routing = self.service.routing
         live = self.live()
-        return {
-            "replica": self.replica,
-            "model": self.settings.registry.model_name(),
-            "routing": {
-                "weights": dict(routing.weights) if routing else {},
-                "shadow": routing.shadow if routing else None,
-                "shadow_fraction": routing.shadow_fraction if routing else 0.0,
-                "revision": routing.revision if routing else None,
-            },
-            "rollout": self.rollout.describe(),
-            "control": self.control.state(),
-            "versions": {v: c.describe(live.get(v)) for v, c in self.service.contexts.items()},
-            "pool": self.pool.stats(),
-        }
+        return ModelsState(
+            replica=self.replica,
+            model=self.settings.registry.model_name(),
+            routing=self.service.routing_state(),
+            rollout=self.rollout.describe(),
+            control=self.control.state(),
+            versions={v: c.describe(live.get(v)) for v, c in self.service.contexts.items()},
+            pool=self.pool.stats(),
+        )
 
 
 def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litestar:
@@ -206,7 +206,12 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
         max_body=settings.server.max_body_bytes,
         max_batch_body=settings.server.max_batch_body_bytes,
     )
-    routes += build_oip_routes(components)
+    routes += build_oip_routes(
+        components.service,
+        model_name=settings.registry.model_name(),
+        readiness=components.readiness,
+        max_body=settings.server.max_batch_body_bytes,
+    )
     middleware = []
     if components.telemetry is not None:
         if components.telemetry.registry is not None:

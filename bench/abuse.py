@@ -16,9 +16,9 @@ on a free port of 127.0.0.1, then:
 4. **Bombs**: ``--bombs`` gzip bombs (1 GiB of zeros, ≈ 1 MB on the wire) to /v2 at once
    while the probe asks ``/health/live`` every 5 ms; peak memory above the baseline against
    the 128 MiB inflate limit.
-5. **Loop stall, in process**: the same bombs through ``app.web.oip.inflate`` the way /v2 runs it
-   (a thread, one at a time) while a 1 ms ticker measures the longest event-loop stall, and
-   the way /v2 ran it before (one ``decompress`` call on the loop) for comparison.
+5. **Loop stall, in process**: the same bombs through ``app.web.oip.inflate.inflate`` the way
+   /v2 runs it (a thread, one at a time) while a 1 ms ticker measures the longest event-loop
+   stall, and the way /v2 ran it before (one ``decompress`` call on the loop) for comparison.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from typing import Any
 
 import httpx
 
-from app.web.oip import inflate
+from app.web.oip.inflate import inflate
 from bench.flood import Sampler, tree_rss
 from tests.support.procs import Server, bootstrap_registry
 from training.simulate import iter_batches, request_payload

@@ -2,7 +2,7 @@
 
 Three parts, all on Redis so that every replica sees the same state:
 
-* :class:`~app.serving.answers.AnswerLog` — what was answered, per request id, written after
+* :class:`~app.serving.answer_log.AnswerLog` — what was answered, per request id, written after
   the answer and never delaying it.
 * :class:`FeedbackService` — ``POST /v1/feedback``: rate-limited per client, looks the
   answer up, computes the error and the truth's Mahalanobis distance and records the result
@@ -29,7 +29,7 @@ import msgspec
 import numpy as np
 from msgspec import Struct
 
-from app.serving.answers import AnswerLog, AnswerRecord, answer_decoder
+from app.serving.answer_log import AnswerLog, AnswerRecord, answer_decoder
 from app.serving.breaker import Breaker
 from app.serving.feedback_settings import FeedbackSettings
 from app.serving.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu

@@ -1,46 +1,35 @@
 """The transport-agnostic inference service: validate, route, cache, dispatch, assemble.
 
-HTTP handlers decode a body, call one method here and encode what it returns. Everything
-between — checks against the served model's capture contract, version routing, the
-prediction cache, dispatch to the worker pool, shadow traffic, per-version counters and
-spans — lives here, below HTTP.
+HTTP handlers decode a body, call one method here and encode what it returns: ``predict``
+and ``predict_batch`` for captures (``/v1``), ``infer`` for ready-made tensors (``/v2``).
+Everything between — checks against the served model's capture contract (contract.py),
+version routing (versions.py), the prediction cache, dispatch to the worker pool, shadow
+traffic, per-version counters and spans, answer assembly (answers.py) — happens below HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
-import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 import msgspec
-import numpy as np
 from msgspec import Meta, Struct
 from opentelemetry import trace
 
-from app.serving.answers import AnswerLog
+from app.serving.answer_log import AnswerLog
+from app.serving.answers import build_response, job_timing, positions_distance_m, problem_from
 from app.serving.cache import PredictionCache, input_digest
-from app.serving.schemas import (
-    DomainFlags,
-    FieldError,
-    ModelRef,
-    Position,
-    PredictRequest,
-    PredictResponse,
-    Problem,
-    Timing,
-    Uncertainty,
-)
-from app.serving.versions import Routing, VersionContext
+from app.serving.contract import Prepared, validate
+from app.serving.schemas import ModelRef, PredictRequest, PredictResponse, Problem, Timing
+from app.serving.tensors import TensorBatch, tensor_outputs
+from app.serving.versions import VersionContext, VersionTable
 from telemetry.instruments import Telemetry
 from telemetry.logs import request_id_var
-from workers.errors import InvalidInput, NotReady, ServiceError, from_code
-from workers.geo import distance_m, pairwise_distance_m
-from workers.messages import ItemError, Prediction, PredictItem
+from workers.errors import ServiceError, from_code
+from workers.messages import ItemError, Prediction
 from workers.pool import JobResult, WorkerPool
 
 log = logging.getLogger("heimdall.service")
@@ -53,73 +42,36 @@ class ServiceSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Deadline of a request from arrival; queued past it → 504 without computing."""
 
 
-@dataclass
-class Prepared:
-    """A validated request bound to the version that will answer it."""
+class InferenceService(VersionTable):
+    """Serves predictions from the routed model versions through the worker pool.
 
-    request: PredictRequest
-    request_id: str
-    context: VersionContext
-    item: PredictItem
-
-
-def problem_from(error: ServiceError, request_id: str | None = None) -> Problem:
-    """Problem-details value for an error (batch items and HTTP errors alike)."""
-    errors = [FieldError(error.field, error.detail)] if error.field else []
-    return Problem(
-        title=error.title,
-        status=int(error.status),
-        detail=error.detail,
-        type=error.problem_type,
-        errors=errors,
-        request_id=request_id,
-    )
-
-
-class InferenceService:
-    """Serves predictions from the routed model versions through the worker pool."""
+    Its version table (app/serving/versions.py) says what is resident and how requests are
+    routed; the rollout switches it with :meth:`install` and :meth:`retire`.
+    """
 
     def __init__(self, pool: WorkerPool, settings: ServiceSettings) -> None:
         """Keep collaborators; versions arrive through :meth:`install`."""
+        super().__init__()
         self.pool = pool
         self.settings = settings
-        self.contexts: dict[str, VersionContext] = {}
-        self.routing: Routing | None = None
         self.cache: PredictionCache | None = None
         self.telemetry: Telemetry | None = None
         self.answers: AnswerLog | None = None
         """Where answers are kept for ground-truth feedback (None: not kept)."""
         self._background: set[asyncio.Task[Any]] = set()
 
-    # ------------------------------------------------------------------ versions
+    # ------------------------------------------------------------------ readiness
 
-    def install(self, contexts: dict[str, VersionContext], routing: Routing) -> None:
-        """Switch routing atomically to versions that are already resident in the pool."""
-        for version, ctx in contexts.items():
-            self.contexts.setdefault(version, ctx)
-        self.routing = routing
+    def ready(self) -> tuple[bool, list[str], list[str]]:
+        """Readiness: every routed version is served by at least one ready worker.
 
-    def retire(self, version: str) -> None:
-        """Forget a version no longer routed (after the pool unloaded it)."""
-        self.contexts.pop(version, None)
-
-    def routed_versions(self) -> set[str]:
-        """Versions the routing table (and shadow) can send traffic to."""
-        if self.routing is None:
-            return set()
-        versions = set(self.routing.weights)
-        if self.routing.shadow:
-            versions.add(self.routing.shadow)
-        return versions
-
-    def ready(self) -> tuple[bool, dict[str, Any]]:
-        """Readiness: every routed version is served by at least one ready worker."""
+        Returns:
+            Whether ready, the routed versions and the versions a ready worker serves.
+        """
         routed = set(self.routing.weights) if self.routing else set()
         served = self.pool.ready_versions()
         ok = bool(routed) and routed <= served and not self.pool.closing
-        return ok, {"routed": sorted(routed), "served": sorted(served)}
-
-    # ------------------------------------------------------------------ validation
+        return ok, sorted(routed), sorted(served)
 
     def prepare(self, request: PredictRequest, prefix: str = "$") -> Prepared:
         """Route and validate one request against the answering version's contract.
@@ -129,102 +81,11 @@ class InferenceService:
             InvalidInput: the captures do not fit the model (with the field path).
         """
         request_id, ctx = self.route(request)
-        return self.validate(request, request_id, ctx, prefix)
+        return validate(request, request_id, ctx, prefix)
 
-    def route(self, request: PredictRequest) -> tuple[str, VersionContext]:
-        """The request id and the version that will answer (weights, sticky routing).
-
-        Raises:
-            NotReady: nothing is routed yet.
-        """
-        if self.routing is None:
-            raise NotReady("no model version is loaded yet", retry_after=2)
-        request_id = request.request_id or uuid.uuid4().hex
-        return request_id, self.contexts[self.routing.choose(request_id, request.sticky)]
-
-    def validate(
-        self, request: PredictRequest, request_id: str, ctx: VersionContext, prefix: str = "$"
-    ) -> Prepared:
-        """Check one request against ``ctx``'s capture contract and pack it for a worker.
-
-        Raises:
-            InvalidInput: the captures do not fit the model (with the field path).
-        """
-        cap = ctx.package.spec.capture
-        if not math.isclose(request.sample_rate_hz, cap.sample_rate_hz, rel_tol=1e-9):
-            raise InvalidInput(
-                f"sample_rate_hz is {request.sample_rate_hz:g} but model {ctx.name} v{ctx.version}"
-                f" expects {cap.sample_rate_hz:g} Hz captures; resample or send matching captures",
-                field=f"{prefix}.sample_rate_hz",
-            )
-        count = len(request.receivers)
-        if not cap.min_receivers <= count <= cap.max_receivers:
-            raise InvalidInput(
-                f"{count} receivers sent; this model needs between {cap.min_receivers} and "
-                f"{cap.max_receivers}",
-                field=f"{prefix}.receivers",
-            )
-        expected = cap.samples_per_receiver * 8
-        seen: set[str] = set()
-        for i, rx in enumerate(request.receivers):
-            path = f"{prefix}.receivers[{i}]"
-            if rx.id in seen:
-                raise InvalidInput(
-                    f"receiver id {rx.id!r} appears more than once; send each receiver once",
-                    field=f"{path}.id",
-                )
-            seen.add(rx.id)
-            size = len(rx.iq)
-            if size % 8:
-                raise InvalidInput(
-                    f"iq has {size} bytes, not a whole number of complex64 samples "
-                    "(8 bytes each: little-endian float32 I then Q)",
-                    field=f"{path}.iq",
-                )
-            if size != expected:
-                raise InvalidInput(
-                    f"iq holds {size // 8} samples; this model needs exactly "
-                    f"{cap.samples_per_receiver} complex64 samples per receiver",
-                    field=f"{path}.iq",
-                )
-        if ctx.known:
-            self._check_network(ctx, request, prefix)
-        iq = b"".join(rx.iq for rx in request.receivers)
-        item = PredictItem(
-            iq,
-            [rx.latitude for rx in request.receivers],
-            [rx.longitude for rx in request.receivers],
-            list(request.confidence),
-            request.geojson,
-        )
-        return Prepared(request, request_id, ctx, item)
-
-    @staticmethod
-    def _check_network(ctx: VersionContext, request: PredictRequest, prefix: str) -> None:
-        tolerance = ctx.package.spec.capture.position_tolerance_m
-        for i, rx in enumerate(request.receivers):
-            if rx.id not in ctx.known:
-                raise InvalidInput(
-                    f"receiver {rx.id!r} is not part of the network model {ctx.name} "
-                    f"v{ctx.version} was trained on (known: {', '.join(sorted(ctx.known))})",
-                    field=f"{prefix}.receivers[{i}].id",
-                )
-        trained = [ctx.known[rx.id] for rx in request.receivers]
-        offsets = pairwise_distance_m(
-            [t[0] for t in trained],
-            [t[1] for t in trained],
-            [rx.latitude for rx in request.receivers],
-            [rx.longitude for rx in request.receivers],
-        )
-        for i, off in enumerate(offsets.tolist()):
-            if off > tolerance:
-                rx = request.receivers[i]
-                lat, lon = trained[i]
-                raise InvalidInput(
-                    f"receiver {rx.id!r} is reported {off:.0f} m from its trained position "
-                    f"({lat:.5f}, {lon:.5f}); the tolerance is {tolerance:.0f} m",
-                    field=f"{prefix}.receivers[{i}]",
-                )
+    def version_ready(self, version: str) -> bool:
+        """Whether ``version`` is served by at least one ready worker."""
+        return version in self.pool.ready_versions()
 
     # ------------------------------------------------------------------ prediction
 
@@ -247,7 +108,7 @@ class InferenceService:
             if hit is not None:
                 self._cache_result("hit", "local", ctx)
                 return self._cached(request_id, ctx, hit, started, request)
-        prepared = self.validate(request, request_id, ctx)
+        prepared = validate(request, request_id, ctx)
         try:
             return await self._predict(prepared, key, started)
         except ServiceError as exc:
@@ -274,6 +135,33 @@ class InferenceService:
                 self.cache.put(key, outcome)
             self._maybe_shadow(prepared, outcome)
         return response
+
+    async def infer(
+        self, ctx: VersionContext, batch: TensorBatch, started: float | None = None
+    ) -> dict[str, bytes]:
+        """Run ``ctx``'s model on ready-made input tensors; its raw outputs by role.
+
+        The tensor-in counterpart of :meth:`predict` (``/v2``): same pool, deadline, counters
+        and spans. ``started`` is when the caller began on the request (default: now).
+
+        Raises:
+            ServiceError: tensors the worker refused (400), overload, deadline (5xx).
+        """
+        started = time.perf_counter() if started is None else started
+        try:
+            submitted_ns = time.time_ns()
+            (future,) = self.pool.submit(
+                ctx.version, [], self.settings.request_timeout_s, infer=[batch.job(ctx.version)]
+            )
+            result = await future
+            # Phase metrics and worker-timing spans, as for /v1 (features are the caller's: 0).
+            self.trace_job(ctx, result, submitted_ns)
+            outputs = tensor_outputs(result, ctx.package.spec, batch.size)
+        except ServiceError as exc:
+            self.count(ctx.version, exc.code, started)
+            raise
+        self.count(ctx.version, "ok", started)
+        return outputs
 
     def _maybe_shadow(self, prepared: Prepared, primary: Prediction) -> None:
         """Run a sampled request on the shadow version after the answer; never fails it."""
@@ -329,7 +217,7 @@ class InferenceService:
     def trace_job(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
         """Queue, features and inference spans (worker-side times) and phase metrics.
 
-        Also used by the ``/v2`` infer path (app/web/oip.py), whose jobs have no feature phase.
+        Also used by :meth:`infer` (``/v2``), whose jobs have no feature phase.
         """
         telemetry = self.telemetry
         if telemetry is None:
@@ -479,44 +367,9 @@ class InferenceService:
             raise from_code(outcome.code, outcome.detail, field)
         self.count(ctx.version, "ok", started, outcome)
         self._remember(prepared.request_id, ctx, outcome, prepared.request)
-        t = result.timings
         return build_response(
             prepared.request_id,
             outcome,
             ModelRef(ctx.name, ctx.version),
-            Timing(
-                queue=round(result.queue_s * 1e3, 3),
-                features=round((t.features_end_ns - t.features_start_ns) / 1e6, 3),
-                inference=round((t.inference_end_ns - t.inference_start_ns) / 1e6, 3),
-                total=round(total_ms, 3),
-            ),
+            job_timing(result, total_ms),
         )
-
-
-def build_response(
-    request_id: str, p: Prediction, model: ModelRef, timing: Timing, cached: bool = False
-) -> PredictResponse:
-    """Assemble the public response from a worker's prediction."""
-    return PredictResponse(
-        request_id=request_id,
-        position=Position(p.latitude, p.longitude),
-        uncertainty=Uncertainty(
-            covariance_enu_m2=p.covariance_enu_m2,
-            sigma_east_m=p.sigma_east_m,
-            sigma_north_m=p.sigma_north_m,
-            correlation=p.correlation,
-            ellipses=p.ellipses,
-        ),
-        model=model,
-        cached=cached,
-        timing_ms=timing,
-        domain=DomainFlags(p.domain_inside, p.domain_reasons),
-        geojson=p.geojson,
-    )
-
-
-def positions_distance_m(a: Prediction, b: Prediction) -> float:
-    """Geodesic distance between two predictions' positions."""
-    return float(
-        distance_m(a.latitude, a.longitude, np.array([b.latitude]), np.array([b.longitude]))[0]
-    )

@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.registry.client import LocalPackage
+from app.serving.schemas import PredictRequest
+from app.serving.status import CaptureContract, RoutingState, VersionState
+from workers.errors import NotFound, NotReady
 
 
 @dataclass
@@ -37,31 +41,31 @@ class VersionContext:
         """Registered model name."""
         return self.package.info.name
 
-    def describe(self, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    def describe(self, live: dict[str, Any] | None = None) -> VersionState:
         """Spec summary, registry metadata, figures, load time and live counters."""
         spec, info = self.package.spec, self.package.info
         cap = spec.capture
-        return {
-            "name": info.name,
-            "version": info.version,
-            "run_id": info.run_id,
-            "created": info.created_ms,
-            "aliases": info.aliases,
-            "sha256": info.sha256,
-            "feature_pipeline_version": self.package.spec_hash,
-            "loaded_at": self.loaded_at,
-            "capture": {
-                "sample_rate_hz": cap.sample_rate_hz,
-                "samples_per_receiver": cap.samples_per_receiver,
-                "min_receivers": cap.min_receivers,
-                "max_receivers": cap.max_receivers,
-                "receivers": [r.id for r in cap.receivers],
-            },
-            "inputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.inputs.items()},
-            "outputs": {k: [t.name, t.datatype, t.shape] for k, t in spec.outputs.items()},
-            "metrics": spec.provenance.metrics,
-            "training_data": spec.provenance.training_data,
-            "live": live
+        return VersionState(
+            name=info.name,
+            version=info.version,
+            run_id=info.run_id,
+            created=info.created_ms,
+            aliases=info.aliases,
+            sha256=info.sha256,
+            feature_pipeline_version=self.package.spec_hash,
+            loaded_at=self.loaded_at,
+            capture=CaptureContract(
+                sample_rate_hz=cap.sample_rate_hz,
+                samples_per_receiver=cap.samples_per_receiver,
+                min_receivers=cap.min_receivers,
+                max_receivers=cap.max_receivers,
+                receivers=[r.id for r in cap.receivers],
+            ),
+            inputs={k: (t.name, t.datatype, t.shape) for k, t in spec.inputs.items()},
+            outputs={k: (t.name, t.datatype, t.shape) for k, t in spec.outputs.items()},
+            metrics=spec.provenance.metrics,
+            training_data=spec.provenance.training_data,
+            live=live
             or {
                 "requests": 0,
                 "errors": 0,
@@ -69,7 +73,7 @@ class VersionContext:
                 "latency_ms_p50": None,
                 "latency_ms_p95": None,
             },
-        }
+        )
 
 
 @dataclass(frozen=True)
@@ -102,3 +106,82 @@ class Routing:
     def take_shadow(self) -> bool:
         """Whether this request also runs on the shadow version."""
         return self.shadow is not None and random.random() < self.shadow_fraction  # noqa: S311
+
+
+class VersionTable:
+    """The resident versions and the routing between them (switched atomically)."""
+
+    def __init__(self) -> None:
+        """Nothing resident, nothing routed."""
+        self.contexts: dict[str, VersionContext] = {}
+        self.routing: Routing | None = None
+
+    def install(self, contexts: dict[str, VersionContext], routing: Routing) -> None:
+        """Switch routing atomically to versions that are already resident in the pool."""
+        for version, ctx in contexts.items():
+            self.contexts.setdefault(version, ctx)
+        self.routing = routing
+
+    def retire(self, version: str) -> None:
+        """Forget a version no longer routed (after the pool unloaded it)."""
+        self.contexts.pop(version, None)
+
+    def routed_versions(self) -> set[str]:
+        """Versions the routing table (and shadow) can send traffic to."""
+        if self.routing is None:
+            return set()
+        versions = set(self.routing.weights)
+        if self.routing.shadow:
+            versions.add(self.routing.shadow)
+        return versions
+
+    def route(self, request: PredictRequest) -> tuple[str, VersionContext]:
+        """The request id and the version that will answer (weights, sticky routing).
+
+        Raises:
+            NotReady: nothing is routed yet.
+        """
+        if self.routing is None:
+            raise NotReady("no model version is loaded yet", retry_after=2)
+        request_id = request.request_id or uuid.uuid4().hex
+        return request_id, self.contexts[self.routing.choose(request_id, request.sticky)]
+
+    def resolve(self, model: str, version: str | None, request_id: str | None) -> VersionContext:
+        """The version answering tensor-in work: ``version``, else the routing's choice.
+
+        Raises:
+            NotReady: no version is given and none is routed yet.
+            NotFound: the version is not resident here.
+        """
+        if version is None:
+            if self.routing is None:
+                raise NotReady("no model version is loaded yet", retry_after=2)
+            version = self.routing.choose(request_id, False)
+        ctx = self.contexts.get(version)
+        if ctx is None:
+            resident = ", ".join(self.resident_versions()) or "none"
+            raise NotFound(
+                f"version {version!r} of model {model!r} is not served here (resident: {resident})"
+            )
+        return ctx
+
+    def resident_versions(self) -> list[str]:
+        """Resident versions, oldest first."""
+        return sorted(self.contexts, key=lambda v: (len(v), v))
+
+    def main_version(self) -> str | None:
+        """The routed version with the largest weight (None before anything is routed)."""
+        routing = self.routing
+        if routing is None or not routing.weights:
+            return None
+        return max(routing.weights, key=lambda v: (routing.weights[v], len(v), v))
+
+    def routing_state(self) -> RoutingState:
+        """The routing table as reported by ``/v1/models``."""
+        routing = self.routing
+        return RoutingState(
+            weights=dict(routing.weights) if routing else {},
+            shadow=routing.shadow if routing else None,
+            shadow_fraction=routing.shadow_fraction if routing else 0.0,
+            revision=routing.revision if routing else None,
+        )

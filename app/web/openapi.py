@@ -2,7 +2,8 @@
 
 The /v1 handlers decode bodies themselves (JSON or MessagePack, chosen by Content-Type), so
 Litestar cannot infer their request and response schemas. This adds them from the same
-msgspec types the handlers use, so clients and fuzzers (schemathesis) see the real contract.
+msgspec types the handlers use, so clients and fuzzers (schemathesis) see the real contract;
+likewise the answers of ``GET /v1/models[/{version}]`` and ``GET /health/ready``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from app.serving.schemas import (
     PredictResponse,
     Problem,
 )
+from app.serving.status import ModelsState, Readiness, VersionState
 
 _BODIES: dict[str, tuple[type, type]] = {
     "/v1/predict": (PredictRequest, PredictResponse),
@@ -29,6 +31,10 @@ _BODIES: dict[str, tuple[type, type]] = {
     "/v1/feedback": (FeedbackRequest, FeedbackResponse),
 }
 _MEDIA = ("application/json", "application/msgpack")
+_STATES: dict[str, tuple[type, str]] = {
+    "/v1/models": (ModelsState, "Serving state of this replica"),
+    "/v1/models/{version}": (VersionState, "One resident version, with its field figures"),
+}
 
 
 def _ref(kind: type) -> dict[str, str]:
@@ -39,7 +45,8 @@ def complete_openapi(app: Litestar) -> None:
     """Add request bodies, responses and problem details to the cached OpenAPI document."""
     plugin = app.plugins.get(OpenAPIPlugin)
     schema: dict[str, Any] = plugin.provide_openapi_schema()
-    types = [t for pair in _BODIES.values() for t in pair] + [Problem]
+    types = [t for pair in _BODIES.values() for t in pair] + [Problem, Readiness]
+    types += [kind for kind, _ in _STATES.values()]
     _, components = msgspec.json.schema_components(
         types, ref_template="#/components/schemas/{name}"
     )
@@ -79,3 +86,20 @@ def complete_openapi(app: Litestar) -> None:
             "503": {"description": "Overloaded or not ready (Retry-After)", "content": problem},
             "504": {"description": "Deadline passed while queued", "content": problem},
         }
+    _describe_states(schema["paths"], problem)
+
+
+def _describe_states(paths: dict[str, Any], problem: dict[str, Any]) -> None:
+    """Answers of the state endpoints (/v1/models, /v1/models/{version}, /health/ready)."""
+    for path, (kind, description) in _STATES.items():
+        responses = paths[path]["get"].setdefault("responses", {})
+        responses["200"] = {
+            "description": description,
+            "content": {media: {"schema": _ref(kind)} for media in _MEDIA},
+        }
+        if path.endswith("{version}"):
+            responses["404"] = {"description": "Not resident here", "content": problem}
+    ready = {"application/json": {"schema": _ref(Readiness)}}
+    responses = paths["/health/ready"]["get"].setdefault("responses", {})
+    responses["200"] = {"description": "Ready", "content": ready}
+    responses["503"] = {"description": "Not ready (Retry-After)", "content": ready}

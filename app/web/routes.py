@@ -17,6 +17,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from app.serving.answers import problem_from
 from app.serving.feedback import FeedbackService
 from app.serving.schemas import (
     BatchRequest,
@@ -26,7 +27,8 @@ from app.serving.schemas import (
     PredictRequest,
     Problem,
 )
-from app.serving.service import InferenceService, problem_from
+from app.serving.service import InferenceService
+from app.serving.status import ModelsState, Readiness
 from app.web import decoding
 from app.web.decoding import Format
 from workers.errors import (
@@ -242,9 +244,9 @@ def build_routes(
     service: InferenceService,
     feedback: FeedbackService,
     *,
-    models_state: Callable[[], dict[str, Any]],
+    models_state: Callable[[], ModelsState],
     live: Callable[[], dict[str, dict[str, Any]]],
-    readiness: Callable[[], tuple[bool, dict[str, Any]]],
+    readiness: Callable[[], tuple[bool, Readiness]],
     max_body: int,
     max_batch_body: int,
 ) -> list[HTTPRouteHandler]:
@@ -309,11 +311,12 @@ def build_routes(
                 f"version {version} is not resident on this replica "
                 f"(resident: {', '.join(sorted(service.contexts)) or 'none'})"
             )
-        described = ctx.describe(live().get(version))
+        field: dict[str, Any] | None
         try:
-            described["field"] = await feedback.figures(ctx.name, version)
+            field = await feedback.figures(ctx.name, version)
         except ServiceError as exc:
-            described["field"] = {"error": exc.detail}
+            field = {"error": exc.detail}
+        described = msgspec.structs.replace(ctx.describe(live().get(version)), field=field)
         return encode(request, described)
 
     @get("/health/live", summary="Liveness")
@@ -323,7 +326,6 @@ def build_routes(
     @get("/health/ready", summary="Readiness")
     async def health_ready() -> Response[bytes]:
         ok, details = readiness()
-        details["status"] = "ready" if ok else "not ready"
         return Response(
             _json_encoder.encode(details),
             media_type=JSON,

@@ -11,7 +11,7 @@ import pytest
 
 from app.serving.schemas import BatchRequest, PredictRequest
 from app.web import decoding
-from app.web.oip import decode_body, prepare
+from app.web.oip.codec import decode_body, prepare
 from tests.support.reference import reference_spec
 from workers.errors import MalformedRequest
 

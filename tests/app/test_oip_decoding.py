@@ -11,7 +11,8 @@ import zlib
 import numpy as np
 import pytest
 
-from app.web.oip import INFLATE_SLICE, decode_body, inflate, prepare
+from app.web.oip.codec import decode_body, prepare
+from app.web.oip.inflate import INFLATE_SLICE, inflate
 from tests.support.reference import reference_spec
 from workers.errors import MalformedRequest, PayloadTooLarge
 

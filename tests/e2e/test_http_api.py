@@ -11,6 +11,8 @@ import msgspec
 import numpy as np
 import pytest
 
+from app.serving.status import ModelsState, Readiness, VersionState
+from app.web.oip.schemas import ModelMetadata, ServerMetadata, TritonConfig
 from tests.support.procs import ROOT, Server
 from tests.support.reference import reference_predict
 from training.simulate import heard_batch, request_payload
@@ -147,6 +149,29 @@ def test_models_endpoints(shared_server: Server) -> None:
     nowhere = httpx.get(shared_server.url + "/v1/nowhere")
     assert nowhere.status_code == 404 and nowhere.json()["status"] == 404
     assert nowhere.json()["type"] == missing.json()["type"] == "urn:heimdall:problem:not-found"
+
+
+def test_state_and_metadata_answers_are_the_types_the_openapi_document_names(
+    shared_server: Server,
+) -> None:
+    """/v1/models[/{v}], /health/ready and /v2 metadata: documented, and exactly that shape."""
+    paths = httpx.get(shared_server.url + "/schema/openapi.json").json()["paths"]
+    model = "rf-localizer"
+    answers: list[tuple[str, str, type]] = [
+        ("/v1/models", "/v1/models", ModelsState),
+        ("/v1/models/{version}", "/v1/models/1", VersionState),
+        ("/health/ready", "/health/ready", Readiness),
+        ("/v2", "/v2", ServerMetadata),
+        ("/v2/models/{name}", f"/v2/models/{model}", ModelMetadata),
+        ("/v2/models/{name}/versions/{version}", f"/v2/models/{model}/versions/1", ModelMetadata),
+        ("/v2/models/{name}/config", f"/v2/models/{model}/config", TritonConfig),
+    ]
+    for documented, path, kind in answers:
+        ok = paths[documented]["get"]["responses"]["200"]["content"]["application/json"]
+        assert ok["schema"]["$ref"] == f"#/components/schemas/{kind.__name__}", documented
+        body = httpx.get(shared_server.url + path).content
+        # Every member is declared, in the order the answer has them.
+        assert msgspec.json.encode(msgspec.json.decode(body, type=kind)) == body, path
 
 
 def _iq(samples: int, fill: float | None = None) -> str:

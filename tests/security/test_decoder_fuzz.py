@@ -2,7 +2,7 @@
 
 The targets are the functions the routes run on a body before anything else: /v1/predict and
 /v1/predict/batch in JSON and MessagePack (app/web/decoding.py), /v2 infer (header split, tensor
-decoding and validation, app/web/oip.py) and /v2's gzip/deflate inflation. Inputs are random
+decoding and validation, app/web/oip/codec.py) and /v2's gzip/deflate inflation. Inputs are random
 bytes, valid bodies mutated byte by byte, bodies with a bomb spliced in (deep nesting, numbers
 of hundreds of digits, MessagePack containers that announce more than they hold) and JSON
 documents generated from the shapes the schemas expect.
@@ -29,7 +29,8 @@ from hypothesis import strategies as st
 
 from app.serving.schemas import BatchRequest, PredictRequest
 from app.web import decoding
-from app.web.oip import decode_body, inflate, prepare
+from app.web.oip.codec import decode_body, prepare
+from app.web.oip.inflate import inflate
 from tests.support.reference import reference_spec
 from training.simulate import iter_batches, request_payload
 from workers.errors import ServiceError
