@@ -839,7 +839,14 @@ class WorkerPool:
         return [w.pid for w in self._workers if w and w.state == "ready"]
 
     async def hang_worker(self, slot: int, seconds: float) -> None:
-        """Test hook: make one worker's compute thread block (needs ``test_hooks``)."""
+        """Test hook: make one worker's compute thread block (needs ``test_hooks``).
+
+        Raises:
+            RuntimeError: the pool runs without test hooks (its workers would not decode it).
+            NotReady: the worker is not ready.
+        """
+        if not self.settings.test_hooks:
+            raise RuntimeError("test hooks are disabled (HEIMDALL_POOL_TEST_HOOKS)")
         worker = self._workers[slot]
         if worker is None or worker.state != "ready":
             raise NotReady(f"worker {slot} is not ready")
