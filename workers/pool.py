@@ -17,22 +17,19 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import math
 import multiprocessing as mp
-import os
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import msgspec
-from msgspec import Meta, Struct
 
 from telemetry.logs import trace_token
+from workers.cpus import cgroup_cpu_limit, usable_cpus
 from workers.errors import (
     DeadlineExceeded,
     ModelLoadError,
@@ -61,121 +58,13 @@ from workers.messages import (
     reply_decoder,
     request_encoder,
 )
+from workers.settings import PoolSettings
 from workers.shm import Arena
 from workers.worker import WorkerConfig, worker_main
 
+__all__ = ["PoolSettings", "WorkerPool", "cgroup_cpu_limit", "usable_cpus"]
+
 log = logging.getLogger("heimdall.pool")
-
-
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-
-
-def cgroup_cpu_limit(root: Path = CGROUP_ROOT, proc_cgroup: Path | None = None) -> float | None:
-    """CPUs the cgroup CPU quota allows this process, or None when there is no quota.
-
-    A container limited to 2 CPUs on a 64-core node sees 64 CPUs in ``os.cpu_count()`` and
-    its affinity mask; only the quota tells. Reads cgroup v2 ``cpu.max`` (``"200000 100000"``
-    or ``"max 100000"``), in this process's own cgroup (from ``/proc/self/cgroup``) and then at
-    the root (a container's cgroup namespace), else cgroup v1 ``cpu.cfs_quota_us`` /
-    ``cpu.cfs_period_us`` (quota -1: unlimited).
-
-    Args:
-        root: where the cgroup file system is mounted.
-        proc_cgroup: the ``/proc/self/cgroup`` file (tests point it elsewhere).
-    """
-    candidates = []
-    own = _own_cgroup_v2(proc_cgroup or Path("/proc/self/cgroup"))
-    if own:
-        candidates.append(root / own.lstrip("/"))
-    candidates.append(root)
-    for directory in candidates:
-        text = _read(directory / "cpu.max")
-        if text is not None:
-            quota, _, period = text.partition(" ")
-            if quota == "max" or not period:
-                return None
-            return _ratio(quota, period)
-    for directory in (root / "cpu", root / "cpu,cpuacct", root):
-        quota_text = _read(directory / "cpu.cfs_quota_us")
-        period_text = _read(directory / "cpu.cfs_period_us")
-        if quota_text is not None and period_text is not None:
-            return _ratio(quota_text, period_text)
-    return None
-
-
-def _read(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _own_cgroup_v2(proc_cgroup: Path) -> str | None:
-    for line in (_read(proc_cgroup) or "").splitlines():
-        if line.startswith("0::"):
-            return line[3:] if line[3:] not in ("", "/") else None
-    return None
-
-
-def _ratio(quota: str, period: str) -> float | None:
-    try:
-        q, p = int(quota), int(period)
-    except ValueError:
-        return None
-    return q / p if q > 0 and p > 0 else None
-
-
-def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path | None = None) -> int:
-    """CPUs this process may use, at least 1: its affinity mask capped by the cgroup quota.
-
-    A quota of 1.5 CPUs counts as 2 (rounded up): the half CPU is still worth a worker.
-    """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - non-Linux
-        cpus = os.cpu_count() or 1
-    limit = cgroup_cpu_limit(root, proc_cgroup)
-    if limit is not None:
-        cpus = min(cpus, math.ceil(limit))
-    return max(1, cpus)
-
-
-class PoolSettings(Struct, frozen=True, forbid_unknown_fields=True):
-    """Worker pool settings (environment prefix ``HEIMDALL_POOL_``)."""
-
-    workers: Annotated[int, Meta(ge=0, le=256)] = 0
-    """Worker processes; 0 means one per usable CPU (affinity mask capped by the cgroup quota)."""
-    intra_op_threads: Annotated[int, Meta(ge=1, le=64)] = 1
-    """ONNX Runtime intra-op threads per worker session."""
-    queue_size: Annotated[int, Meta(ge=1)] = 1024
-    """Items waiting for a worker beyond which requests get 503 + Retry-After."""
-    max_batch: Annotated[int, Meta(ge=1, le=256)] = 32
-    """Most items sent to a worker as one ONNX batch."""
-    max_inflight: Annotated[int, Meta(ge=1, le=16)] = 2
-    """Messages outstanding per worker (2 keeps a worker busy while its reply travels)."""
-    ping_interval_s: Annotated[float, Meta(gt=0)] = 1.0
-    """Period of liveness pings and hang checks."""
-    hang_timeout_s: Annotated[float, Meta(gt=0)] = 10.0
-    """A message computing longer than this marks its worker hung; it is killed and replaced."""
-    retry_budget_s: Annotated[float, Meta(gt=0, le=600)] = 2.0
-    """Time a job retried after its worker died or hung has to be computed, whatever is left
-    of its original deadline (hang detection may take longer than the request timeout)."""
-    start_timeout_s: Annotated[float, Meta(gt=0)] = 120.0
-    """Time a new worker has to start and load the resident versions."""
-    max_restarts: Annotated[int, Meta(ge=1)] = 5
-    """Restarts of one worker slot within ``restart_window_s`` that stop its respawning."""
-    restart_window_s: Annotated[float, Meta(gt=0)] = 60.0
-    """Window of the crash-loop guard."""
-    shm_slot_bytes: Annotated[int, Meta(ge=0)] = 16 * 1024 * 1024
-    """Shared memory per in-flight message for IQ (0: send IQ through the pipe instead)."""
-    drain_timeout_s: Annotated[float, Meta(gt=0)] = 20.0
-    """Time given to queued and in-flight work at shutdown before workers are killed."""
-    test_hooks: bool = False
-    """Accept test-only messages (worker hang). Never enable in production."""
-
-    def worker_count(self) -> int:
-        """Resolved number of worker processes."""
-        return self.workers or usable_cpus()
 
 
 @dataclass(eq=False)
