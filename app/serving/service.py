@@ -41,7 +41,7 @@ from telemetry.setup import Telemetry
 from workers.errors import InvalidInput, NotReady, ServiceError, from_code
 from workers.geo import distance_m, pairwise_distance_m
 from workers.messages import ItemError, Prediction, PredictItem
-from workers.pool import JobResult, WorkerPool
+from workers.pool import JobResult, PredictResult, WorkerPool
 
 log = logging.getLogger("heimdall.service")
 
@@ -438,7 +438,7 @@ class InferenceService:
                 continue
             groups.setdefault(prepared.context.version, []).append((index, prepared))
         chunk = self.pool.settings.max_batch
-        waits: list[tuple[list[tuple[int, Prepared]], asyncio.Future[JobResult]]] = []
+        waits: list[tuple[list[tuple[int, Prepared]], asyncio.Future[PredictResult]]] = []
         for version, members in groups.items():
             slices = [members[i : i + chunk] for i in range(0, len(members), chunk)]
             futures = self.pool.submit(
@@ -466,7 +466,7 @@ class InferenceService:
     def _respond(
         self,
         prepared: Prepared,
-        result: JobResult,
+        result: PredictResult,
         offset: int,
         started: float,
         prefix: str = "$",

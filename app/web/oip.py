@@ -594,15 +594,13 @@ class OipProtocol:
         settings = service.settings
         try:
             submitted_ns = time.time_ns()
-            (future,) = self.components.pool.submit(
-                ctx.version, [], settings.request_timeout_s, infer=[job]
+            (future,) = self.components.pool.submit_tensors(
+                ctx.version, [job], settings.request_timeout_s
             )
             result = await future
             # Phase metrics and worker-timing spans, as for /v1 (features are the caller's: 0).
             service.trace_job(ctx, result, submitted_ns)
             reply = result.reply
-            if reply is None:
-                raise ServiceError("the worker answered an infer job without tensors")
             if reply.error is not None:
                 error = from_code(reply.error.code, reply.error.detail, reply.error.field)
                 raise MalformedRequest(error.detail) if isinstance(error, InvalidInput) else error
