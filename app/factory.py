@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
@@ -75,7 +76,8 @@ class Components:
         if telemetry is None and settings.telemetry.enabled:
             self.telemetry = build_telemetry(settings.telemetry, self.replica)
         if self.telemetry is not None:
-            self.telemetry.observe_pool(self.pool.stats)
+            # Telemetry knows nothing of workers/: it reads the stats as plain data.
+            self.telemetry.observe_pool(lambda: msgspec.to_builtins(self.pool.stats()))
         self.service.telemetry = self.telemetry
         self.rollout = Rollout(
             self.registry,
@@ -145,7 +147,7 @@ class Components:
     def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Ready when every routed version is served; details for operators."""
         ok, details = self.service.ready()
-        details["pool"] = self.pool.stats()["states"]
+        details["pool"] = self.pool.stats().states
         details["cache"] = self.cache.state()
         details["feedback"] = self.feedback.state()
         details["rollout"] = {

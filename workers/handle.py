@@ -1,4 +1,4 @@
-"""One worker process as the parent sees it.
+"""One worker process as the parent sees it, and the pool's typed statistics.
 
 A :class:`WorkerHandle` is shared by the supervisor (which starts, pings, kills and replaces
 the process) and the dispatcher (which sends it work): its ``outgoing`` map holds every
@@ -86,3 +86,48 @@ class WorkerHandle:
 def ready_workers(workers: list[WorkerHandle | None]) -> list[WorkerHandle]:
     """The workers that take work, in slot order."""
     return [w for w in workers if w and w.state is WorkerState.READY]
+
+
+class WorkerStats(msgspec.Struct, frozen=True):
+    """One worker slot in :class:`PoolStats`."""
+
+    slot: int
+    state: WorkerState
+    pid: int
+    in_flight: int
+    """Messages sent and not answered yet."""
+    served: int
+    """Items computed since the worker started."""
+    loading: bool
+    """Whether it is building a session (it takes no work meanwhile when others can)."""
+    versions: list[str]
+    """Versions loaded on it, sorted."""
+
+
+class PoolStats(msgspec.Struct, frozen=True):
+    """Snapshot for health, gauges and ``/v1/models`` (encodes as the same JSON object)."""
+
+    workers: list[WorkerStats]
+    states: dict[str, int]
+    """Worker slots by state; ``starting``, ``ready``, ``dead`` and ``failed`` always listed."""
+    queue_depth: int
+    """Items waiting for a worker."""
+    pending_items: int
+    """Items waiting or in flight."""
+    restarts: int
+    """Worker respawns since the pool started."""
+
+
+def worker_stats(slot: int, worker: WorkerHandle | None) -> WorkerStats:
+    """Stats of one slot (an empty slot counts as a dead worker)."""
+    if worker is None:
+        return WorkerStats(slot, WorkerState.DEAD, 0, 0, 0, False, [])
+    return WorkerStats(
+        slot,
+        worker.state,
+        worker.pid,
+        worker.load,
+        worker.served,
+        bool(worker.loading),
+        sorted(worker.loaded),
+    )

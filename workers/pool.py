@@ -16,13 +16,20 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from telemetry.logs import trace_token
 from workers.cpus import cgroup_cpu_limit, usable_cpus
 from workers.dispatcher import Dispatcher
 from workers.errors import ModelLoadError, NotReady, ServiceError
-from workers.handle import WorkerHandle, WorkerState, ready_workers
+from workers.handle import (
+    PoolStats,
+    WorkerHandle,
+    WorkerState,
+    WorkerStats,
+    ready_workers,
+    worker_stats,
+)
 from workers.jobs import JobResult, PredictResult, TensorResult
 from workers.messages import Ack, Infer, Load, PredictItem, Unload
 from workers.settings import PoolSettings
@@ -32,10 +39,12 @@ from workers.worker import WorkerConfig
 __all__ = [
     "JobResult",
     "PoolSettings",
+    "PoolStats",
     "PredictResult",
     "TensorResult",
     "WorkerPool",
     "WorkerState",
+    "WorkerStats",
     "cgroup_cpu_limit",
     "usable_cpus",
 ]
@@ -224,32 +233,20 @@ class WorkerPool:
 
     # ------------------------------------------------------------------ observation
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> PoolStats:
         """Snapshot for health, gauges and /v1/models: workers by state, queue depth, restarts."""
+        workers = [worker_stats(slot, w) for slot, w in enumerate(self._workers)]
         states: dict[str, int] = {"starting": 0, "ready": 0, "dead": 0, "failed": 0}
-        workers = []
-        for slot, w in enumerate(self._workers):
-            state = w.state.value if w else "dead"
-            states[state] = states.get(state, 0) + 1
-            workers.append(
-                {
-                    "slot": slot,
-                    "state": state,
-                    "pid": w.pid if w else 0,
-                    "in_flight": w.load if w else 0,
-                    "served": w.served if w else 0,
-                    "loading": bool(w.loading) if w else False,
-                    "versions": sorted(w.loaded) if w else [],
-                }
-            )
+        for w in workers:
+            states[w.state.value] = states.get(w.state.value, 0) + 1
         queued = self._dispatcher.queued_items
-        return {
-            "workers": workers,
-            "states": states,
-            "queue_depth": queued,
-            "pending_items": queued + self._dispatcher.in_flight_items(),
-            "restarts": self.restarts_total,
-        }
+        return PoolStats(
+            workers=workers,
+            states=states,
+            queue_depth=queued,
+            pending_items=queued + self._dispatcher.in_flight_items(),
+            restarts=self.restarts_total,
+        )
 
     def ready_versions(self) -> set[str]:
         """Resident versions that at least one ready worker serves."""
