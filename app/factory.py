@@ -15,6 +15,7 @@ import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from litestar import Litestar
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
@@ -79,7 +80,8 @@ class Components:
         if telemetry is None and settings.telemetry.enabled:
             self.telemetry = build_telemetry(settings.telemetry, self.replica)
         if self.telemetry is not None:
-            self.telemetry.observe_pool(self.pool.stats)
+            # Telemetry knows nothing of workers/: it reads the stats as plain data.
+            self.telemetry.observe_pool(lambda: msgspec.to_builtins(self.pool.stats()))
         self.service.telemetry = self.telemetry
         self.rollout = Rollout(
             self.registry,
@@ -152,7 +154,7 @@ class Components:
         return ok, Readiness(
             routed=routed,
             served=served,
-            pool=self.pool.stats()["states"],
+            pool=self.pool.stats().states,
             cache=self.cache.state(),
             feedback=self.feedback.state(),
             rollout=RolloutOutcome(

@@ -123,20 +123,33 @@ class Ping(Struct, tag="ping", frozen=True):
     id: int
 
 
-class Hang(Struct, tag="hang", frozen=True):
-    """Test hook: block the compute thread (accepted only when test hooks are enabled)."""
-
-    id: int
-    seconds: float
-
-
 class Stop(Struct, tag="stop", frozen=True):
     """Finish queued work and exit."""
 
     id: int
 
 
-Request = Load | Unload | Predict | Infer | Ping | Hang | Stop
+Request = Load | Unload | Predict | Infer | Ping | Stop
+"""What a production worker accepts; test-only messages are not part of it."""
+
+
+# Test-only, parent → worker ---------------------------------------------------------------
+
+
+class Hang(Struct, tag="hang", frozen=True):
+    """Test hook: block the compute thread for ``seconds``.
+
+    Not in :data:`Request`: :data:`request_decoder` refuses it, so a production worker drops
+    it as undecodable. Only a worker started with ``test_hooks`` decodes it, with
+    :data:`test_request_decoder`.
+    """
+
+    id: int
+    seconds: float
+
+
+TestRequest = Request | Hang
+"""What a worker started with test hooks accepts."""
 
 # Worker → parent --------------------------------------------------------------------------
 
@@ -148,7 +161,7 @@ class Hello(Struct, tag="hello", frozen=True):
 
 
 class Ack(Struct, tag="ack", frozen=True):
-    """Outcome of Load/Unload/Hang."""
+    """Outcome of Load/Unload (and of the test-only Hang)."""
 
     id: int
     ok: bool
@@ -186,4 +199,5 @@ Reply = Hello | Ack | Pong | PredictReply | InferReply
 
 request_encoder = msgspec.msgpack.Encoder()
 request_decoder = msgspec.msgpack.Decoder(Request)
+test_request_decoder = msgspec.msgpack.Decoder(TestRequest)
 reply_decoder = msgspec.msgpack.Decoder(Reply)

@@ -30,7 +30,7 @@ from telemetry.instruments import Telemetry
 from telemetry.logs import request_id_var
 from workers.errors import ServiceError, from_code
 from workers.messages import ItemError, Prediction
-from workers.pool import JobResult, WorkerPool
+from workers.pool import JobResult, PredictResult, WorkerPool
 
 log = logging.getLogger("heimdall.service")
 
@@ -150,8 +150,8 @@ class InferenceService(VersionTable):
         started = time.perf_counter() if started is None else started
         try:
             submitted_ns = time.time_ns()
-            (future,) = self.pool.submit(
-                ctx.version, [], self.settings.request_timeout_s, infer=[batch.job(ctx.version)]
+            (future,) = self.pool.submit_tensors(
+                ctx.version, [batch.job(ctx.version)], self.settings.request_timeout_s
             )
             result = await future
             # Phase metrics and worker-timing spans, as for /v1 (features are the caller's: 0).
@@ -326,7 +326,7 @@ class InferenceService(VersionTable):
                 continue
             groups.setdefault(prepared.context.version, []).append((index, prepared))
         chunk = self.pool.settings.max_batch
-        waits: list[tuple[list[tuple[int, Prepared]], asyncio.Future[JobResult]]] = []
+        waits: list[tuple[list[tuple[int, Prepared]], asyncio.Future[PredictResult]]] = []
         for version, members in groups.items():
             slices = [members[i : i + chunk] for i in range(0, len(members), chunk)]
             futures = self.pool.submit(
@@ -354,7 +354,7 @@ class InferenceService(VersionTable):
     def _respond(
         self,
         prepared: Prepared,
-        result: JobResult,
+        result: PredictResult,
         offset: int,
         started: float,
         prefix: str = "$",

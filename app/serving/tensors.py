@@ -14,7 +14,7 @@ import numpy.typing as npt
 
 from workers.errors import InvalidInput, MalformedRequest, ServiceError, from_code
 from workers.messages import Infer
-from workers.pool import JobResult
+from workers.pool import TensorResult
 from workers.spec import OUTPUT_ROLES, ModelSpec
 
 F32 = npt.NDArray[np.float32]
@@ -42,7 +42,7 @@ class TensorBatch:
         )
 
 
-def tensor_outputs(result: JobResult, spec: ModelSpec, batch: int) -> dict[str, bytes]:
+def tensor_outputs(result: TensorResult, spec: ModelSpec, batch: int) -> dict[str, bytes]:
     """The raw FP32 output tensors of an infer job, by output role.
 
     Raises:
@@ -50,8 +50,6 @@ def tensor_outputs(result: JobResult, spec: ModelSpec, batch: int) -> dict[str, 
         ServiceError: the worker failed, or answered without (or with misshapen) tensors.
     """
     reply = result.reply
-    if reply is None:
-        raise ServiceError("the worker answered an infer job without tensors")
     if reply.error is not None:
         error = from_code(reply.error.code, reply.error.detail, reply.error.field)
         raise MalformedRequest(error.detail) if isinstance(error, InvalidInput) else error

@@ -90,7 +90,7 @@ async def stream(pool: WorkerPool, seconds: float) -> tuple[int, list[BaseExcept
 async def wait_ready_count(pool: WorkerPool, count: int, timeout: float) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        if len(pool.pids()) == count and all("1" in w["versions"] for w in pool.stats()["workers"]):
+        if len(pool.pids()) == count and all("1" in w.versions for w in pool.stats().workers):
             return time.monotonic() - start
         await asyncio.sleep(0.02)
     raise AssertionError(f"pool did not get back to {count} ready workers: {pool.stats()}")
@@ -107,7 +107,7 @@ async def test_sigkill_during_stream_loses_nothing_and_worker_returns(pool: Work
     assert failures == [] and ok > 50
     assert victim not in pool.pids()
     assert replaced_in < 2.0, f"replacement took {replaced_in:.2f}s"
-    assert pool.stats()["restarts"] == 1
+    assert pool.stats().restarts == 1
 
 
 async def test_hung_worker_is_detected_and_replaced(pool: WorkerPool) -> None:
@@ -145,7 +145,7 @@ async def test_crash_loop_stops_respawning_and_pool_is_not_ready() -> None:
             os.kill(pool.pids()[0], signal.SIGKILL)
             await asyncio.sleep(0.3)
         await asyncio.sleep(0.5)
-        assert pool.stats()["states"]["failed"] == 1
+        assert pool.stats().states["failed"] == 1
         assert pool.ready_versions() == set()
         with pytest.raises(NotReady):
             pool.submit("1", [[payload_item(PAYLOADS[0])]], 1.0)
@@ -160,7 +160,7 @@ async def test_queued_request_past_deadline_is_not_computed(pool: WorkerPool) ->
     futures = pool.submit("1", [[payload_item(PAYLOADS[0])]], 0.3)
     with pytest.raises(DeadlineExceeded):
         await futures[0]
-    assert pool.stats()["queue_depth"] == 0
+    assert pool.stats().queue_depth == 0
 
 
 async def test_full_queue_answers_overloaded_with_retry_after() -> None:
@@ -206,12 +206,12 @@ async def test_requests_on_a_killed_worker_are_computed_by_another(pool: WorkerP
     items = [payload_item(p) for p in PAYLOADS]
     futures = pool.submit("1", [[items[i % len(items)]] for i in range(64)], 30.0)
     # No await since submit: the workers cannot have answered yet, the victim dies mid-batch.
-    busy = [w for w in pool.stats()["workers"] if w["in_flight"]]
+    busy = [w for w in pool.stats().workers if w.in_flight]
     assert busy, pool.stats()
-    os.kill(busy[0]["pid"], signal.SIGKILL)
+    os.kill(busy[0].pid, signal.SIGKILL)
     results = await asyncio.gather(*futures)
     assert all(isinstance(r.results[0], Prediction) for r in results)
-    assert pool.stats()["restarts"] == 1
+    assert pool.stats().restarts == 1
 
 
 async def test_a_new_version_loads_on_one_worker_at_a_time_while_the_others_serve(
@@ -225,8 +225,8 @@ async def test_a_new_version_loads_on_one_worker_at_a_time_while_the_others_serv
 
     async def watch() -> None:
         while not loading.done():
-            workers = pool.stats()["workers"]
-            seen_loading.append(sum(1 for w in workers if w["loading"]))
+            workers = pool.stats().workers
+            seen_loading.append(sum(1 for w in workers if w.loading))
             await asyncio.sleep(0.001)
 
     watcher = asyncio.create_task(watch())
