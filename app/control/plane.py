@@ -66,7 +66,9 @@ class ControlPlane:
         self.replica = replica
         self.telemetry = telemetry
         self.connected = False
-        self.last_error: str | None = None
+        # Standing faults by source ("channel", "read", "converge"); each source clears its
+        # own when it next succeeds, so a fault that is over is never shown as current.
+        self._faults: dict[str, str] = {}
         self.rejected = 0
         self.rejected_documents = 0
         self.last_rejection: dict[str, Any] | None = None
@@ -98,6 +100,17 @@ class ControlPlane:
         if self.client is not None and self.settings.enabled:
             with contextlib.suppress(Exception):
                 await self.client.delete(self._status_key())
+
+    @property
+    def last_error(self) -> str | None:
+        """The most recent fault that still stands; None when every loop is healthy."""
+        return next(reversed(self._faults.values()), None)
+
+    def _fault(self, source: str, error: str | None) -> None:
+        """Record (or with None clear) the standing fault of one source."""
+        self._faults.pop(source, None)
+        if error is not None:
+            self._faults[source] = error
 
     def reresolve(self) -> None:
         """SIGHUP: re-resolve aliases and reapply."""
@@ -152,6 +165,7 @@ class ControlPlane:
             try:
                 await pubsub.subscribe(channel)
                 self.connected = True
+                self._fault("channel", None)
                 delay = 0.5
                 self._wake.set()  # (re)connected: re-read the desired state
                 while True:
@@ -162,8 +176,9 @@ class ControlPlane:
                 raise
             except Exception as exc:
                 self.connected = False
-                self.last_error = f"control channel: {type(exc).__name__}: {exc}"
-                log.warning("%s; reconnecting in %.1fs", self.last_error, delay)
+                error = f"control channel: {type(exc).__name__}: {exc}"
+                self._fault("channel", error)
+                log.warning("%s; reconnecting in %.1fs", error, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, self.settings.retry_max_s)
             finally:
@@ -196,19 +211,21 @@ class ControlPlane:
             failed = False
             try:
                 await self._converge()
+                self._fault("converge", None)
                 delay = 1.0
                 if self._report_due:  # a refusal: show it in the fleet status now
                     self._report_due = False
                     await self._report()
             except ServiceError as exc:
                 failed = True
-                self.last_error = exc.detail
+                self._fault("converge", exc.detail)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 failed = True
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("converge failed: %s", self.last_error)
+                error = f"{type(exc).__name__}: {exc}"
+                self._fault("converge", error)
+                log.warning("converge failed: %s", error)
             timeout = delay if failed else self.settings.poll_interval_s
             if failed:
                 delay = min(delay * 2, self.settings.retry_max_s)
@@ -227,24 +244,24 @@ class ControlPlane:
         except (TimeoutError, OSError, ConnectionError) as exc:
             self._redis_down = True
             self.connected = False
-            self.last_error = f"redis unreachable: {exc or type(exc).__name__}"
+            error = f"redis unreachable: {exc or type(exc).__name__}"
+            self._fault("read", error)
             if self._applied is None:
-                log.warning(
-                    "%s; serving the default %s", self.last_error, list(self.default.weights)
-                )
+                log.warning("%s; serving the default %s", error, list(self.default.weights))
                 return None
             raise
         except Exception as exc:  # redis-py errors
             self._redis_down = True
             self.connected = False
-            self.last_error = f"redis: {type(exc).__name__}: {exc}"
+            self._fault("read", f"redis: {type(exc).__name__}: {exc}")
             if self._applied is None:
                 return None
             raise
         if self._redis_down:
             # Redis answers again (the subscriber may have reconnected before a read failed):
             # do not keep showing a connection error that is over.
-            self._redis_down, self.connected, self.last_error = False, True, None
+            self._redis_down, self.connected = False, True
+        self._fault("read", None)
         return current
 
     async def _desired(self) -> DesiredState | None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import time
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
 
 from app.control.plane import ControlPlane
 from app.control.rollout import Rollout
 from app.control.settings import ControlSettings
 from app.registry.client import ModelRegistry, RegistrySettings, VersionInfo
 from app.serving.service import InferenceService, ServiceSettings
+from tests.support.procs import RedisServer
 from workers.pool import PoolSettings, WorkerPool
 
 
@@ -60,3 +65,53 @@ async def test_an_alias_is_resolved_once_per_apply(registry_env: dict[str, str])
     assert registry.resolved == ["@production", "@production"]
     assert service.routing is not None
     assert list(service.routing.weights) == ["1"]
+
+
+async def _until(check: Callable[[], bool], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        await asyncio.sleep(0.05)
+    return check()
+
+
+async def test_a_redis_restart_seen_only_by_the_channel_leaves_no_standing_error(
+    registry_env: dict[str, str],
+) -> None:
+    """An operator's Redis restarts between two polls: the subscriber notices, reconnects,
+    and /v1/models must then say connected with no error (a stale error hides a real one)."""
+    registry = ModelRegistry(
+        RegistrySettings(
+            tracking_uri=registry_env["MLFLOW_TRACKING_URI"],
+            artifact_cache=registry_env["HEIMDALL_ARTIFACT_CACHE"],
+        )
+    )
+    own = RedisServer()
+    own.start()
+    pool = WorkerPool(PoolSettings(workers=1), log_level="WARNING")
+    await pool.start()
+    service = InferenceService(pool, ServiceSettings())
+    client = aioredis.Redis.from_url(own.url, socket_timeout=2)
+    # Polls far apart: only the pub/sub channel can see the restart.
+    settings = ControlSettings(namespace="restart", poll_interval_s=600, retry_max_s=0.5)
+    plane = ControlPlane(
+        settings, client, "rf-localizer", "@production", Rollout(registry, pool, service), "t"
+    )
+    try:
+        plane.start()
+        assert await _until(lambda: plane.connected and service.routing is not None, 120)
+        assert plane.last_error is None
+        own.stop()
+        assert await _until(lambda: not plane.connected, 10)
+        assert (plane.last_error or "").startswith("control channel:")
+        own.start()
+        assert await _until(lambda: plane.connected, 10)
+        await asyncio.sleep(0.5)  # the re-read the reconnect triggers
+        state = plane.state()
+        assert state["connected"] and state["last_error"] is None, state
+    finally:
+        await plane.stop()
+        await client.aclose()
+        await pool.stop()
+        own.stop()
