@@ -13,11 +13,11 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from typing import Annotated, Any
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 from msgspec import Meta, Struct
-from opentelemetry import trace
 
 from app.serving.answer_log import AnswerLog
 from app.serving.answers import build_response, job_timing, positions_distance_m, problem_from
@@ -26,11 +26,21 @@ from app.serving.contract import Prepared, validate
 from app.serving.schemas import ModelRef, PredictRequest, PredictResponse, Problem, Timing
 from app.serving.tensors import TensorBatch, tensor_outputs
 from app.serving.versions import VersionContext, VersionTable
-from telemetry.instruments import Telemetry
 from telemetry.logs import request_id_var
+from telemetry.scope import (
+    inference_scope,
+    phase,
+    phase_spans,
+    record_cache,
+    record_outcome,
+    traced,
+)
 from workers.errors import ServiceError, from_code
 from workers.messages import ItemError, Prediction
 from workers.pool import JobResult, PredictResult, WorkerPool
+
+if TYPE_CHECKING:
+    from telemetry.instruments import Telemetry
 
 log = logging.getLogger("heimdall.service")
 
@@ -46,7 +56,9 @@ class InferenceService(VersionTable):
     """Serves predictions from the routed model versions through the worker pool.
 
     Its version table (app/serving/versions.py) says what is resident and how requests are
-    routed; the rollout switches it with :meth:`install` and :meth:`retire`.
+    routed; the rollout switches it with :meth:`install` and :meth:`retire`. Once a request
+    is routed, its telemetry goes through an inference scope (telemetry/scope.py): the steps
+    below record phases, cache lookups and the outcome without being handed the instruments.
     """
 
     def __init__(self, pool: WorkerPool, settings: ServiceSettings) -> None:
@@ -100,20 +112,21 @@ class InferenceService(VersionTable):
             # The HTTP request's X-Request-ID names the prediction whose body names none.
             request = msgspec.structs.replace(request, request_id=header_id)
         request_id, ctx = self.route(request)
-        key = self.cache_key(request, ctx)
-        if key is not None and self.cache is not None:
-            # The in-memory tier first, before validation: only a request this process
-            # validated and answered under the same version, spec and input can be there.
-            hit = self.cache.local_get(key)
-            if hit is not None:
-                self._cache_result("hit", "local", ctx)
-                return self._cached(request_id, ctx, hit, started, request)
-        prepared = validate(request, request_id, ctx)
-        try:
-            return await self._predict(prepared, key, started)
-        except ServiceError as exc:
-            self.count(prepared.context.version, exc.code, started)
-            raise
+        with inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started):
+            key = self.cache_key(request, ctx)
+            if key is not None and self.cache is not None:
+                # The in-memory tier first, before validation: only a request this process
+                # validated and answered under the same version, spec and input can be there.
+                hit = self.cache.local_get(key)
+                if hit is not None:
+                    record_cache("hit", "local")
+                    return self._cached(request_id, ctx, hit, started, request)
+            prepared = validate(request, request_id, ctx)
+            try:
+                return await self._predict(prepared, key, started)
+            except ServiceError as exc:
+                record_outcome(exc.code)
+                raise
 
     async def _predict(
         self, prepared: Prepared, key: str | None, started: float
@@ -128,7 +141,7 @@ class InferenceService(VersionTable):
         )
         result = await future
         response = self._respond(prepared, result, 0, started)
-        self.trace_job(prepared.context, result, submitted_ns)
+        record_job(result, submitted_ns)
         outcome = result.results[0]
         if isinstance(outcome, Prediction):
             if key is not None and self.cache is not None:
@@ -148,20 +161,21 @@ class InferenceService(VersionTable):
             ServiceError: tensors the worker refused (400), overload, deadline (5xx).
         """
         started = time.perf_counter() if started is None else started
-        try:
-            submitted_ns = time.time_ns()
-            (future,) = self.pool.submit_tensors(
-                ctx.version, [batch.job(ctx.version)], self.settings.request_timeout_s
-            )
-            result = await future
-            # Phase metrics and worker-timing spans, as for /v1 (features are the caller's: 0).
-            self.trace_job(ctx, result, submitted_ns)
-            outputs = tensor_outputs(result, ctx.package.spec, batch.size)
-        except ServiceError as exc:
-            self.count(ctx.version, exc.code, started)
-            raise
-        self.count(ctx.version, "ok", started)
-        return outputs
+        with inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started):
+            try:
+                submitted_ns = time.time_ns()
+                (future,) = self.pool.submit_tensors(
+                    ctx.version, [batch.job(ctx.version)], self.settings.request_timeout_s
+                )
+                result = await future
+                # Phase metrics and worker-timing spans, as for /v1 (features: the caller's, 0).
+                record_job(result, submitted_ns)
+                outputs = tensor_outputs(result, ctx.package.spec, batch.size)
+            except ServiceError as exc:
+                record_outcome(exc.code)
+                raise
+            record_outcome("ok")
+            return outputs
 
     def _maybe_shadow(self, prepared: Prepared, primary: Prediction) -> None:
         """Run a sampled request on the shadow version after the answer; never fails it."""
@@ -188,22 +202,13 @@ class InferenceService(VersionTable):
             log.debug("shadow request on %s skipped: %s", version, exc.detail)
             return
         outcome = result.results[0]
-        if self.telemetry is not None:
-            self.telemetry.request(
-                version, "ok" if isinstance(outcome, Prediction) else outcome.code
-            )
-            if isinstance(outcome, Prediction):
-                self.telemetry.shadow_distance(version, positions_distance_m(primary, outcome))
-
-    def count(
-        self, version: str, outcome: str, started: float, answer: Prediction | None = None
-    ) -> None:
-        """Count one answer (or failure) of ``version``, its duration and its domain flag."""
-        if self.telemetry is not None:
-            self.telemetry.request(version, outcome)
-            self.telemetry.duration(version, "total", time.perf_counter() - started)
-            if answer is not None:
-                self.telemetry.domain(version, answer.domain_inside)
+        # The shadow's own scope (this task started with a copy of the primary's).
+        with inference_scope(self.telemetry, version=version, model=ctx.name) as scope:
+            if scope is not None:
+                if isinstance(outcome, Prediction):
+                    scope.shadow("ok", positions_distance_m(primary, outcome))
+                else:
+                    scope.shadow(outcome.code)
 
     def _remember(
         self, request_id: str, ctx: VersionContext, answer: Prediction, request: PredictRequest
@@ -213,38 +218,6 @@ class InferenceService(VersionTable):
             self.answers.record(
                 request_id, ctx.name, ctx.version, answer, [rx.id for rx in request.receivers]
             )
-
-    def trace_job(self, ctx: VersionContext, result: JobResult, submitted_ns: int) -> None:
-        """Queue, features and inference spans (worker-side times) and phase metrics.
-
-        Also used by :meth:`infer` (``/v2``), whose jobs have no feature phase.
-        """
-        telemetry = self.telemetry
-        if telemetry is None:
-            return
-        t = result.timings
-        version = ctx.version
-        queue_ns = int(result.queue_s * 1e9)
-        telemetry.duration(version, "queue", result.queue_s)
-        telemetry.duration(version, "features", (t.features_end_ns - t.features_start_ns) / 1e9)
-        telemetry.duration(version, "inference", (t.inference_end_ns - t.inference_start_ns) / 1e9)
-        if not telemetry.traces or not trace.get_current_span().is_recording():
-            return  # not sampled: no worker-timing spans either
-        attrs: dict[str, str | int] = {
-            "model.name": ctx.name,
-            "model.version": version,
-            "worker.id": result.worker_id,
-            "batch.size": result.batch_size,
-        }
-        tracer = telemetry.tracer
-        for name, start_ns, end_ns in (
-            ("queue", submitted_ns, submitted_ns + queue_ns),
-            ("features", t.features_start_ns, t.features_end_ns),
-            ("inference", t.inference_start_ns, t.inference_end_ns),
-        ):
-            if end_ns:
-                span = tracer.start_span(name, start_time=start_ns, attributes=attrs)
-                span.end(end_time=max(end_ns, start_ns))
 
     def cache_key(self, request: PredictRequest, ctx: VersionContext) -> str | None:
         """Cache key of a request for ``ctx``, or None when the cache is not to be used."""
@@ -266,30 +239,17 @@ class InferenceService(VersionTable):
         assert self.cache is not None
         ctx = prepared.context
         if not self.cache.usable:
-            self._cache_result("error", "redis", ctx)
+            record_cache("error", "redis")
             return None
-        telemetry = self.telemetry
-        if telemetry is not None and telemetry.traces and trace.get_current_span().is_recording():
-            with telemetry.tracer.start_as_current_span("cache.lookup") as span:
-                hit, result = await self.cache.get(key)
+        with traced("cache.lookup") as span:
+            hit, result = await self.cache.get(key)
+            if span is not None:
                 span.set_attribute("cache.result", result)
                 span.set_attribute("model.version", ctx.version)
-        else:
-            hit, result = await self.cache.get(key)
-        self._cache_result(result, "redis", ctx)
+        record_cache(result, "redis")
         if hit is None:
             return None
         return self._cached(prepared.request_id, ctx, hit, started, prepared.request)
-
-    def _cache_result(self, result: str, tier: str, ctx: VersionContext) -> None:
-        """Count one lookup; a sampled request also gets a span for an in-memory hit."""
-        telemetry = self.telemetry
-        if telemetry is None:
-            return
-        telemetry.cache(result, ctx.version, tier)
-        if tier == "local" and telemetry.traces and trace.get_current_span().is_recording():
-            attrs = {"cache.result": result, "cache.tier": tier, "model.version": ctx.version}
-            telemetry.tracer.start_span("cache.lookup", attributes=attrs).end()
 
     def _cached(
         self,
@@ -301,7 +261,7 @@ class InferenceService(VersionTable):
     ) -> PredictResponse:
         """The answer built from a cached prediction (counted as a request of ``ctx``)."""
         total_ms = (time.perf_counter() - started) * 1e3
-        self.count(ctx.version, "ok", started, hit)
+        record_outcome("ok", hit.domain_inside)
         self._remember(request_id, ctx, hit, request)
         return build_response(
             request_id,
@@ -339,17 +299,24 @@ class InferenceService(VersionTable):
             except ServiceError as exc:
                 for index, prepared in members:
                     out[index] = problem_from(exc, prepared.request_id)
-                    self.count(prepared.context.version, exc.code, started)
+                    with self._scope(prepared, started):
+                        record_outcome(exc.code)
                 continue
             for offset, (index, prepared) in enumerate(members):
-                try:
-                    out[index] = self._respond(
-                        prepared, result, offset, started, prefix=f"$.items[{index}]"
-                    )
-                except ServiceError as exc:
-                    out[index] = problem_from(exc, prepared.request_id)
-                    self.count(prepared.context.version, exc.code, started)
+                with self._scope(prepared, started):
+                    try:
+                        out[index] = self._respond(
+                            prepared, result, offset, started, prefix=f"$.items[{index}]"
+                        )
+                    except ServiceError as exc:
+                        out[index] = problem_from(exc, prepared.request_id)
+                        record_outcome(exc.code)
         return [o if o is not None else Problem("Internal error", 500, "no result") for o in out]
+
+    def _scope(self, prepared: Prepared, started: float) -> AbstractContextManager[Any]:
+        """The inference scope of one batch item (items of one batch may differ in version)."""
+        ctx = prepared.context
+        return inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started)
 
     def _respond(
         self,
@@ -365,7 +332,7 @@ class InferenceService(VersionTable):
         if isinstance(outcome, ItemError):
             field = outcome.field.replace("$", prefix, 1) if outcome.field else None
             raise from_code(outcome.code, outcome.detail, field)
-        self.count(ctx.version, "ok", started, outcome)
+        record_outcome("ok", outcome.domain_inside)
         self._remember(prepared.request_id, ctx, outcome, prepared.request)
         return build_response(
             prepared.request_id,
@@ -373,3 +340,24 @@ class InferenceService(VersionTable):
             ModelRef(ctx.name, ctx.version),
             job_timing(result, total_ms),
         )
+
+
+def record_job(result: JobResult, submitted_ns: int) -> None:
+    """Queue, features and inference phases (worker-side times) of the current scope.
+
+    Phase metrics always; for a sampled request also spans with the worker's own clock
+    (``/v2`` jobs have no feature phase: 0).
+    """
+    t = result.timings
+    phase("queue", result.queue_s)
+    phase("features", (t.features_end_ns - t.features_start_ns) / 1e9)
+    phase("inference", (t.inference_end_ns - t.inference_start_ns) / 1e9)
+    queue_end_ns = submitted_ns + int(result.queue_s * 1e9)
+    phase_spans(
+        (
+            ("queue", submitted_ns, queue_end_ns),
+            ("features", t.features_start_ns, t.features_end_ns),
+            ("inference", t.inference_start_ns, t.inference_end_ns),
+        ),
+        {"worker.id": result.worker_id, "batch.size": result.batch_size},
+    )

@@ -270,7 +270,7 @@ def test_the_scope_records_what_the_direct_calls_record(telemetry: Telemetry) ->
     """Switching the service from Telemetry's methods to the scope changes no series."""
     direct = build_telemetry(TelemetrySettings(), "scope-test", prometheus=False)
     started = time.perf_counter()
-    # Today's calls (InferenceService.count, trace_job, _cache_result, _shadow) ...
+    # The calls the service made before it used the scope (Telemetry methods directly) ...
     direct.cache("miss", "4", "redis")
     for name, seconds in (("queue", 0.001), ("features", 0.0002), ("inference", 0.003)):
         direct.duration("4", name, seconds)
