@@ -2,7 +2,10 @@
 
 Each class carries the HTTP status and a short title; the HTTP layer renders them as RFC 9457
 problem details. Errors raised inside worker processes cross the process boundary as data
-(:class:`workers.messages.ItemError`) and are rebuilt here by :func:`from_code`.
+(:class:`workers.messages.ItemError`) and are rebuilt here by :func:`from_code`. This module
+holds the base class and what the pool and its workers raise; errors about a request's body
+or the feedback store live in app/serving/errors.py, those of HTTP itself (media types,
+body intake) in app/web/errors.py.
 """
 
 from __future__ import annotations
@@ -10,6 +13,9 @@ from __future__ import annotations
 from http import HTTPStatus
 
 PROBLEM_TYPE_PREFIX = "urn:heimdall:problem:"
+
+_BY_CODE: dict[str, type[ServiceError]] = {}
+"""Every error class by code; a subclass registers itself when its module is imported."""
 
 
 def problem_type_of(code: str) -> str:
@@ -34,6 +40,7 @@ class ServiceError(Exception):
         super().__init_subclass__(**kwargs)
         if "problem_type" not in cls.__dict__:
             cls.problem_type = problem_type_of(cls.code)
+        _BY_CODE.setdefault(cls.code, cls)
 
     def __init__(self, detail: str, *, field: str | None = None, retry_after: int | None = None):
         """Create the error.
@@ -64,54 +71,6 @@ class NoSignal(InvalidInput):
     code = "no_signal"
 
 
-class MalformedRequest(ServiceError):
-    """The body cannot be decoded into the request schema (400)."""
-
-    status = HTTPStatus.BAD_REQUEST
-    title = "Malformed request"
-    code = "malformed"
-
-
-class UnsupportedMediaType(ServiceError):
-    """The body's media type is neither JSON nor MessagePack (415)."""
-
-    status = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
-    title = "Unsupported media type"
-    code = "unsupported_media_type"
-
-
-class NotAcceptable(ServiceError):
-    """The client accepts no media type the service can answer with (406)."""
-
-    status = HTTPStatus.NOT_ACCEPTABLE
-    title = "Not acceptable"
-    code = "not_acceptable"
-
-
-class PayloadTooLarge(ServiceError):
-    """The body or the batch exceeds a configured limit (413)."""
-
-    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
-    title = "Payload too large"
-    code = "too_large"
-
-
-class IncompleteBody(ServiceError):
-    """The client closed the connection, or ended its body, before sending all of it (400)."""
-
-    status = HTTPStatus.BAD_REQUEST
-    title = "Incomplete body"
-    code = "incomplete_body"
-
-
-class BodyTimeout(ServiceError):
-    """The body did not arrive within the read deadline or at the minimum data rate (408)."""
-
-    status = HTTPStatus.REQUEST_TIMEOUT
-    title = "Request timeout"
-    code = "body_timeout"
-
-
 class NonFiniteOutput(ServiceError):
     """The model produced NaN or infinity for these (finite) inputs; not answered as data (422).
 
@@ -130,54 +89,6 @@ class NotFound(ServiceError):
     status = HTTPStatus.NOT_FOUND
     title = "Not found"
     code = "not_found"
-
-
-class UnknownRequest(NotFound):
-    """Feedback names a request id this service has no answer for (404)."""
-
-    title = "Unknown request id"
-    code = "unknown_request"
-    problem_type = "urn:heimdall:problem:unknown-request"
-
-
-class ExpiredRequest(NotFound):
-    """Feedback arrives after the answer's retention window (404)."""
-
-    title = "Expired request id"
-    code = "expired_request"
-    problem_type = "urn:heimdall:problem:expired-request"
-
-
-class Forbidden(ServiceError):
-    """The operation is turned off on this service (403)."""
-
-    status = HTTPStatus.FORBIDDEN
-    title = "Forbidden"
-    code = "forbidden"
-
-
-class Conflict(ServiceError):
-    """The request contradicts what was recorded before (409)."""
-
-    status = HTTPStatus.CONFLICT
-    title = "Conflict"
-    code = "conflict"
-
-
-class TooManyRequests(ServiceError):
-    """The client exceeded its rate limit; retry after ``retry_after`` seconds (429)."""
-
-    status = HTTPStatus.TOO_MANY_REQUESTS
-    title = "Too many requests"
-    code = "rate_limited"
-
-
-class StoreUnavailable(ServiceError):
-    """The shared store (Redis) the operation needs is down or slow (503)."""
-
-    status = HTTPStatus.SERVICE_UNAVAILABLE
-    title = "Store unavailable"
-    code = "store_unavailable"
 
 
 class Overloaded(ServiceError):
@@ -220,35 +131,9 @@ class ModelLoadError(ServiceError):
     code = "model_load"
 
 
-_BY_CODE: dict[str, type[ServiceError]] = {
-    cls.code: cls
-    for cls in (
-        ServiceError,
-        InvalidInput,
-        NoSignal,
-        MalformedRequest,
-        UnsupportedMediaType,
-        NotAcceptable,
-        PayloadTooLarge,
-        IncompleteBody,
-        BodyTimeout,
-        NonFiniteOutput,
-        NotFound,
-        UnknownRequest,
-        ExpiredRequest,
-        Forbidden,
-        Conflict,
-        TooManyRequests,
-        StoreUnavailable,
-        Overloaded,
-        NotReady,
-        DeadlineExceeded,
-        WorkerFailure,
-        ModelLoadError,
-    )
-}
-
-
 def from_code(code: str, detail: str, field: str | None = None) -> ServiceError:
-    """Rebuild an error that crossed a process boundary as ``(code, detail, field)``."""
+    """Rebuild an error that crossed a process boundary as ``(code, detail, field)``.
+
+    Workers send only the codes defined here; an unknown code is a generic 500.
+    """
     return _BY_CODE.get(code, ServiceError)(detail, field=field)

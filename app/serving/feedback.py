@@ -31,11 +31,7 @@ from msgspec import Struct
 
 from app.serving.answer_log import AnswerLog, AnswerRecord, answer_decoder
 from app.serving.breaker import Breaker
-from app.serving.feedback_settings import FeedbackSettings
-from app.serving.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu
-from app.serving.field_store import FieldSample, FieldStore, field_keys
-from app.serving.schemas import EllipseHit, FeedbackRequest, FeedbackResponse, ModelRef
-from workers.errors import (
+from app.serving.errors import (
     Conflict,
     ExpiredRequest,
     Forbidden,
@@ -43,6 +39,10 @@ from workers.errors import (
     TooManyRequests,
     UnknownRequest,
 )
+from app.serving.feedback_settings import FeedbackSettings
+from app.serving.field import LEVELS, chi2_radius2, level_key, mahalanobis2, offset_enu
+from app.serving.field_store import FieldSample, FieldStore, field_keys
+from app.serving.schemas import EllipseHit, FeedbackRequest, FeedbackResponse, ModelRef
 
 
 class StoredFeedback(Struct, array_like=True, frozen=True):

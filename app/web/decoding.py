@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from workers.errors import MalformedRequest
+from app.serving.errors import MalformedRequest
 
 log = logging.getLogger("heimdall.decoding")
 

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from workers.errors import BodyTimeout
+from app.web.errors import BodyTimeout
 
 T = TypeVar("T")
 

@@ -18,6 +18,7 @@ from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
 from app.serving.answers import problem_from
+from app.serving.errors import PayloadTooLarge
 from app.serving.feedback import FeedbackService
 from app.serving.schemas import (
     BatchRequest,
@@ -31,14 +32,8 @@ from app.serving.service import InferenceService
 from app.serving.status import ModelsState, Readiness
 from app.web import decoding
 from app.web.decoding import Format
-from workers.errors import (
-    NotAcceptable,
-    NotFound,
-    PayloadTooLarge,
-    ServiceError,
-    UnsupportedMediaType,
-    problem_type_of,
-)
+from app.web.errors import NotAcceptable, UnsupportedMediaType
+from workers.errors import NotFound, ServiceError, problem_type_of
 
 log = logging.getLogger("heimdall.http")
 

@@ -33,9 +33,10 @@ from urllib.parse import quote
 
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
+from app.web.errors import IncompleteBody
 from app.web.intake import BodyClock, IntakeLimits, UploadGate, next_chunk, within
 from app.web.lifespan import ASGI_VERSION, ASGIApp, Lifespan, LifespanFailed, Message, flush_logs
-from workers.errors import IncompleteBody, ServiceError
+from workers.errors import ServiceError
 
 log = logging.getLogger("heimdall.rsgi")
 

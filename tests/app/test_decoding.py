@@ -9,11 +9,11 @@ import logging
 import msgspec
 import pytest
 
+from app.serving.errors import MalformedRequest
 from app.serving.schemas import BatchRequest, PredictRequest
 from app.web import decoding
 from app.web.oip.codec import decode_body, prepare
 from tests.support.reference import reference_spec
-from workers.errors import MalformedRequest
 
 DEPTH = 5000  # far beyond the interpreter's recursion limit
 

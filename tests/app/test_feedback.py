@@ -13,12 +13,7 @@ import redis.asyncio as aioredis
 from pyproj import Geod
 
 from app.serving.breaker import Breaker
-from app.serving.feedback import FeedbackService
-from app.serving.feedback_settings import FeedbackSettings
-from app.serving.field import window_coverage
-from app.serving.schemas import FeedbackRequest, TruePosition
-from tests.support.procs import free_port
-from workers.errors import (
+from app.serving.errors import (
     Conflict,
     ExpiredRequest,
     Forbidden,
@@ -26,6 +21,11 @@ from workers.errors import (
     TooManyRequests,
     UnknownRequest,
 )
+from app.serving.feedback import FeedbackService
+from app.serving.feedback_settings import FeedbackSettings
+from app.serving.field import window_coverage
+from app.serving.schemas import FeedbackRequest, TruePosition
+from tests.support.procs import free_port
 from workers.messages import Prediction
 
 COV = [[4.0e6, 1.5e6], [1.5e6, 9.0e6]]  # sigma_e 2 km, sigma_n 3 km, rho 0.25

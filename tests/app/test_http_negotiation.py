@@ -7,9 +7,12 @@ from litestar import Litestar
 from litestar.testing import TestClient
 from prometheus_client import CollectorRegistry, Counter
 
+from app.serving import errors as serving_errors
+from app.web import errors as web_errors
+from app.web.errors import NotAcceptable
 from app.web.routes import metrics_route, prefers_msgpack
 from workers import errors
-from workers.errors import NotAcceptable, ServiceError
+from workers.errors import ServiceError
 
 
 @pytest.mark.parametrize(
@@ -43,17 +46,21 @@ def test_nothing_acceptable_is_406(accept: str) -> None:
 
 
 def _error_classes() -> list[type[ServiceError]]:
+    """Every error class of the three homes: workers, serving and HTTP."""
     return [
         value
-        for value in vars(errors).values()
-        if isinstance(value, type) and issubclass(value, ServiceError)
+        for module in (errors, serving_errors, web_errors)
+        for value in vars(module).values()
+        if isinstance(value, type)
+        and issubclass(value, ServiceError)
+        and value.__module__ == module.__name__
     ]
 
 
 def test_every_error_class_has_its_own_problem_type() -> None:
     classes = _error_classes()
     types = {cls.problem_type for cls in classes}
-    assert len(types) == len(classes) >= 13
+    assert len(types) == len(classes) >= 22
     for cls in classes:
         assert cls.problem_type == "urn:heimdall:problem:" + cls.code.replace("_", "-")
     assert errors.NoSignal.problem_type == "urn:heimdall:problem:no-signal"
