@@ -17,6 +17,7 @@ import contextlib
 import time
 from collections import deque
 from collections.abc import Iterator
+from typing import Any
 
 import msgspec
 
@@ -57,17 +58,8 @@ class Dispatcher:
         self, version: str, groups: list[list[PredictItem]], timeout_s: float, trace: str
     ) -> list[asyncio.Future[PredictResult]]:
         """Queue one predict job per item group; raises Overloaded when they do not fit."""
-        loop = self._require_loop()
-        now = time.monotonic()
         jobs = [
-            PredictJob(
-                version=version,
-                items=group,
-                future=loop.create_future(),
-                deadline=now + timeout_s,
-                enqueued_at=now,
-                trace=trace,
-            )
+            PredictJob(items=group, **self._job_fields(version, timeout_s, trace))
             for group in groups
         ]
         self._enqueue(jobs, timeout_s)
@@ -77,21 +69,23 @@ class Dispatcher:
         self, version: str, infers: list[Infer], timeout_s: float, trace: str
     ) -> list[asyncio.Future[TensorResult]]:
         """Queue one tensor job per Infer; raises Overloaded when they do not fit."""
-        loop = self._require_loop()
-        now = time.monotonic()
         jobs = [
-            TensorJob(
-                version=version,
-                infer=infer,
-                future=loop.create_future(),
-                deadline=now + timeout_s,
-                enqueued_at=now,
-                trace=trace,
-            )
+            TensorJob(infer=infer, **self._job_fields(version, timeout_s, trace))
             for infer in infers
         ]
         self._enqueue(jobs, timeout_s)
         return [j.future for j in jobs]
+
+    def _job_fields(self, version: str, timeout_s: float, trace: str) -> dict[str, Any]:
+        """What every new job starts with: version, a fresh future, deadline and trace."""
+        now = time.monotonic()
+        return {
+            "version": version,
+            "future": self._require_loop().create_future(),
+            "deadline": now + timeout_s,
+            "enqueued_at": now,
+            "trace": trace,
+        }
 
     def _enqueue(self, jobs: list[PredictJob] | list[TensorJob], timeout: float) -> None:
         size = sum(j.size for j in jobs)

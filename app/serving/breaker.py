@@ -1,7 +1,8 @@
 """A circuit breaker for Redis calls that must never hold up a prediction.
 
-Shared by the answer log and the feedback service (one breaker per Redis client: the
-feedback store's client has its own, so feedback traffic cannot trip the cache's).
+Used by the prediction cache, the answer log and the feedback service (one breaker per
+Redis client: the feedback store's client has its own, so feedback traffic cannot trip the
+cache's).
 """
 
 from __future__ import annotations
@@ -25,12 +26,19 @@ class Breaker:
         """Whether a call may be tried now."""
         return time.monotonic() >= self._open_until
 
-    def failed(self, exc: BaseException) -> None:
-        """Count a failure; open when there were enough in a row."""
+    @property
+    def consecutive_failures(self) -> int:
+        """Failures since the last success."""
+        return self._count
+
+    def failed(self, exc: BaseException) -> bool:
+        """Count a failure; open when there were enough in a row. Whether it opened now."""
         self._count += 1
         self.last_error = f"{type(exc).__name__}: {exc}"
         if self._count >= self.failures:
             self._open_until = time.monotonic() + self.cooldown_s
+            return True
+        return False
 
     def ok(self) -> None:
         """A call succeeded."""

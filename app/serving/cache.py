@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
+from app.serving.breaker import Breaker
 from workers.messages import Prediction
 
 log = logging.getLogger("heimdall.cache")
@@ -127,10 +128,8 @@ class PredictionCache:
             self.local = LocalTier(
                 settings.local_entries, min(settings.local_ttl_s, settings.ttl_s)
             )
-        self._failures = 0
-        self._open_until = 0.0
+        self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
         self._stores: set[asyncio.Task[None]] = set()
-        self.last_error: str | None = None
 
     def key(self, model: str, version: str, feature_version: str, digest: str) -> str:
         """Cache key of one prediction."""
@@ -139,7 +138,7 @@ class PredictionCache:
     @property
     def usable(self) -> bool:
         """Whether a Redis lookup will be tried now (enabled and breaker closed)."""
-        return self.client is not None and time.monotonic() >= self._open_until
+        return self.client is not None and self.breaker.closed
 
     def local_get(self, key: str) -> Prediction | None:
         """The in-memory tier's prediction under ``key`` (no I/O)."""
@@ -151,21 +150,18 @@ class PredictionCache:
             return {"enabled": False}
         return {
             "enabled": True,
-            "breaker": "open" if time.monotonic() < self._open_until else "closed",
-            "consecutive_failures": self._failures,
-            "last_error": self.last_error,
+            "breaker": "closed" if self.breaker.closed else "open",
+            "consecutive_failures": self.breaker.consecutive_failures,
+            "last_error": self.breaker.last_error,
             "local_entries": len(self.local) if self.local is not None else None,
         }
 
     def _failed(self, exc: BaseException) -> None:
-        self._failures += 1
-        self.last_error = f"{type(exc).__name__}: {exc}"
-        if self._failures >= self.settings.breaker_failures:
-            self._open_until = time.monotonic() + self.settings.breaker_cooldown_s
+        if self.breaker.failed(exc):
             log.warning(
                 "cache circuit breaker open for %.1fs: %s",
-                self.settings.breaker_cooldown_s,
-                self.last_error,
+                self.breaker.cooldown_s,
+                self.breaker.last_error,
             )
 
     async def get(self, key: str) -> tuple[Prediction | None, str]:
@@ -183,7 +179,7 @@ class PredictionCache:
         except Exception as exc:  # redis raises many error types; all mean "no cache"
             self._failed(exc)
             return None, "error"
-        self._failures = 0
+        self.breaker.ok()
         if raw is None:
             return None, "miss"
         try:
@@ -214,7 +210,7 @@ class PredictionCache:
         except Exception as exc:
             self._failed(exc)
         else:
-            self._failures = 0
+            self.breaker.ok()
 
     async def close(self) -> None:
         """Wait briefly for pending stores."""

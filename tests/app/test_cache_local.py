@@ -43,3 +43,28 @@ def test_tier_lives_no_longer_than_redis_entries_and_can_be_off() -> None:
     assert cache.local is not None and cache.local.ttl_s == 5
     assert PredictionCache(CacheSettings(local_entries=0), client=object()).local is None
     assert PredictionCache(CacheSettings(), client=None).local is None
+
+
+class DownRedis:
+    """A Redis client whose every call fails as a refused connection does."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def get(self, key: str) -> bytes | None:
+        self.calls += 1
+        raise ConnectionError("Connection refused")
+
+
+async def test_a_failing_redis_opens_the_breaker_and_stops_being_asked() -> None:
+    client = DownRedis()
+    cache = PredictionCache(
+        CacheSettings(breaker_failures=3, breaker_cooldown_s=60, local_entries=0), client
+    )
+    for _ in range(5):
+        assert await cache.get("k") == (None, "error")
+    assert client.calls == 3  # the breaker opened after three failures in a row
+    state = cache.state()
+    assert not cache.usable and state["breaker"] == "open"
+    assert state["consecutive_failures"] == 3
+    assert "Connection refused" in state["last_error"]

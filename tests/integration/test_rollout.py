@@ -189,6 +189,11 @@ def test_weighted_routing_and_shadow(
     print(f"\nrouting 90/10 over {sum(counts.values())} requests: v2 share {share:.3f}")
     assert sum(counts.values()) == 2048
     assert abs(share - 0.1) <= 0.03
+    # OIP metadata: the main version's, listing every resident version; a version's own lists it.
+    meta = httpx.get(server.url + "/v2/models/rf-localizer", timeout=5).json()
+    assert meta["versions"] == ["1", v2], meta
+    one = httpx.get(server.url + f"/v2/models/rf-localizer/versions/{v2}", timeout=5).json()
+    assert one["versions"] == [v2], one
     cli(control_env, "route", "1=1")
     wait_for(lambda: served_version(server) == {"1": 1.0}, 20.0)
     without = primary_latencies_ms(server)

@@ -79,7 +79,7 @@ class OipProtocol:
         self._check_name(name)
         chosen = version or self.service.main_version()
         ctx = self.service.resolve(name, chosen, None)
-        versions = self.service.resident_versions() if chosen is None else [ctx.version]
+        versions = self.service.resident_versions() if version is None else [ctx.version]
         return model_metadata(ctx, versions)
 
     def model_ready(self, name: str, version: str | None) -> bool:
