@@ -79,33 +79,30 @@ def test_registered_onnx_flavor_versions_are_new_and_served_after_promote(
     assert version == "2", answer.text[:300]
 
 
-def log_like_mlflow_onnx(tracking_uri: str, folder: Path) -> str:
-    """What ``mlflow.onnx.log_model(..., registered_model_name=...)`` + ``log_artifact(spec)``
-    leave: an onnx-flavor model under ``model/``, the spec at the run's root, no heimdall tags.
-    (mlflow.onnx itself needs pandas, which the locks do not carry; the layout is the same.)"""
-    import shutil
+def log_with_mlflow_onnx(tracking_uri: str, folder: Path) -> str:
+    """A model author's usual way: ``mlflow.onnx.log_model(..., registered_model_name=...)``
+    and ``mlflow.log_artifact(spec)`` in a run; no heimdall tags. Its version number."""
+    import mlflow
+    import mlflow.onnx
+    import onnx
 
-    from mlflow.tracking import MlflowClient
-
-    from app.registry.authoring import _mlmodel
-
-    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-    experiment = client.create_experiment(
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    experiment = mlflow.create_experiment(
         "author", artifact_location=(folder / "author-artifacts").as_uri()
     )
-    run = client.create_run(experiment)
-    model_dir = folder / "logged" / "model"
-    model_dir.mkdir(parents=True)
-    shutil.copyfile(REFERENCE / "model.onnx", model_dir / "model.onnx")
-    (model_dir / "MLmodel").write_text(_mlmodel(run.info.run_id, model_dir / "model.onnx"))
-    client.log_artifacts(run.info.run_id, str(model_dir), artifact_path="model")
-    client.log_artifact(run.info.run_id, str(REFERENCE / "model_spec.json"))
-    client.set_terminated(run.info.run_id)
-    mv = client.create_model_version(
-        "rf-localizer", source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id
-    )
+    with mlflow.start_run(experiment_id=experiment):
+        info = mlflow.onnx.log_model(
+            onnx.load(str(REFERENCE / "model.onnx")),
+            name="model",
+            registered_model_name="rf-localizer",
+        )
+        mlflow.log_artifact(str(REFERENCE / "model_spec.json"))
+    version = info.registered_model_version
+    assert version is not None
+    mv = mlflow.MlflowClient().get_model_version("rf-localizer", str(version))
     assert not mv.tags
-    return str(mv.version)
+    return str(version)
 
 
 def test_a_version_logged_the_usual_mlflow_way_is_served_after_promote(
@@ -113,7 +110,7 @@ def test_a_version_logged_the_usual_mlflow_way_is_served_after_promote(
 ) -> None:
     env = server_env(tmp_path, redis_url, "u")
     cli(env, "register", str(REFERENCE), "--alias", "production")
-    version = log_like_mlflow_onnx(env["MLFLOW_TRACKING_URI"], tmp_path)
+    version = log_with_mlflow_onnx(env["MLFLOW_TRACKING_URI"], tmp_path)
     assert version == "2"
     server = start_server(**env)
     body = request_payload(heard_batch(1, 32), 0)
