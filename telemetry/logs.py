@@ -55,9 +55,18 @@ def current_trace() -> tuple[str, str] | None:
 
 
 def trace_token() -> str:
-    """The current trace as ``TRACEID-SPANID`` for a job message ('' outside a trace)."""
+    """The current trace and request id for a job message: ``TRACEID-SPANID-REQUESTID``.
+
+    Either part may be empty (an unsampled request has no trace; work outside a request has
+    no id); '' when both are. Trace and span ids are hex, so the request id is everything
+    after the second ``-``.
+    """
     current = current_trace()
-    return f"{current[0]}-{current[1]}" if current else ""
+    request_id = request_id_var.get() or ""
+    if current is None and not request_id:
+        return ""
+    trace_id, span_id = current or ("", "")
+    return f"{trace_id}-{span_id}-{request_id}"
 
 
 @contextlib.contextmanager
@@ -88,12 +97,18 @@ def note_trace() -> None:
 
 @contextlib.contextmanager
 def job_trace(token: str) -> Iterator[None]:
-    """Log lines inside the block carry the trace of ``token`` (from :func:`trace_token`)."""
-    trace_id, _, span_id = token.partition("-")
+    """Log lines inside the block carry the trace and request id of ``token``.
+
+    ``token`` comes from :func:`trace_token` in the HTTP process, with the job.
+    """
+    trace_id, span_id, request_id = [*token.split("-", 2), "", ""][:3]
     reset = _job_trace.set((trace_id, span_id) if trace_id and span_id else None)
+    reset_id = request_id_var.set(request_id) if request_id else None  # else: keep the current
     try:
         yield
     finally:
+        if reset_id is not None:
+            request_id_var.reset(reset_id)
         _job_trace.reset(reset)
 
 

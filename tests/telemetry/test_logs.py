@@ -80,7 +80,7 @@ def test_one_request_shares_its_trace_id_across_http_process_and_worker(
     assert access["pid"] != worker["pid"]  # two processes, one trace
     assert access["replica"] == worker["replica"]
     assert len(access["span_id"]) == 16 and len(worker["span_id"]) == 16
-    assert access["request_id"] == "ops-4711.a"
+    assert access["request_id"] == "ops-4711.a" == worker["request_id"]
     assert (access["method"], access["path"], access["status"]) == ("POST", "/v1/predict", 200)
     assert access["duration_ms"] > 0
     assert "predicted 1 of 1 items" in worker["msg"]
@@ -120,7 +120,7 @@ def test_json_lines_carry_request_and_job_context(restore_root_logger: None) -> 
     log.info("outside")
     with request_scope("req-1"):
         log.info("inside %s", "a request", extra={"status": 201})
-    with job_trace(f"{TRACE_ID}-00f067aa0ba902b7"):
+    with job_trace(f"{TRACE_ID}-00f067aa0ba902b7-req-2-with-dashes"):
         log.warning("in a job")
     try:
         raise ValueError("boom")
@@ -132,6 +132,7 @@ def test_json_lines_carry_request_and_job_context(restore_root_logger: None) -> 
     assert inside["request_id"] == "req-1" and inside["status"] == 201
     assert inside["msg"] == "inside a request"
     assert (job["trace_id"], job["span_id"]) == (TRACE_ID, "00f067aa0ba902b7")
+    assert job["request_id"] == "req-2-with-dashes"
     assert "ValueError: boom" in failed["exc"]
 
 
