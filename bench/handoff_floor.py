@@ -127,7 +127,7 @@ def _floor_run(seconds: float, vus: int, hash_name: str, fmt: str) -> dict[str, 
     import httpx
     import psutil
 
-    from bench.service import run_k6
+    from bench.service import k6_command, run_k6
     from tests.support.k6_smoke import k6_binary
     from tests.support.procs import ROOT, free_port
 
@@ -189,23 +189,9 @@ def _floor_run(seconds: float, vus: int, hash_name: str, fmt: str) -> dict[str, 
         export = Path(tempfile.mkdtemp(prefix="heimdall-floor-")) / "summary.json"
         before = cpu()
         _, k6_cpu, wall = run_k6(
-            [
-                binary,
-                "run",
-                "--quiet",
-                "--no-color",
-                "--summary-export",
-                str(export),
-                "-e",
-                f"BASE_URL={url}",
-                "-e",
-                f"VUS={vus}",
-                "-e",
-                f"DURATION={seconds:g}s",
-                "-e",
-                f"FORMAT={fmt}",
-                str(ROOT / "k6" / "load.js"),
-            ]
+            k6_command(
+                binary, "load.js", url, export, VUS=vus, DURATION=f"{seconds:g}s", FORMAT=fmt
+            )
         )
         after = cpu()
         import json

@@ -64,6 +64,16 @@ def _role(proc: psutil.Process, root_pid: int) -> str:
     return "HTTP worker (app)"
 
 
+def k6_command(binary: str, script: str, url: str, export: Path, **env: Any) -> list[str]:
+    """``k6 run`` of ``k6/script`` against ``url``, its summary to ``export``, ``env`` as -e."""
+    cmd = [binary, "run", "--quiet", "--no-color", "--summary-export", str(export)]
+    cmd += ["--summary-trend-stats", "avg,min,med,p(90),p(95),p(99),max", "-e", f"BASE_URL={url}"]
+    for key, value in env.items():
+        cmd += ["-e", f"{key}={value}"]
+    cmd.append(str(K6_DIR / script))
+    return cmd
+
+
 def run_k6(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float, float]:
     """Run a k6 command line from the repository root: (result, k6 CPU seconds, wall seconds)."""
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -235,21 +245,7 @@ class Stack:
     def k6(self, script: str, **env: Any) -> K6Run:
         """``k6 run script`` with ``env``; measure service CPU over the run."""
         export = self.folder / f"{script}.{time.monotonic_ns()}.json"
-        cmd = [
-            self.k6_bin,
-            "run",
-            "--quiet",
-            "--no-color",
-            "--summary-export",
-            str(export),
-            "--summary-trend-stats",
-            "avg,min,med,p(90),p(95),p(99),max",
-            "-e",
-            f"BASE_URL={self.server.url}",
-        ]
-        for key, value in env.items():
-            cmd += ["-e", f"{key}={value}"]
-        cmd.append(str(K6_DIR / script))
+        cmd = k6_command(self.k6_bin, script, self.server.url, export, **env)
         before = self.tree.sample()
         done, k6_cpu, wall = run_k6(cmd)
         after = self.tree.sample()

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.service import ProcessTree, run_k6
+from bench.service import ProcessTree, k6_command, run_k6
 from tests.support.k6_smoke import k6_binary
 from tests.support.procs import ROOT, RedisServer, Server, bootstrap_registry
 
@@ -56,11 +56,7 @@ def k6_run(
 ) -> tuple[dict[str, Any], float]:
     """Run one k6 script against ``url``: its summary metrics and wall seconds."""
     export = folder / f"{script}.{time.monotonic_ns()}.json"
-    cmd = [k6, "run", "--quiet", "--no-color", "--summary-export", str(export)]
-    cmd += ["--summary-trend-stats", "avg,med,p(95),p(99)", "-e", f"BASE_URL={url}"]
-    for key, value in env.items():
-        cmd += ["-e", f"{key}={value}"]
-    cmd.append(str(ROOT / "k6" / script))
+    cmd = k6_command(k6, script, url, export, **env)
     _, _, wall = run_k6(cmd)
     return json.loads(export.read_text())["metrics"], wall
 
