@@ -521,12 +521,22 @@ def predict_example(base: str) -> dict[str, Any]:
     return json.loads(body)
 
 
+# ONNX Runtime picks float32 kernels by CPU (AVX2, AVX-512, ...), so the same model on the same
+# input differs in the last float32 bits between machines: 5e-8 deg (6 mm) between the Intel VM
+# that wrote the README's figure and an AMD EPYC one. 1e-6 deg (0.1 m) allows that and still
+# tells any other model or version apart (they differ by hundreds of metres or more).
+ANSWER_TOLERANCE_DEG = 1e-6
+
+
 def check_answer(answer: dict[str, Any], where: str) -> str:
     """The answer must be the README's (same position, same version); a one-line description."""
     lat, lon, version = readme_answer()
     got = answer["position"]
     same = (got["latitude"], got["longitude"], answer["model"]["version"]) == (lat, lon, version)
-    close = abs(got["latitude"] - lat) < 1e-9 and abs(got["longitude"] - lon) < 1e-9
+    close = (
+        abs(got["latitude"] - lat) < ANSWER_TOLERANCE_DEG
+        and abs(got["longitude"] - lon) < ANSWER_TOLERANCE_DEG
+    )
     if answer["model"]["version"] != version or not close:
         raise Failure(
             f"{where}: answer {got} version {answer['model']['version']} differs from "
@@ -534,7 +544,7 @@ def check_answer(answer: dict[str, Any], where: str) -> str:
         )
     return (
         f"{got['latitude']}, {got['longitude']} version {answer['model']['version']} "
-        f"({'identical to' if same else 'within 1e-9 deg of'} the README / make run)"
+        f"({'identical to' if same else 'within 1e-6 deg of'} the README / make run)"
     )
 
 
