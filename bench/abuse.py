@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import resource
@@ -86,6 +87,7 @@ class Steady(threading.Thread):
         self.url, self.bodies = url, bodies
         self.latencies: list[float] = []
         self.failures = 0
+        self.statuses: collections.Counter[int | str] = collections.Counter()
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -94,13 +96,15 @@ class Steady(threading.Thread):
             i = 0
             while not self.done.is_set():
                 started = time.perf_counter()
+                status: int | str
                 try:
                     status = client.post(
                         "/v1/predict", content=self.bodies[i % len(self.bodies)], headers=headers
                     ).status_code
-                except httpx.HTTPError:
-                    status = 0
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
                 self.latencies.append(time.perf_counter() - started)
+                self.statuses[status] += 1
                 self.failures += status != 200
                 i += 1
 
@@ -236,17 +240,33 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=2000)
     parser.add_argument("--window", type=float, default=12.0)
     parser.add_argument("--bombs", type=int, default=4)
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     args = parser.parse_args()
     raise_fd_limit(args.connections + 1024)
     batch = next(iter_batches(32, 5150, chunk=32))
     bodies = [json.dumps(request_payload(batch, i, cache=False)).encode() for i in range(32)]
     with tempfile.TemporaryDirectory() as folder:
-        env = {**bootstrap_registry(Path(folder)), "REDIS_URL": "", "HEIMDALL_POOL_WORKERS": "2"}
+        env = {
+            **bootstrap_registry(Path(folder)),
+            "REDIS_URL": "",
+            "HEIMDALL_POOL_WORKERS": "2",
+            **dict(a.split("=", 1) for a in args.env),
+        }
         server = Server(env, Path(folder) / "server.log").start()
         try:
             if server.proc is None:
                 return 1
             pid = server.proc.pid
+            # Simulated captures the detector refuses (422 no-signal) are not a steady client's.
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                bodies = [
+                    body
+                    for body in bodies
+                    if client.post(
+                        "/v1/predict", content=body, headers={"content-type": "application/json"}
+                    ).status_code
+                    == 200
+                ]
             measure(server.url, bodies, 3.0)  # warm-up
             base_steady, base_probe = measure(server.url, bodies, args.window / 2)
             base_rss = tree_rss(pid)
@@ -294,7 +314,8 @@ def main() -> int:
         ),
         (
             f"during ({args.window:g} s): predictions",
-            f"{len(steady.latencies)}, {steady.failures} not 200",
+            f"{len(steady.latencies)}, {steady.failures} not 200"
+            + (f" ({dict(steady.statuses)})" if steady.failures else ""),
         ),
         (
             "during: predictions p50 / p99",

@@ -79,3 +79,29 @@ def trim() -> bool:
         return False
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
     return bool(libc.malloc_trim(ctypes.c_size_t(0)))
+
+
+JEMALLOC_CONF = "_RJEM_MALLOC_CONF"
+"""How Granian's Rust extension (built with tikv-jemallocator) reads jemalloc options."""
+
+
+def granian_decay(decay_ms: int) -> bool:
+    """Have Granian's jemalloc hand freed memory back to the kernel within ``decay_ms``.
+
+    Granian's connections live in jemalloc. With its defaults, memory freed when connections
+    close stays in the threads' caches and in dirty pages kept for 10 s and purged only while
+    the allocator is busy: after 2,000 stalled uploads closed, a do-nothing Granian app stayed
+    at 82 of its 28 MiB peak-free start for good. Without thread caches, with one arena (the
+    HTTP process has a handful of threads) and a background purging thread it goes back to
+    34 MiB within a second, and peaks at 51 instead of 82 MiB (``python -m bench.abuse``,
+    docs/reliability.md; its CPU cost in docs/benchmarks.md). Must run before Granian's
+    extension is imported (jemalloc reads its options once, at its first allocation); the
+    forked and spawned processes inherit the variable. An operator's own
+    ``_RJEM_MALLOC_CONF`` is left alone. Returns whether the option was set.
+    """
+    if decay_ms <= 0 or JEMALLOC_CONF in os.environ:
+        return False
+    os.environ[JEMALLOC_CONF] = (
+        f"background_thread:true,dirty_decay_ms:{decay_ms},muzzy_decay_ms:0,narenas:1"
+    )
+    return True

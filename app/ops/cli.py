@@ -33,6 +33,8 @@ EXIT_NOT_FOUND = 4
 def cmd_serve(args: argparse.Namespace) -> int:
     """Validate settings, then run Granian with the app factory (one HTTP process)."""
     settings = load_settings()
+    # Before Granian's extension loads: jemalloc reads its options at its first allocation.
+    malloc.granian_decay(settings.server.http_memory_decay_ms)
     from granian.constants import Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.log import LogLevels

@@ -21,6 +21,7 @@ from app.control.protocol import (
     read_current,
 )
 from app.registry.rest import RestAliases, is_remote
+from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path
 from app.settings import OperatorSettings, load_operator_settings
 
 
@@ -132,7 +133,8 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
     """Check that every version or alias in ``refs`` exists in the registry before publishing.
 
     A desired state naming a version the registry lacks can never be applied: every replica
-    would keep failing to load it. A tracking server is asked over REST (no MLflow import).
+    would keep failing to load it. A tracking server is asked over REST, a local sqlite
+    registry read with the standard library (no MLflow import either way).
 
     Raises:
         UsageError: a reference is malformed or names another model.
@@ -151,14 +153,19 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
         if ref_name != name:
             raise UsageError(f"{ref!r} names model {ref_name!r}; this fleet serves {name!r}")
         parsed.append((ref, version, alias))
-    if is_remote(settings.registry.tracking_uri):
-        rest = RestAliases(settings.registry.tracking_uri)
-        for _, version, alias in parsed:
-            if version is not None:
-                rest.check_version(name, version)
-            else:
-                rest.check_alias(name, str(alias))
-        return
+    uri = settings.registry.tracking_uri
+    path = sqlite_path(uri)
+    checker = RestAliases(uri) if is_remote(uri) else SqliteRefs(path) if path else None
+    if checker is not None:
+        try:
+            for _, version, alias in parsed:
+                if version is not None:
+                    checker.check_version(name, version)
+                else:
+                    checker.check_alias(name, str(alias))
+            return
+        except UnknownSchema:
+            pass  # not the tables this reads: MLflow reads its own database below
     from app.registry.client import ModelRegistry
 
     registry = ModelRegistry(settings.registry)

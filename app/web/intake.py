@@ -75,7 +75,7 @@ class BodyClock:
         )
 
 
-def _retrieve(task: asyncio.Future[Any]) -> None:
+def retrieve(task: asyncio.Future[Any]) -> None:
     """Consume the outcome of a read nobody waits for any more (no 'never retrieved' log)."""
     if not task.cancelled():
         task.exception()
@@ -94,25 +94,36 @@ async def within(deadline: float, read: Callable[[], Awaitable[T]]) -> tuple[boo
         done, _ = await asyncio.wait((task,), timeout=timeout)
     except BaseException:
         task.cancel()
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve)
         raise
     if not done:
         task.cancel()
-        task.add_done_callback(_retrieve)
+        task.add_done_callback(retrieve)
         return False, None
     return True, task.result()
 
 
 class UploadGate:
-    """Counts the requests receiving a body; refuses one beyond ``limit``."""
+    """Counts the requests receiving a body; refuses one beyond ``limit``.
 
-    __slots__ = ("active", "limit", "refused")
+    A burst of uploads leaves their buffers' memory freed inside the process (glibc keeps up
+    to the trim threshold of free heap, 64 MiB by default, for the next requests). When the
+    uploads in progress fall back to a few after a burst of at least ``limit // 8``,
+    ``on_drained`` runs once, to hand that memory back (``malloc_trim`` in a thread).
+    """
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("active", "limit", "on_drained", "peak", "refused")
+
+    DRAINED = 8
+    """Uploads in progress at or below which a burst counts as over."""
+
+    def __init__(self, limit: int, on_drained: Callable[[], None] | None = None) -> None:
         """Allow ``limit`` concurrent uploads."""
         self.limit = limit
         self.active = 0
+        self.peak = 0
         self.refused = 0
+        self.on_drained = on_drained
 
     def enter(self) -> bool:
         """Take a slot; False (and counted) when every slot is taken."""
@@ -120,11 +131,16 @@ class UploadGate:
             self.refused += 1
             return False
         self.active += 1
+        self.peak = max(self.peak, self.active)
         return True
 
     def leave(self) -> None:
-        """Give a slot back."""
+        """Give a slot back; the end of a burst calls ``on_drained``."""
         self.active -= 1
+        if self.active <= self.DRAINED and self.peak >= max(self.limit // 8, 2 * self.DRAINED):
+            self.peak = self.active
+            if self.on_drained is not None:
+                self.on_drained()
 
 
 async def next_chunk(chunks: Any) -> bytes | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -88,6 +89,33 @@ def test_body_in_one_piece_and_streamed_arrives_whole(server: Granian) -> None:
 
     answer = httpx.post(server.url + "/echo", content=chunks()).json()
     assert answer["sha256"] == hashlib.sha256(small).hexdigest()
+
+
+def test_a_stalled_upload_does_not_enter_the_application_until_its_body_is_in(
+    server: Granian,
+) -> None:
+    # A one-piece body is read before the application runs: a client that stalls mid-upload
+    # holds the front's small coroutine, not the routing/middleware/handler call stack.
+    body = b"z" * 50_000
+    head = (f"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    before = httpx.get(server.url + "/entered").json()["echo"]
+    socks = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(20)]
+    try:
+        for sock in socks:
+            sock.sendall(head + body[:1000])
+        time.sleep(0.5)
+        assert httpx.get(server.url + "/entered").json()["echo"] == before
+        for sock in socks:
+            sock.sendall(body[1000:])
+        for sock in socks:
+            sock.settimeout(10)
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+            assert b'"length":50000' in answer
+    finally:
+        for sock in socks:
+            sock.close()
+    assert httpx.get(server.url + "/entered").json()["echo"] == before + 20
 
 
 def test_limits_headers_paths_and_streamed_answers(server: Granian) -> None:

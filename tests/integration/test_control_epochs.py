@@ -268,6 +268,9 @@ def test_operator_verbs_import_nothing_heavy_and_promote_talks_rest(
             ("promote (tracking server)", ("promote", "1", "--alias", alias), remote),
             # route checks its versions: over REST against a tracking server (no MLflow).
             ("route (tracking server)", ("route", "1=1"), remote),
+            # ... and with sqlite's own tables against a local registry (no MLflow either).
+            ("route (sqlite)", ("route", "1=1", f"@{alias}=1"), env),
+            ("shadow (sqlite)", ("shadow", "1", "--fraction", "0.1"), env),
             ("status", ("status",), env),
         ):
             rc, heavy, walls[verb] = probe(verb_env, *args)

@@ -21,9 +21,13 @@ from litestar.response import Stream
 
 from app.web.rsgi import RSGIFront
 
+ENTERED = {"echo": 0}
+"""Requests the /echo handler has started on (before it reads the body)."""
+
 
 @post("/echo", status_code=200)
 async def echo(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    ENTERED["echo"] += 1
     body = await request.body()
     return {
         "length": len(body),
@@ -37,6 +41,11 @@ async def echo(request: Request[Any, Any, Any]) -> dict[str, Any]:
 @get("/items/{name:str}")
 async def item(name: FromPath[str]) -> dict[str, str]:
     return {"name": name}
+
+
+@get("/entered")
+async def entered() -> dict[str, int]:
+    return ENTERED
 
 
 @get("/stream")
@@ -76,7 +85,7 @@ def front() -> RSGIFront:
     """Granian factory: the Litestar app (1 MiB body limit) behind the front."""
     logging.basicConfig(level=logging.INFO)
     app = Litestar(
-        route_handlers=[echo, item, stream, slow, boom],
+        route_handlers=[echo, entered, item, stream, slow, boom],
         lifespan=[lifespan],
         request_max_body_size=1024 * 1024,
     )

@@ -27,7 +27,7 @@ print(json.dumps({"applied": applied,
 
 def fresh(script: str, mmap: int, trim: int, **env: str) -> str:
     """Stdout of ``script`` in a new interpreter whose only MALLOC_* variables are ``env``."""
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    clean = {k: v for k, v in os.environ.items() if "MALLOC_" not in k}
     return subprocess.run(
         [sys.executable, "-c", script, str(mmap), str(trim)],
         env={**clean, **env},
@@ -98,3 +98,24 @@ def test_served_replica_runs_its_pool_workers_with_the_thresholds(
         environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         assert b"MALLOC_MMAP_THRESHOLD_=8388608" in environ
         assert b"MALLOC_TRIM_THRESHOLD_=67108864" in environ
+        # Set by `serve` before Granian loaded: the HTTP process's jemalloc read it too.
+        assert any(v.startswith(b"_RJEM_MALLOC_CONF=background_thread:true") for v in environ)
+
+
+JEMALLOC = """
+import json, os, sys
+from workers import malloc
+set_ = malloc.granian_decay(int(sys.argv[1]))
+print(json.dumps([set_, os.environ.get("_RJEM_MALLOC_CONF")]))
+"""
+
+
+def test_granian_jemalloc_returns_memory_unless_the_operator_configured_it() -> None:
+    set_, conf = json.loads(fresh(JEMALLOC, 1000, 0))
+    assert set_ is True
+    assert conf == ("background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0,narenas:1")
+    assert json.loads(fresh(JEMALLOC, 0, 0)) == [False, None]
+    assert json.loads(fresh(JEMALLOC, 1000, 0, _RJEM_MALLOC_CONF="narenas:2")) == [
+        False,
+        "narenas:2",
+    ]
