@@ -242,10 +242,13 @@ class Stack:
         """Number of pool worker processes."""
         return sum(1 for role, _ in self.tree.sample().values() if role == "pool workers")
 
-    def k6(self, script: str, **env: Any) -> K6Run:
-        """``k6 run script`` with ``env``; measure service CPU over the run."""
+    def k6(self, script: str, k6_cpus: str | None = None, **env: Any) -> K6Run:
+        """``k6 run script`` with ``env`` (on the CPUs ``k6_cpus``, e.g. ``"1"``, when given);
+        measure service CPU over the run."""
         export = self.folder / f"{script}.{time.monotonic_ns()}.json"
         cmd = k6_command(self.k6_bin, script, self.server.url, export, **env)
+        if k6_cpus is not None:
+            cmd = ["taskset", "-c", k6_cpus, *cmd]
         before = self.tree.sample()
         done, k6_cpu, wall = run_k6(cmd)
         after = self.tree.sample()
