@@ -8,6 +8,7 @@ semi-major axis direction, clockwise from true north, folded into [0, 180).
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -64,15 +65,69 @@ def ellipse_polygon(
 
     Each vertex lies at the ellipse radius along its azimuth, measured as a geodesic from the
     centre (RFC 7946: exterior rings are counter-clockwise, i.e. decreasing azimuth).
+    Longitudes are continuous around the centre: a ring across the antimeridian has vertices
+    beyond ±180 (:func:`cut_at_antimeridian` makes GeoJSON of it).
     """
     azimuths = (-360.0 * np.arange(vertices) / vertices) % 360.0
     radius = ellipse_radius(cov, level, azimuths)
     east = radius * np.sin(np.radians(azimuths))
     north = radius * np.cos(np.radians(azimuths))
     lat, lon = from_local(lat0, lon0, east, north)
+    lon = lon0 + (lon - lon0 + 180.0) % 360.0 - 180.0  # no jump of 360 degrees at ±180
     ring = [[round(float(x), 7), round(float(y), 7)] for x, y in zip(lon, lat, strict=True)]
     ring.append(ring[0])
     return ring
+
+
+def _clip(ring: list[list[float]], edge: float, west: bool) -> list[list[float]]:
+    """The part of a closed convex ring west (or east) of the meridian ``edge``, closed.
+
+    Sutherland-Hodgman against one line: the vertices on the kept side, plus the points where
+    the ring's edges cross the meridian; the orientation is kept.
+    """
+
+    def kept(point: list[float]) -> bool:
+        return point[0] <= edge if west else point[0] >= edge
+
+    def crossing(a: list[float], b: list[float]) -> list[float]:
+        t = (edge - a[0]) / (b[0] - a[0])
+        return [edge, round(a[1] + t * (b[1] - a[1]), 7)]
+
+    points = ring[:-1]
+    out: list[list[float]] = []
+    for i, current in enumerate(points):
+        previous = points[i - 1]
+        if kept(current):
+            if not kept(previous):
+                out.append(crossing(previous, current))
+            out.append(current)
+        elif kept(previous):
+            out.append(crossing(previous, current))
+    if out:
+        out.append(out[0])
+    return out
+
+
+def cut_at_antimeridian(ring: list[list[float]]) -> list[list[list[float]]]:
+    """A ring from :func:`ellipse_polygon` as one ring, or two when it crosses ±180.
+
+    RFC 7946 §3.1.9: a geometry that crosses the antimeridian is cut in two so that neither
+    part crosses it; the part beyond ±180 is shifted by 360 degrees. Both parts stay closed
+    and counter-clockwise.
+    """
+    beyond_east = any(x > 180.0 for x, _ in ring)
+    if not beyond_east and not any(x < -180.0 for x, _ in ring):
+        return [ring]
+    edge, shift = (180.0, -360.0) if beyond_east else (-180.0, 360.0)
+    near = _clip(ring, edge, west=beyond_east)
+    far = [[round(x + shift, 7), y] for x, y in _clip(ring, edge, west=not beyond_east)]
+    # A part thinner than the 1e-7 degree rounding has no area left: dropped.
+    return [part for part in (near, far) if len(part) >= 4 and _area(part) > 0]
+
+
+def _area(ring: list[list[float]]) -> float:
+    """Signed area of a closed ring in square degrees (positive: counter-clockwise)."""
+    return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in itertools.pairwise(ring))
 
 
 def feature_collection(
@@ -91,13 +146,16 @@ def feature_collection(
         }
     ]
     for level in levels:
+        rings = cut_at_antimeridian(ellipse_polygon(lat, lon, cov, level, vertices))
+        geometry = (
+            {"type": "Polygon", "coordinates": rings}
+            if len(rings) == 1
+            else {"type": "MultiPolygon", "coordinates": [[ring] for ring in rings]}
+        )
         features.append(
             {
                 "type": "Feature",
-                "geometry": {
-                    "type": "Polygon",
-                    "coordinates": [ellipse_polygon(lat, lon, cov, level, vertices)],
-                },
+                "geometry": geometry,
                 "properties": {"kind": "confidence_ellipse", "confidence": level},
             }
         )

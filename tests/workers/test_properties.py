@@ -34,7 +34,7 @@ from workers.messages import (
     request_encoder,
 )
 from workers.spec import decode_spec
-from workers.uncertainty import covariance, ellipse_axes, ellipse_polygon
+from workers.uncertainty import covariance, cut_at_antimeridian, ellipse_axes, ellipse_polygon
 
 SPEC = decode_spec((REFERENCE / "model_spec.json").read_bytes()).features
 SAMPLES = SPEC.n_fft * SPEC.n_frames
@@ -149,6 +149,31 @@ def test_polygon_is_closed_and_counter_clockwise(
     assert len(ring) == 65 and ring[0] == ring[-1]
     centred = [[x - lon, y - lat] for x, y in ring]
     assert shoelace(centred) > 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lat=st.floats(-80, 80),
+    lon=st.one_of(st.floats(-180, 180), st.floats(179, 180), st.floats(-180, -179)),
+    se=st.floats(10, 50_000),
+    sn=st.floats(10, 50_000),
+    rho=RHO,
+    level=LEVEL,
+)
+def test_geojson_rings_never_cross_the_antimeridian(
+    lat: float, lon: float, se: float, sn: float, rho: float, level: float
+) -> None:
+    # RFC 7946 3.1.9: cut in two at ±180; each part closed, counter-clockwise, in range.
+    ring = ellipse_polygon(lat, lon, covariance(se, sn, rho), level, vertices=64)
+    parts = cut_at_antimeridian(ring)
+    assert 1 <= len(parts) <= 2
+    for part in parts:
+        assert part[0] == part[-1] and len(part) >= 4
+        assert all(-180.0 <= x <= 180.0 for x, _ in part), part
+        assert shoelace(part) > 0
+    # Nothing lost or added (but the 1e-7 degree rounding of the cut points and of slivers).
+    whole = shoelace([[x - lon, y] for x, y in ring])
+    assert sum(shoelace(p) for p in parts) == pytest.approx(whole, rel=1e-3, abs=1e-9)
 
 
 # ------------------------------------------------------------------------------ IPC codec

@@ -79,6 +79,20 @@ def test_polygon_vertices_lie_on_the_ellipse_along_geodesics(
         assert np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) > 0
 
 
+def test_an_ellipse_across_the_antimeridian_is_cut_in_two() -> None:
+    # A transmitter near Fiji (179.9 E) with a 30 km east-west sigma: the ellipses reach past
+    # 180; GeoJSON (RFC 7946 3.1.9) gets a MultiPolygon whose parts stay within ±180.
+    fc = feature_collection(-17.0, 179.9, covariance(30_000.0, 5_000.0, 0.0), LEVELS)
+    for feature in fc["features"][1:]:
+        geometry = feature["geometry"]
+        assert geometry["type"] == "MultiPolygon"
+        (east,), (west,) = geometry["coordinates"]
+        assert max(x for x, _ in east) == 180.0 and min(x for x, _ in east) < 180.0
+        assert min(x for x, _ in west) == -180.0 and max(x for x, _ in west) > -180.0
+    near = feature_collection(-17.0, 170.0, covariance(30_000.0, 5_000.0, 0.0), LEVELS)
+    assert {f["geometry"]["type"] for f in near["features"][1:]} == {"Polygon"}
+
+
 def test_feature_collection_has_point_and_one_polygon_per_level() -> None:
     fc = feature_collection(45.0, 7.5, covariance(1000.0, 2000.0, 0.2), LEVELS)
     kinds = [f["geometry"]["type"] for f in fc["features"]]
