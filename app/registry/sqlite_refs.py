@@ -38,44 +38,40 @@ class SqliteRefs:
         """Read ``path`` (opened read-only, per call)."""
         self.path = path
 
-    def _one(self, query: str, args: tuple[str | int, ...]) -> bool:
+    def require(self, missing: str, query: str, args: tuple[str | int, ...]) -> None:
+        """Raise :class:`NotFound` with the message ``missing`` when ``query`` finds no row.
+
+        Raises:
+            NotFound: no row.
+            ModelLoadError: the database cannot be read.
+            UnknownSchema: not MLflow's registry tables.
+        """
         if not self.path.is_file():
             raise ModelLoadError(f"no MLflow registry database at {self.path}")
         try:
             with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10) as db:
-                return db.execute(query, args).fetchone() is not None
+                found = db.execute(query, args).fetchone() is not None
         except sqlite3.OperationalError as exc:
             if "no such table" in str(exc) or "no such column" in str(exc):
                 raise UnknownSchema(str(exc)) from exc
             raise ModelLoadError(f"MLflow registry database {self.path}: {exc}") from exc
         except sqlite3.Error as exc:
             raise ModelLoadError(f"MLflow registry database {self.path}: {exc}") from exc
+        if not found:
+            raise NotFound(missing)
 
     def check_version(self, name: str, version: str) -> None:
-        """Raise when ``version`` of ``name`` is not registered (or was deleted).
-
-        Raises:
-            NotFound: no such model or version.
-            ModelLoadError: the database cannot be read.
-            UnknownSchema: not MLflow's registry tables.
-        """
-        found = self._one(
+        """Raise (see :meth:`require`) when ``version`` of ``name`` is not registered or deleted."""
+        self.require(
+            f"'{version}' is not in the registry: {name!r} has no version {version}",
             "SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND current_stage != ?",
             (name, int(version), DELETED),
         )
-        if not found:
-            raise NotFound(f"'{version}' is not in the registry: {name!r} has no version {version}")
 
     def check_alias(self, name: str, alias: str) -> None:
-        """Raise when ``alias`` of ``name`` points at no version.
-
-        Raises:
-            NotFound: no such model or alias.
-            ModelLoadError: the database cannot be read.
-            UnknownSchema: not MLflow's registry tables.
-        """
-        found = self._one(
-            "SELECT 1 FROM registered_model_aliases WHERE name = ? AND alias = ?", (name, alias)
+        """Raise (see :meth:`require`) when ``alias`` of ``name`` points at no version."""
+        self.require(
+            f"'@{alias}' is not in the registry: {name!r} has no alias {alias!r}",
+            "SELECT 1 FROM registered_model_aliases WHERE name = ? AND alias = ?",
+            (name, alias),
         )
-        if not found:
-            raise NotFound(f"'@{alias}' is not in the registry: {name!r} has no alias {alias!r}")

@@ -133,15 +133,19 @@ def shoelace(ring: list[list[float]]) -> float:
     return 0.5 * sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in itertools.pairwise(ring))
 
 
+ELLIPSES = {
+    "lat": st.floats(-80, 80),
+    "lon": st.floats(-179, 179),
+    "se": st.floats(10, 50_000),
+    "sn": st.floats(10, 50_000),
+    "rho": RHO,
+    "level": LEVEL,
+}
+"""An ellipse anywhere a receiver network can be (sigmas 10 m to 50 km)."""
+
+
 @settings(max_examples=40, deadline=None)
-@given(
-    lat=st.floats(-80, 80),
-    lon=st.floats(-179, 179),
-    se=st.floats(10, 50_000),
-    sn=st.floats(10, 50_000),
-    rho=RHO,
-    level=LEVEL,
-)
+@given(**ELLIPSES)
 def test_polygon_is_closed_and_counter_clockwise(
     lat: float, lon: float, se: float, sn: float, rho: float, level: float
 ) -> None:
@@ -153,12 +157,10 @@ def test_polygon_is_closed_and_counter_clockwise(
 
 @settings(max_examples=60, deadline=None)
 @given(
-    lat=st.floats(-80, 80),
-    lon=st.one_of(st.floats(-180, 180), st.floats(179, 180), st.floats(-180, -179)),
-    se=st.floats(10, 50_000),
-    sn=st.floats(10, 50_000),
-    rho=RHO,
-    level=LEVEL,
+    **{
+        **ELLIPSES,
+        "lon": st.one_of(st.floats(-180, 180), st.floats(179, 180), st.floats(-180, -179)),
+    }
 )
 def test_geojson_rings_never_cross_the_antimeridian(
     lat: float, lon: float, se: float, sn: float, rho: float, level: float
