@@ -88,13 +88,13 @@ JEMALLOC_CONF = "_RJEM_MALLOC_CONF"
 def granian_decay(decay_ms: int) -> bool:
     """Have Granian's jemalloc hand freed memory back to the kernel within ``decay_ms``.
 
-    Granian's connections live in jemalloc. With its defaults, memory freed when connections
-    close stays in the threads' caches and in dirty pages kept for 10 s and purged only while
-    the allocator is busy: after 2,000 stalled uploads closed, a do-nothing Granian app stayed
-    at 82 of its 28 MiB peak-free start for good. Without thread caches, with one arena (the
-    HTTP process has a handful of threads) and a background purging thread it goes back to
-    34 MiB within a second, and peaks at 51 instead of 82 MiB (``python -m bench.abuse``,
-    docs/reliability.md; its CPU cost in docs/benchmarks.md). Must run before Granian's
+    Granian's connections live in jemalloc. With its defaults (nine arenas, per-thread
+    caches, freed pages kept 10 s and purged only while the allocator is busy), a do-nothing
+    Granian app went from 28 to 82 MiB with 2,000 stalled uploads and stayed at 82 MiB after
+    they closed. With one arena (the HTTP process has a handful of threads) and a background
+    purging thread: 28 → 42 → 42 MiB; with thread caches off as well 31 MiB, but that cost
+    15 % of the throughput and was left out (``python -m bench.abuse``, ``python -m bench.ab``;
+    docs/reliability.md: +3.5 % HTTP CPU per request). Must run before Granian's
     extension is imported (jemalloc reads its options once, at its first allocation); the
     forked and spawned processes inherit the variable. An operator's own
     ``_RJEM_MALLOC_CONF`` is left alone. Returns whether the option was set.
