@@ -43,8 +43,8 @@ import httpx
 
 from app.web.oip.inflate import inflate
 from bench.flood import Sampler, tree_rss
+from bench.payloads import payloads
 from tests.support.procs import Server, bootstrap_registry
-from training.simulate import iter_batches, request_payload
 
 V2 = "/v2/models/rf-localizer/infer"
 
@@ -243,8 +243,8 @@ def main() -> int:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the server")
     args = parser.parse_args()
     raise_fd_limit(args.connections + 1024)
-    batch = next(iter_batches(32, 5150, chunk=32))
-    bodies = [json.dumps(request_payload(batch, i, cache=False)).encode() for i in range(32)]
+    # Captures the detector answers (a steady client's, not 422 no-signal refusals).
+    bodies = [json.dumps(body).encode() for body in payloads(32, 5150, False, "abuse")]
     with tempfile.TemporaryDirectory() as folder:
         env = {
             **bootstrap_registry(Path(folder)),
@@ -257,16 +257,6 @@ def main() -> int:
             if server.proc is None:
                 return 1
             pid = server.proc.pid
-            # Simulated captures the detector refuses (422 no-signal) are not a steady client's.
-            with httpx.Client(base_url=server.url, timeout=10) as client:
-                bodies = [
-                    body
-                    for body in bodies
-                    if client.post(
-                        "/v1/predict", content=body, headers={"content-type": "application/json"}
-                    ).status_code
-                    == 200
-                ]
             measure(server.url, bodies, 3.0)  # warm-up
             base_steady, base_probe = measure(server.url, bodies, args.window / 2)
             base_rss = tree_rss(pid)

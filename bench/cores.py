@@ -32,11 +32,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from bench.__main__ import machine
+from bench.payloads import payloads
 from bench.service import ProcessTree, Rounds, Stack
-from training.simulate import iter_batches, request_payload
 
 HTTP, POOL = "HTTP worker (app)", "pool workers"
 
@@ -67,18 +65,12 @@ class Load:
     p50_ms: float
 
 
-def _bodies(url: str, folder: Path) -> int:
-    """Write 32 captures the replica answers 200 (cache off) as 1.json, 2.json, ...; count."""
-    batch = next(iter_batches(32, 7070, chunk=32))
-    count = 0
-    with httpx.Client(base_url=url, timeout=30) as client:
-        for i in range(32):
-            body = json.dumps(request_payload(batch, i, cache=False)).encode()
-            headers = {"content-type": "application/json"}
-            if client.post("/v1/predict", content=body, headers=headers).status_code == 200:
-                count += 1
-                (folder / f"{count}.json").write_bytes(body)
-    return count
+def _bodies(folder: Path) -> int:
+    """Write 32 captures the replica answers (cache off) as 1.json, 2.json, ...; the count."""
+    bodies = payloads(32, 7070, False, "cores")
+    for i, body in enumerate(bodies, 1):
+        (folder / f"{i}.json").write_bytes(json.dumps(body).encode())
+    return len(bodies)
 
 
 def _ms(text: str) -> float:
@@ -155,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.sched_setaffinity(0, cpus)
         temp = tempfile.TemporaryDirectory(prefix="heimdall-cores-")
         folder = Path(exit_stack.enter_context(temp))
-        count = _bodies(stacks["1 core"].server.url, folder)
+        count = _bodies(folder)
 
         def load(side: str, seconds: float) -> Load:
             if client == "wrk":
