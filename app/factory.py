@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -35,6 +36,7 @@ from app.web.intake import IntakeLimits
 from app.web.oip.errors import v2_aware
 from app.web.oip.routes import build_oip_routes
 from app.web.openapi import complete_openapi
+from app.web.processes import LONE, HttpProcess
 from app.web.request_context import RequestContext
 from app.web.routes import (
     build_routes,
@@ -45,6 +47,7 @@ from app.web.routes import (
 )
 from app.web.rsgi import RSGIFront
 from app.web.tracing import server_span_middleware
+from telemetry.exposition import PeerExposition, single
 from telemetry.instruments import Telemetry
 from telemetry.logs import configure_logging
 from telemetry.providers import build_telemetry
@@ -54,20 +57,28 @@ from workers.pool import WorkerPool
 log = logging.getLogger("heimdall.app")
 
 
-def replica_name(settings: Settings) -> str:
-    """This replica's id in fleet status and telemetry."""
-    return settings.server.replica_id or (
-        f"{socket.gethostname()}:{settings.server.port}:{os.getpid()}"
+def replica_name(settings: Settings, process: HttpProcess = LONE) -> str:
+    """This replica's id in fleet status and telemetry (``/p<index>`` per HTTP process)."""
+    return process.name(
+        settings.server.replica_id or f"{socket.gethostname()}:{settings.server.port}:{os.getpid()}"
     )
 
 
 class Components:
     """The collaborators of one replica, built by :func:`create_app`."""
 
-    def __init__(self, settings: Settings, telemetry: Telemetry | None = None) -> None:
-        """Build (not start) every component; ``telemetry`` replaces the default providers."""
+    def __init__(
+        self, settings: Settings, telemetry: Telemetry | None = None, process: HttpProcess = LONE
+    ) -> None:
+        """Build (not start) every component.
+
+        ``telemetry`` replaces the default providers; ``process`` places this HTTP process in
+        its replica.
+        """
         self.settings = settings
-        self.replica = replica_name(settings)
+        self.process = process
+        self.replica = replica_name(settings, process)
+        self._announce: asyncio.Task[None] | None = None
         self.pool = WorkerPool(
             settings.pool,
             log_level=settings.server.log_level,
@@ -127,18 +138,42 @@ class Components:
             self.replica,
             self.telemetry,
         )
+        self.peers: PeerExposition | None = None
+        registry = self.telemetry.registry if self.telemetry is not None else None
+        if registry is not None and process.peers is not None:
+            self.peers = PeerExposition(
+                single(registry), process.peers, process.index, process.count
+            )
+
+    async def scrape(self) -> bytes:
+        """``/metrics``: this process's metrics, or its replica's when it has siblings."""
+        if self.peers is not None:
+            return await self.peers.scrape()
+        assert self.telemetry is not None
+        assert self.telemetry.registry is not None
+        return single(self.telemetry.registry)()
 
     async def start(self) -> None:
         """Start the pool, then converge on the desired state in the background."""
+        if self.peers is not None:
+            await self.peers.start()
         await self.pool.start()
+        if self.process.shared:
+            self.process.mark_ready(False)  # a predecessor's marker (a respawned process)
+            self._announce = asyncio.create_task(self._announce_ready())
         self.control.start()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.control.reresolve)
 
     async def stop(self) -> None:
         """Drain and stop everything."""
+        if self._announce is not None:
+            self._announce.cancel()
+        self.process.mark_ready(False)
         await self.control.stop()
         await self.pool.stop()
+        if self.peers is not None:
+            await self.peers.stop()
         if self.telemetry is not None:
             self.telemetry.shutdown()
         await self.cache.close()
@@ -148,9 +183,22 @@ class Components:
                 with contextlib.suppress(Exception):
                     await client.aclose()
 
+    async def _announce_ready(self) -> None:
+        """Mark this process ready for its siblings the first time it is."""
+        while not self.service.ready()[0]:  # noqa: ASYNC110 - readiness is computed, not signalled
+            await asyncio.sleep(0.1)
+        self.process.mark_ready(True)
+
     def readiness(self) -> tuple[bool, Readiness]:
-        """Ready when every routed version is served; details for operators."""
+        """Ready when every routed version is served; details for operators.
+
+        With several HTTP processes, also only once every one has been ready since it started.
+        """
         ok, routed, served = self.service.ready()
+        processes = None
+        if self.process.shared:
+            processes = self.process.ready_processes()
+            ok = ok and len(processes) == self.process.count
         return ok, Readiness(
             routed=routed,
             served=served,
@@ -163,6 +211,7 @@ class Components:
             ),
             control=self.control.state(),
             status="ready" if ok else "not ready",
+            http_processes_ready=processes,
         )
 
     def live(self) -> dict[str, dict[str, Any]]:
@@ -183,13 +232,16 @@ class Components:
         )
 
 
-def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litestar:
+def create_app(
+    settings: Settings, telemetry: Telemetry | None = None, process: HttpProcess = LONE
+) -> Litestar:
     """Build the Litestar application and its collaborators for ``settings``.
 
     ``telemetry`` injects providers (tests pass in-memory exporters); by default they are
-    built from the ``OTEL_*`` environment.
+    built from the ``OTEL_*`` environment. ``process`` is this HTTP process's place in its
+    replica (``HEIMDALL_HTTP_PROCESSES``).
     """
-    components = Components(settings, telemetry)
+    components = Components(settings, telemetry, process)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: Litestar) -> AsyncIterator[None]:
@@ -217,7 +269,7 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
     middleware = []
     if components.telemetry is not None:
         if components.telemetry.registry is not None:
-            routes.append(metrics_route(components.telemetry.registry))
+            routes.append(metrics_route(components.scrape))
         # Litestar turns an OpenTelemetry middleware in this list into its OpenTelemetry
         # plugin (outermost, around the router); the class is our lean server span.
         middleware.append(
@@ -254,10 +306,19 @@ def create_app(settings: Settings, telemetry: Telemetry | None = None) -> Litest
     return app
 
 
-def _settings_from_env() -> Settings:
+def _settings_from_env() -> tuple[Settings, HttpProcess]:
+    """Settings and this HTTP process's place; with siblings, its share of the pool."""
     settings = load_settings()
-    configure_logging(settings.server.log_level, settings.server.log_format, replica_name(settings))
-    return settings
+    process = HttpProcess.from_env(settings.server.http_processes)
+    if process.shared:
+        share = process.pool_share(settings.pool.worker_count())
+        settings = dataclasses.replace(
+            settings, pool=msgspec.structs.replace(settings.pool, workers=share)
+        )
+    configure_logging(
+        settings.server.log_level, settings.server.log_format, replica_name(settings, process)
+    )
+    return settings, process
 
 
 def with_request_context(app: Litestar, settings: Settings) -> RequestContext:
@@ -267,15 +328,15 @@ def with_request_context(app: Litestar, settings: Settings) -> RequestContext:
 
 def create_app_from_env() -> RequestContext:
     """Granian ASGI factory target: settings from the environment, validated at start."""
-    settings = _settings_from_env()
-    return with_request_context(create_app(settings), settings)
+    settings, process = _settings_from_env()
+    return with_request_context(create_app(settings, process=process), settings)
 
 
 def create_rsgi_app_from_env() -> RSGIFront:
     """Granian RSGI factory target: the same app behind the RSGI front (app/web/rsgi.py)."""
-    settings = _settings_from_env()
+    settings, process = _settings_from_env()
     server = settings.server
-    app = create_app(settings)
+    app = create_app(settings, process=process)
     telemetry = app.state.components.telemetry
     return RSGIFront(
         with_request_context(app, settings),

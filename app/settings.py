@@ -74,6 +74,11 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     2,000 stalled uploads; an operator's ``_RJEM_MALLOC_CONF`` wins)."""
     interface: Literal["rsgi", "asgi"] = "rsgi"
     """How Granian calls the app: rsgi (body in one piece, app/web/rsgi.py) or Granian's ASGI."""
+    http_processes: Annotated[int, Meta(ge=1, le=64)] = 1
+    """HTTP processes in this replica (Granian workers sharing the port); each gets its share
+    of ``HEIMDALL_POOL_WORKERS`` (at least one), its own control subscriber and in-memory cache,
+    and ``/metrics`` from any of them covers all (label ``http_process``). One process uses at
+    most one core: give a replica wider than 2 cores about one per 2 cores."""
 
 
 # ("module:Struct", prefix, {field: standard variable name}); modules are imported on use,
@@ -130,6 +135,12 @@ def _check_combinations(settings: Settings) -> None:
         SettingsError: the message names the variables and the rule.
     """
     server = settings.server
+    if server.http_processes > settings.pool.worker_count():
+        raise SettingsError(
+            f"invalid setting: HEIMDALL_HTTP_PROCESSES ({server.http_processes}) must not exceed "
+            f"the pool workers ({settings.pool.worker_count()}, HEIMDALL_POOL_WORKERS): each "
+            "HTTP process needs a pool worker of its own"
+        )
     if server.max_concurrent_uploads + RESERVED_CONNECTIONS > server.granian_backpressure:
         raise SettingsError(
             "invalid setting: HEIMDALL_GRANIAN_BACKPRESSURE "

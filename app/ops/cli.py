@@ -10,16 +10,20 @@ one line on stderr, ``heimdall-inference VERB: what went wrong``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
 import signal
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from app.registry.client import RegistrySettings
 from app.settings import SettingsError, load_operator_settings, load_settings, settings_table
+from app.web.processes import INDEX_ENV, PEERS_ENV
 from workers import malloc
 
 REFERENCE_PACKAGE = Path(__file__).resolve().parents[2] / "training" / "reference"
@@ -51,8 +55,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 if pid:
                     os.kill(pid, signal.SIGHUP)
 
+        def _spawn_worker(self, idx: int, target: Any, callback_loader: Any, *rest: Any) -> Any:
+            # Each HTTP process learns its index before it builds the app (a respawned one
+            # keeps its predecessor's): app/web/processes.py.
+            loader = functools.partial(_load_as_process, idx, callback_loader)
+            return super()._spawn_worker(idx, target, loader, *rest)
+
     bootstrap_if_missing(settings.registry)
     server = settings.server
+    peers = None
+    if server.http_processes > 1:
+        peers = tempfile.TemporaryDirectory(prefix="heimdall-http-")
+        os.environ[PEERS_ENV] = peers.name
     _raise_fd_limit(server.granian_backpressure + 1024)
     # Before Granian forks the HTTP process (which spawns the pool workers): both inherit.
     malloc.tune(server.malloc_mmap_threshold_bytes, server.malloc_trim_threshold_bytes)
@@ -64,7 +78,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         address=args.host or server.host,
         port=args.port if args.port is not None else server.port,
         interface=Interfaces.RSGI if server.interface == "rsgi" else Interfaces.ASGI,
-        workers=1,
+        workers=server.http_processes,
         loop=Loops.asyncio,
         backpressure=server.granian_backpressure,
         http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
@@ -73,7 +87,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         websockets=False,
         workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
     ).serve()
-    # Granian has stopped and joined its worker: nothing is left to clean up here. A normal
+    if peers is not None:
+        peers.cleanup()
+    # Granian has stopped and joined its workers: nothing is left to clean up here. A normal
     # interpreter exit runs onnxruntime's C++ exit handlers in this process (it imports ORT
     # through the settings modules), which waited 5-10 s in containers (docs/deploy.md);
     # flush what we wrote and leave at once.
@@ -81,6 +97,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _load_as_process(index: int, load: Callable[[], Any]) -> Any:
+    """Granian's app loader, run in HTTP process ``index`` after it set its index."""
+    os.environ[INDEX_ENV] = str(index)
+    return load()
 
 
 def bootstrap_if_missing(settings: RegistrySettings) -> str | None:

@@ -102,3 +102,6 @@ class Readiness(Struct, frozen=True):
     control: dict[str, Any]
     status: str
     """``ready`` or ``not ready``."""
+    http_processes_ready: list[int] | None = None
+    """With several HTTP processes: those that have been ready since they started (every one
+    must have been for any to answer ready)."""

@@ -7,7 +7,7 @@ an RFC 9457 problem-details document.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -216,15 +216,16 @@ def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> R
     )
 
 
-def metrics_route(registry: Any) -> HTTPRouteHandler:
-    """``GET /metrics``: Prometheus exposition of the OpenTelemetry metrics in ``registry``."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+def metrics_route(scrape: Callable[[], Awaitable[bytes]]) -> HTTPRouteHandler:
+    """``GET /metrics``: Prometheus exposition of the replica's OpenTelemetry metrics."""
+    from prometheus_client import CONTENT_TYPE_LATEST
 
-    @get("/metrics", summary="Prometheus metrics", include_in_schema=False, sync_to_thread=False)
-    def metrics() -> Response[bytes]:
-        # Litestar appends "; charset=utf-8" to text/* itself: name it once.
-        media_type = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
-        return Response(generate_latest(registry), media_type=media_type)
+    # Litestar appends "; charset=utf-8" to text/* itself: name it once.
+    media_type = CONTENT_TYPE_LATEST.replace("; charset=utf-8", "")
+
+    @get("/metrics", summary="Prometheus metrics", include_in_schema=False)
+    async def metrics() -> Response[bytes]:
+        return Response(await scrape(), media_type=media_type)
 
     return metrics
 

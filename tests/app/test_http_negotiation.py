@@ -11,6 +11,7 @@ from app.serving import errors as serving_errors
 from app.web import errors as web_errors
 from app.web.errors import NotAcceptable
 from app.web.routes import metrics_route, prefers_msgpack
+from telemetry.exposition import single
 from workers import errors
 from workers.errors import ServiceError
 
@@ -70,7 +71,12 @@ def test_every_error_class_has_its_own_problem_type() -> None:
 def test_metrics_content_type_names_the_charset_once() -> None:
     registry = CollectorRegistry()
     Counter("probe", "a counter", registry=registry).inc()
-    with TestClient(Litestar([metrics_route(registry)])) as client:
+    render = single(registry)
+
+    async def scrape() -> bytes:
+        return render()
+
+    with TestClient(Litestar([metrics_route(scrape)])) as client:
         response = client.get("/metrics")
     assert response.status_code == 200
     content_type = response.headers["content-type"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from app.settings import SettingsError, all_env_names, load_settings, settings_table
+from app.web.processes import HttpProcess
 from tests.support.procs import ROOT
 
 
@@ -67,3 +69,17 @@ def test_readme_settings_table_is_generated_from_the_structs() -> None:
     assert block.group(1).strip() == settings_table().strip()
     for name in all_env_names():
         assert f"`{name}`" in readme
+
+
+def test_http_processes_need_a_pool_worker_each() -> None:
+    with pytest.raises(SettingsError, match="HEIMDALL_HTTP_PROCESSES"):
+        load_settings({"HEIMDALL_HTTP_PROCESSES": "3", "HEIMDALL_POOL_WORKERS": "2"})
+    assert load_settings({"HEIMDALL_HTTP_PROCESSES": "2", "HEIMDALL_POOL_WORKERS": "2"})
+
+
+def test_pool_workers_are_split_between_http_processes_at_least_one_each() -> None:
+    shares = [HttpProcess(i, 2, Path("/x")).pool_share(5) for i in range(2)]
+    assert shares == [3, 2]
+    assert [HttpProcess(i, 4, Path("/x")).pool_share(2) for i in range(4)] == [1, 1, 1, 1]
+    assert HttpProcess(0, 1, None).name("r") == "r"
+    assert HttpProcess(1, 2, Path("/x")).name("r") == "r/p1"
