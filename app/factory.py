@@ -311,9 +311,19 @@ def _settings_from_env() -> tuple[Settings, HttpProcess]:
     settings = load_settings()
     process = HttpProcess.from_env(settings.server.http_processes)
     if process.shared:
-        share = process.pool_share(settings.pool.worker_count())
+        # A client's connections land on any process: each keeps its share of the per-client
+        # feedback rate, so the replica as a whole keeps the configured one.
+        feedback = settings.feedback
         settings = dataclasses.replace(
-            settings, pool=msgspec.structs.replace(settings.pool, workers=share)
+            settings,
+            pool=msgspec.structs.replace(
+                settings.pool, workers=process.pool_share(settings.pool.worker_count())
+            ),
+            feedback=msgspec.structs.replace(
+                feedback,
+                rate_per_s=feedback.rate_per_s / process.count,
+                burst=max(1, feedback.burst // process.count),
+            ),
         )
     configure_logging(
         settings.server.log_level, settings.server.log_format, replica_name(settings, process)

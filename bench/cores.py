@@ -3,7 +3,9 @@
 Two private stacks at once, identical but for the CPUs they may use: one pinned to one core,
 one to two (the affinity is set before ``serve`` starts, so every process and thread of the
 replica inherits it, and ``HEIMDALL_POOL_WORKERS=0`` sizes the pool from it: one worker, then
-two). The load is a closed loop of ``--connections`` clients posting 32 distinct captures
+two). The 2-core replica runs ``--http-processes`` HTTP processes (default: one per core, each
+with its share of the pool; ``1`` is the one-process replica). The load is a closed loop of
+``--connections`` clients posting 32 distinct captures
 (cache off) to ``/v1/predict``, from ``wrk`` (one thread, a Lua script with the requests
 built once) when it is installed, else k6 ``load.js``. The client runs on a core of its own
 where one is left (the 1-core stack) and shares the cores otherwise; its CPU share is
@@ -12,7 +14,7 @@ printed, since on a 2-core machine it takes from the 2-core stack (k6 needs ≈ 
 round; the table gives medians.
 
 From the per-process CPU per request it projects throughput for 4, 8 and 16 cores: with one
-HTTP process (the replica today) an HTTP process can use at most one core, so throughput is
+HTTP process (the default) an HTTP process can use at most one core, so throughput is
 at most ``1000 / HTTP ms``; with HTTP processes added as cores are (each with its share of
 pool workers) it is ``cores x 1000 / (HTTP ms + pool ms)``. The projection assumes the
 per-request CPU stays what it is here (no contention, no hyper-threading effects).
@@ -120,19 +122,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=16)
     parser.add_argument("--client", choices=("wrk", "k6"), default=None)
+    parser.add_argument(
+        "--http-processes", type=int, default=0, help="of the 2-core replica (0: one per core)"
+    )
     args = parser.parse_args(argv)
     client = args.client or ("wrk" if shutil.which("wrk") else "k6")
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         raise SystemExit("bench.cores: needs at least 2 usable CPUs")
     sides = {"1 core": cpus[:1], "2 cores": cpus[:2]}
+    http_processes = {"1 core": 1, "2 cores": args.http_processes or 2}
     client_cpus = {
         side: ",".join(map(str, cpus[len(mine) :])) if len(cpus) > len(mine) else None
         for side, mine in sides.items()
     }
     rounds = Rounds(
         f"python -m bench.cores --rounds {args.rounds} --seconds {args.seconds:g} "
-        f"--connections {args.connections} --client {client}",
+        f"--connections {args.connections} --client {client} "
+        f"--http-processes {http_processes['2 cores']}",
         list(sides),
         machine(),
     )
@@ -141,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         for side, mine in sides.items():
             os.sched_setaffinity(0, mine)  # serve and everything it starts inherit it
             try:
-                stack = Stack({"HEIMDALL_POOL_WORKERS": "0"})
+                env = {"HEIMDALL_HTTP_PROCESSES": str(http_processes[side])}
+                stack = Stack({"HEIMDALL_POOL_WORKERS": "0", **env})
                 stacks[side] = exit_stack.enter_context(stack)
             finally:
                 os.sched_setaffinity(0, cpus)
@@ -175,13 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     med = rounds.med
     print("\n" + rounds.header(f"medians of {args.rounds} rounds of {args.seconds:g} s"))
     print(
-        f"| server CPUs | pool workers | {client} on | req/s | server cores used | {client} cores "
-        "| CPU ms/request: HTTP / pool / all | p50 ms |"
+        f"| server CPUs | HTTP processes | pool workers | {client} on | req/s "
+        f"| server cores used | {client} cores | CPU ms/request: HTTP / pool / all | p50 ms |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for side, mine in sides.items():
         print(
-            f"| {side} ({','.join(map(str, mine))}) | {workers[side]} "
+            f"| {side} ({','.join(map(str, mine))}) | {http_processes[side]} | {workers[side]} "
             f"| {client_cpus[side] or 'the same cores'} | {med(side, 'rps'):.0f} "
             f"| {med(side, 'cores used'):.2f} | {med(side, 'k6 cores'):.2f} "
             f"| {med(side, 'http'):.3f} / {med(side, 'pool'):.3f} / {med(side, 'total'):.3f} "
@@ -194,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         f"\nProjection from the 2-core run's CPU per request (HTTP {http:.3f} ms, all "
         f"{total:.3f} ms):\n"
     )
-    print("| cores | one HTTP process (today) | HTTP processes added with the cores |")
+    print("| cores | one HTTP process (the default) | an HTTP process per core |")
     print("|---|---|---|")
     for n in (1, 2, 4, 8, 16):
         today = min(1000 / http, n * 1000 / total)
