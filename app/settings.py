@@ -78,7 +78,8 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """HTTP processes in this replica (Granian workers sharing the port); each gets its share
     of ``HEIMDALL_POOL_WORKERS`` (at least one), its own control subscriber and in-memory cache,
     and ``/metrics`` from any of them covers all (label ``http_process``). One process uses at
-    most one core: give a replica wider than 2 cores about one per 2 cores."""
+    most one core and takes about half of each request's CPU: one per core scales a replica
+    (docs/benchmarks.md); each costs ≈ 200 MiB."""
 
 
 # ("module:Struct", prefix, {field: standard variable name}); modules are imported on use,
