@@ -70,25 +70,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _raise_fd_limit(server.granian_backpressure + 1024)
     # Before Granian forks the HTTP process (which spawns the pool workers): both inherit.
     malloc.tune(server.malloc_mmap_threshold_bytes, server.malloc_trim_threshold_bytes)
-    HeimdallServer(
-        "app.factory:create_rsgi_app_from_env"
-        if server.interface == "rsgi"
-        else "app.factory:create_app_from_env",
-        factory=True,
-        address=args.host or server.host,
-        port=args.port if args.port is not None else server.port,
-        interface=Interfaces.RSGI if server.interface == "rsgi" else Interfaces.ASGI,
-        workers=server.http_processes,
-        loop=Loops.asyncio,
-        backpressure=server.granian_backpressure,
-        http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
-        log_level=LogLevels(server.log_level.lower()),
-        log_dictconfig=granian_log_config(server.log_format, server.replica_id),
-        websockets=False,
-        workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
-    ).serve()
-    if peers is not None:
-        peers.cleanup()
+    try:
+        HeimdallServer(
+            "app.factory:create_rsgi_app_from_env"
+            if server.interface == "rsgi"
+            else "app.factory:create_app_from_env",
+            factory=True,
+            address=args.host or server.host,
+            port=args.port if args.port is not None else server.port,
+            interface=Interfaces.RSGI if server.interface == "rsgi" else Interfaces.ASGI,
+            workers=server.http_processes,
+            loop=Loops.asyncio,
+            backpressure=server.granian_backpressure,
+            http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
+            log_level=LogLevels(server.log_level.lower()),
+            log_dictconfig=granian_log_config(server.log_format, server.replica_id),
+            websockets=False,
+            workers_kill_timeout=int(settings.pool.drain_timeout_s) + 10,
+        ).serve()
+    finally:  # also when a worker's unexpected exit makes Granian exit 1
+        if peers is not None:
+            peers.cleanup()
     # Granian has stopped and joined its workers: nothing is left to clean up here. A normal
     # interpreter exit runs onnxruntime's C++ exit handlers in this process (it imports ORT
     # through the settings modules), which waited 5-10 s in containers (docs/deploy.md);
