@@ -333,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="alternating ours/MLServer runs")
     parser.add_argument("--venv", type=Path, default=DEFAULT_VENV)
     parser.add_argument("--write", action="store_true", help="write docs/benchmarks.md")
+    parser.add_argument(
+        "--http-processes", type=int, default=1, help="ours: HEIMDALL_HTTP_PROCESSES"
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     exe = ensure_venv(args.venv)
@@ -364,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         body_path.write_text(body_of(feeds))
         print(f"bench.oip: body {body_path.stat().st_size / 1e3:.0f} kB", flush=True)
 
-        with Stack() as stack:
+        with Stack({"HEIMDALL_HTTP_PROCESSES": str(args.http_processes)}) as stack:
             workers = stack.pool_pids()
             diff = check_answer(stack.server.url, body_path.read_text(), want)
             print(f"bench.oip: ours ({workers} pool workers) matches ORT, max |diff| {diff:.2g}")
@@ -417,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     table = [
         "| server | req/s | CPU ms/request | ratio ours/MLServer | p50 / p99 ms | notes |",
         "|---|---|---|---|---|---|",
-        f"| heimdall-inference (Granian + {workers} pool workers) | {ours['rps']:.0f} | "
+        f"| heimdall-inference (Granian, {args.http_processes} HTTP + {workers} pool "
+        f"processes) | {ours['rps']:.0f} | "
         f"{cpu['ours']:.3f} | {ratio:.2f} (target >= {TARGET_RATIO}) | "
         f"{ours['p50']:.1f} / {ours['p99']:.1f} | failed rate {ours['failed']:.3f}; "
         f"{ours['processes']} processes; machine busy {ours['busy_cores']:.2f} cores, "
