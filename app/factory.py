@@ -169,7 +169,7 @@ class Components:
         """Drain and stop everything."""
         if self._announce is not None:
             self._announce.cancel()
-        self.process.mark_ready(False)
+        self.process.leave()
         await self.control.stop()
         await self.pool.stop()
         if self.peers is not None:
@@ -184,10 +184,16 @@ class Components:
                     await client.aclose()
 
     async def _announce_ready(self) -> None:
-        """Mark this process ready for its siblings the first time it is."""
+        """Mark this process ready for its siblings once it is, and keep the mark there.
+
+        Re-marked every second: a ``/tmp`` cleaner or an operator removing the file must not
+        leave a healthy replica not ready for good.
+        """
         while not self.service.ready()[0]:  # noqa: ASYNC110 - readiness is computed, not signalled
             await asyncio.sleep(0.1)
-        self.process.mark_ready(True)
+        while True:
+            self.process.mark_ready(True)
+            await asyncio.sleep(1.0)
 
     def readiness(self) -> tuple[bool, Readiness]:
         """Ready when every routed version is served; details for operators.
@@ -311,18 +317,10 @@ def _settings_from_env() -> tuple[Settings, HttpProcess]:
     settings = load_settings()
     process = HttpProcess.from_env(settings.server.http_processes)
     if process.shared:
-        # A client's connections land on any process: each keeps its share of the per-client
-        # feedback rate, so the replica as a whole keeps the configured one.
-        feedback = settings.feedback
         settings = dataclasses.replace(
             settings,
             pool=msgspec.structs.replace(
                 settings.pool, workers=process.pool_share(settings.pool.worker_count())
-            ),
-            feedback=msgspec.structs.replace(
-                feedback,
-                rate_per_s=feedback.rate_per_s / process.count,
-                burst=max(1, feedback.burst // process.count),
             ),
         )
     configure_logging(

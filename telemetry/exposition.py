@@ -2,7 +2,9 @@
 
 Each HTTP process keeps its own OpenTelemetry instruments (no shared memory, no locks on the
 request path). With more than one process, each also answers its own Prometheus text on a
-Unix socket in a folder the replica's processes share (``<index>.sock``); whichever process
+Unix socket in Linux's abstract namespace, named after the folder the replica's processes
+share and the process index (no file that a ``/tmp`` cleaner could remove, no path-length
+limit from a long ``TMPDIR``, nothing stale after a crash); whichever process
 receives a scrape reads its siblings' texts and answers the union, every sample labelled
 ``http_process="<index>"``, plus ``heimdall_http_process_up{http_process}`` (0 for a sibling
 that did not answer within the deadline, so a partial scrape is visible, not silent).
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -91,16 +94,14 @@ class PeerExposition:
         self.deadline_s = deadline_s
         self._server: asyncio.AbstractServer | None = None
 
-    def path(self, index: int) -> Path:
-        """The Unix socket of process ``index``."""
-        return self.folder / f"{index}.sock"
+    def path(self, index: int) -> str:
+        """The abstract Unix socket of process ``index`` (a leading NUL: no file)."""
+        digest = hashlib.blake2b(str(self.folder.resolve()).encode(), digest_size=8).hexdigest()
+        return f"\0heimdall-metrics-{digest}-{index}"
 
     async def start(self) -> None:
         """Answer siblings' reads on this process's socket."""
-        own = self.path(self.index)
-        with contextlib.suppress(FileNotFoundError):
-            own.unlink()  # left by a process this one replaces (Granian respawn)
-        self._server = await asyncio.start_unix_server(self._answer, path=str(own))
+        self._server = await asyncio.start_unix_server(self._answer, path=self.path(self.index))
 
     async def stop(self) -> None:
         """Stop answering and remove the socket."""
@@ -109,8 +110,6 @@ class PeerExposition:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
             self._server = None
-        with contextlib.suppress(FileNotFoundError):
-            self.path(self.index).unlink()
 
     async def _answer(self, _: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -124,7 +123,7 @@ class PeerExposition:
     async def _read(self, index: int) -> bytes | None:
         try:
             async with asyncio.timeout(self.deadline_s):
-                reader, writer = await asyncio.open_unix_connection(str(self.path(index)))
+                reader, writer = await asyncio.open_unix_connection(self.path(index))
                 try:
                     return await reader.read()
                 finally:

@@ -10,10 +10,12 @@ one line on stderr, ``heimdall-inference VERB: what went wrong``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -32,6 +34,7 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_NOT_FOUND = 4
+PR_SET_PDEATHSIG = 1
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -65,8 +68,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = settings.server
     peers = None
     if server.http_processes > 1:
-        peers = tempfile.TemporaryDirectory(prefix="heimdall-http-")
-        os.environ[PEERS_ENV] = peers.name
+        peers = tempfile.mkdtemp(prefix="heimdall-http-")
+        os.environ[PEERS_ENV] = peers
     _raise_fd_limit(server.granian_backpressure + 1024)
     # Before Granian forks the HTTP process (which spawns the pool workers): both inherit.
     malloc.tune(server.malloc_mmap_threshold_bytes, server.malloc_trim_threshold_bytes)
@@ -90,7 +93,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ).serve()
     finally:  # also when a worker's unexpected exit makes Granian exit 1
         if peers is not None:
-            peers.cleanup()
+            shutil.rmtree(peers, ignore_errors=True)  # the last HTTP process may have done it
     # Granian has stopped and joined its workers: nothing is left to clean up here. A normal
     # interpreter exit runs onnxruntime's C++ exit handlers in this process (it imports ORT
     # through the settings modules), which waited 5-10 s in containers (docs/deploy.md);
@@ -103,8 +106,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _load_as_process(index: int, load: Callable[[], Any]) -> Any:
     """Granian's app loader, run in HTTP process ``index`` after it set its index."""
+    _die_with_parent()
     os.environ[INDEX_ENV] = str(index)
     return load()
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this HTTP process when Granian's main process dies, even by SIGKILL.
+
+    Without it a killed main process left its HTTP processes serving as orphans (holding the
+    port and their pools). SIGTERM is their graceful drain.
+    """
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the main process died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def bootstrap_if_missing(settings: RegistrySettings) -> str | None:

@@ -10,6 +10,7 @@ model. Neither variable is a setting: an operator sets only the count.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,9 +59,20 @@ class HttpProcess:
         if self.peers is None:
             return
         if ready:
+            self.peers.mkdir(parents=True, exist_ok=True)  # even the folder may be removed
             self._marker(self.index).touch()
         else:
             self._marker(self.index).unlink(missing_ok=True)
+
+    def leave(self) -> None:
+        """At stop: unmark, and remove the shared folder if this process was the last in it.
+
+        The main process removes it as well, unless it was killed.
+        """
+        self.mark_ready(False)
+        if self.peers is not None:
+            with contextlib.suppress(OSError):
+                self.peers.rmdir()
 
     def ready_processes(self) -> list[int]:
         """Indices of the replica's processes that have been ready since they started."""

@@ -15,9 +15,11 @@ import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 
 from tests.integration.test_rollout import cli, wait_for
@@ -156,3 +158,28 @@ def test_sigterm_drains_the_work_in_flight_in_every_process(
     assert server.proc.returncode == 0
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health/live", timeout=2)
+
+
+def test_a_removed_marker_a_long_tmpdir_and_a_killed_main_process_leave_nothing_broken(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    # A TMPDIR near the limit of a Unix socket path (108 bytes) once failed the start.
+    tmpdir = tmp_path / ("t" * max(1, 100 - len(str(tmp_path))))
+    tmpdir.mkdir()
+    server = start_server(
+        HEIMDALL_HTTP_PROCESSES="2", HEIMDALL_POOL_WORKERS="2", TMPDIR=str(tmpdir)
+    )
+    (folder,) = tmpdir.glob("heimdall-http-*")
+    for marker in folder.glob("ready-*"):
+        marker.unlink()  # a /tmp cleaner, an operator: once left the replica 503 for good
+    wait_for(lambda: httpx.get(server.url + "/health/ready", timeout=5).status_code == 200, 5.0)
+
+    assert server.proc is not None
+    tree = psutil.Process(server.proc.pid).children(recursive=True)
+    assert len(tree) >= 4  # 2 HTTP processes, 2 pool workers (and resource trackers)
+    os.kill(server.proc.pid, signal.SIGKILL)  # Granian's main process, no chance to clean up
+    _, alive = psutil.wait_procs(tree, timeout=20)
+    assert not alive, [" ".join(p.cmdline()) for p in alive]  # no orphan serving on the port
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health/live", timeout=2)
+    assert not folder.exists()  # the last HTTP process out removed the folder
