@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from tests.integration.test_rollout import cli, wait_for
-from tests.support.procs import Server, run_cli
+from tests.support.procs import Server, post_json, run_cli
 from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -123,12 +123,7 @@ def test_sigterm_drains_the_work_in_flight_in_every_process(
     assert len(pids) == 2
 
     def call(_: int) -> int:
-        return httpx.post(
-            server.url + "/v1/predict/batch",
-            content=content,
-            headers={"content-type": "application/json"},
-            timeout=60,
-        ).status_code
+        return post_json(server.url + "/v1/predict/batch", content)
 
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)  # hold the work in flight in both processes

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.support.procs import ROOT, Server
+from tests.support.procs import ROOT, Server, post_json
 from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -68,12 +68,7 @@ def test_sigterm_drains_in_flight_requests(
         return int(httpx.get(server.url + "/v1/models", timeout=5).json()["pool"]["pending_items"])
 
     def call(_: int) -> int:
-        return httpx.post(
-            server.url + "/v1/predict/batch",
-            content=content,
-            headers={"content-type": "application/json"},
-            timeout=60,
-        ).status_code
+        return post_json(server.url + "/v1/predict/batch", content)
 
     os.kill(worker_pid, signal.SIGSTOP)  # hold the work in flight while SIGTERM arrives
     try:

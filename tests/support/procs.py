@@ -177,6 +177,13 @@ class Server:
         return self.proc.returncode
 
 
+def post_json(url: str, content: bytes, timeout: float = 60.0) -> int:
+    """POST ``content`` as JSON; the status code."""
+    return httpx.post(
+        url, content=content, headers={"content-type": "application/json"}, timeout=timeout
+    ).status_code
+
+
 def json_get(url: str, **kwargs: Any) -> Any:
     """GET and decode JSON."""
     return httpx.get(url, timeout=10.0, **kwargs).json()
