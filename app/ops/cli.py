@@ -61,7 +61,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         def _spawn_worker(self, idx: int, target: Any, callback_loader: Any, *rest: Any) -> Any:
             # Each HTTP process learns its index before it builds the app (a respawned one
             # keeps its predecessor's): app/web/processes.py.
-            loader = functools.partial(_load_as_process, idx, callback_loader)
+            loader = functools.partial(_load_as_process, idx, os.getpid(), callback_loader)
             return super()._spawn_worker(idx, target, loader, *rest)
 
     bootstrap_if_missing(settings.registry)
@@ -104,14 +104,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os._exit(0)
 
 
-def _load_as_process(index: int, load: Callable[[], Any]) -> Any:
+def _load_as_process(index: int, main_pid: int, load: Callable[[], Any]) -> Any:
     """Granian's app loader, run in HTTP process ``index`` after it set its index."""
-    _die_with_parent()
+    _die_with_parent(main_pid)
     os.environ[INDEX_ENV] = str(index)
     return load()
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(main_pid: int) -> None:
     """Linux: SIGTERM this HTTP process when Granian's main process dies, even by SIGKILL.
 
     Without it a killed main process left its HTTP processes serving as orphans (holding the
@@ -121,7 +121,7 @@ def _die_with_parent() -> None:
 
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() == 1:  # the main process died before prctl took effect
+    if os.getppid() != main_pid:  # it died before prctl took effect (main may be PID 1)
         os.kill(os.getpid(), signal.SIGTERM)
 
 
