@@ -24,6 +24,19 @@ HISTORY_KEYS = ("train_nll", "val_nll", "val_median_km")
 """Per-epoch figures the trainer records, logged as MLflow metric histories (step = epoch)."""
 
 
+def _artifact_root(tracking_uri: str) -> str | None:
+    """Artifacts of an embedded sqlite registry go beside its file, as ``register`` does.
+
+    Without it MLflow puts them in ``./mlruns`` of whatever directory the trainer runs in
+    (the repository, for ``make train`` and the tests). None lets a tracking server decide.
+    """
+    if tracking_uri.startswith("sqlite:///"):
+        root = Path(tracking_uri[len("sqlite:///") :]).parent / "mlartifacts"
+        root.mkdir(parents=True, exist_ok=True)
+        return root.as_uri()
+    return None
+
+
 def flat_metrics(figures: Mapping[str, object], prefix: str = "") -> dict[str, float]:
     """The finite numbers in a nested figures document, with dotted keys.
 
@@ -79,7 +92,11 @@ def log_training_run(
 
     client = MlflowClient(tracking_uri=tracking_uri)
     found = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = found.experiment_id if found else client.create_experiment(EXPERIMENT)
+    experiment_id = (
+        found.experiment_id
+        if found
+        else client.create_experiment(EXPERIMENT, artifact_location=_artifact_root(tracking_uri))
+    )
     run = client.create_run(experiment_id, run_name=run_name)
     run_id = str(run.info.run_id)
     try:

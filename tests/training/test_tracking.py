@@ -60,6 +60,8 @@ def test_a_training_run_is_logged_with_params_curves_figures_and_the_package(
     logged = {a.path for a in client.list_artifacts(run_id, "package")}
     assert {"package/model.onnx", "package/model_spec.json"} <= logged
     assert "figures.json" in {a.path for a in client.list_artifacts(run_id)}
+    # Beside the registry file, not in ./mlruns of the directory the trainer ran in.
+    assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri()), run.info
 
 
 def test_a_missing_package_logs_nothing(tmp_path: Path) -> None:
