@@ -10,6 +10,12 @@ Example (glibc malloc thresholds, workers/malloc.py)::
 
     python -m bench.ab --a HEIMDALL_MALLOC_MMAP_THRESHOLD_BYTES=0 \\
         HEIMDALL_MALLOC_TRIM_THRESHOLD_BYTES=0
+
+Two versions of the code: ``BENCH_SERVER_ROOT`` runs a side's server from another checkout
+(its working directory, so its modules shadow this one's; same virtualenv)::
+
+    git worktree add /tmp/before HEAD~1
+    python -m bench.ab --a BENCH_SERVER_ROOT=/tmp/before
 """
 
 from __future__ import annotations

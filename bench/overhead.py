@@ -33,11 +33,11 @@ def pieces() -> list[tuple[str, float]]:
     import msgspec
     import numpy as np
 
-    from app.serving.schemas import PredictRequest
     from bench.payloads import load, predict_items
     from workers.features import extract_features
     from workers.geo import distance_m
     from workers.inputs import pack_capture
+    from workers.request import PredictRequest
     from workers.runtime import LoadedModel
 
     body = json.dumps(load("predict")[0]).encode()

@@ -80,8 +80,8 @@ def load(kind: str = "predict", folder: Path = DATA) -> list[dict[str, Any]]:
 
 def predict_items(folder: Path = DATA) -> list[Any]:
     """The committed predict bodies as the pool's ``PredictItem``s (decoded as the API does)."""
-    from app.serving.schemas import PredictRequest
     from workers.messages import PredictItem
+    from workers.request import PredictRequest
 
     decoder = msgspec.json.Decoder(PredictRequest)
     items = []

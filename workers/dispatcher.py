@@ -164,16 +164,21 @@ class Dispatcher:
         if isinstance(first, TensorJob):
             return [first], first.message(next(self._ids)), -1
         batch = [first]
-        items = first.size
+        items, nbytes = first.size, first.nbytes
+        # Join jobs while the message still fits one arena slot: padded bodies (up to the
+        # body limit each) must not push a whole batch through the pipe instead.
+        room = worker.arena.slot_bytes if worker.arena else 1 << 62
         while (
             self._queue
             and isinstance(following := self._queue[0], PredictJob)
             and following.version == first.version
             and items + following.size <= self.settings.max_batch
+            and nbytes + following.nbytes <= room
         ):
             self._pop()
             batch.append(following)
             items += following.size
+            nbytes += following.nbytes
         wall = time.time_ns() - int(now * 1e9)
         staged, shm_slot = self._stage([i for j in batch for i in j.items], worker)
         message = Predict(
@@ -188,13 +193,15 @@ class Dispatcher:
 
     @staticmethod
     def _stage(items: list[PredictItem], worker: WorkerHandle) -> tuple[list[PredictItem], int]:
-        """Move the items' IQ into the worker's arena when there is room (else inline)."""
+        """Move the items' IQ (or bodies) into the worker's arena when there is room."""
         staged = worker.arena.write([i.iq for i in items]) if worker.arena else None
         if staged is None:
             return items, -1
         slot, offsets = staged
         return [
-            PredictItem(b"", i.latitudes, i.longitudes, i.levels, i.geojson, offset, len(i.iq))
+            PredictItem(
+                b"", i.latitudes, i.longitudes, i.levels, i.geojson, offset, len(i.iq), i.encoding
+            )
             for i, offset in zip(items, offsets, strict=True)
         ], slot
 

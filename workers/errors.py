@@ -3,8 +3,9 @@
 Each class carries the HTTP status and a short title; the HTTP layer renders them as RFC 9457
 problem details. Errors raised inside worker processes cross the process boundary as data
 (:class:`workers.messages.ItemError`) and are rebuilt here by :func:`from_code`. This module
-holds the base class and what the pool and its workers raise; errors about a request's body
-or the feedback store live in app/serving/errors.py, those of HTTP itself (media types,
+holds the base class and what the pool and its workers raise (workers decode and check
+``/v1/predict`` bodies, so :class:`MalformedRequest` is here too); errors about the feedback
+store live in app/serving/errors.py, those of HTTP itself (media types,
 body intake) in app/web/errors.py.
 """
 
@@ -97,6 +98,14 @@ class Overloaded(ServiceError):
     status = HTTPStatus.SERVICE_UNAVAILABLE
     title = "Overloaded"
     code = "overloaded"
+
+
+class MalformedRequest(ServiceError):
+    """The body cannot be decoded into the request schema (400)."""
+
+    status = HTTPStatus.BAD_REQUEST
+    title = "Malformed request"
+    code = "malformed"
 
 
 class NotReady(ServiceError):

@@ -101,6 +101,11 @@ class PredictJob(Job[PredictResult]):
         """Items this job occupies in the queue."""
         return len(self.items)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes its items put in a worker's arena (IQ, or undecoded bodies)."""
+        return sum(len(i.iq) for i in self.items)
+
     def settle(self, reply: msgspec.Struct, offset: int, worker_id: int) -> None:
         """Resolve from this job's ``offset``-based slice of a :class:`PredictReply`.
 

@@ -14,7 +14,12 @@ from msgspec import Struct
 
 
 class PredictItem(Struct, array_like=True, frozen=True):
-    """One capture set: ``k`` receivers' IQ (complex64, concatenated) and their positions."""
+    """One capture set: ``k`` receivers' IQ (complex64, concatenated) and their positions.
+
+    Or, with ``encoding`` set, a whole undecoded ``/v1/predict`` body in ``iq`` (or in the
+    arena) that the worker decodes and checks itself (workers/request.py); the other fields
+    are then empty.
+    """
 
     iq: bytes
     latitudes: list[float]
@@ -25,6 +30,8 @@ class PredictItem(Struct, array_like=True, frozen=True):
     """When ≥ 0, ``iq`` is empty and the samples are in the worker's arena at this offset."""
     iq_length: int = 0
     """Bytes of IQ in the arena."""
+    encoding: int = 0
+    """0: ``iq`` is complex64 samples; 1/2: it is a JSON/MessagePack request body."""
 
 
 class Ellipse(Struct, frozen=True):
@@ -82,6 +89,8 @@ class Load(Struct, tag="load", frozen=True):
     spec: bytes
     sha256: str = ""
     """Digest the file had when it was verified; the worker re-checks it before loading."""
+    label: str = ""
+    """The model and version as problems name them (``model heimdall v3``)."""
 
 
 class Unload(Struct, tag="unload", frozen=True):

@@ -55,6 +55,7 @@ class _Resident:
     model_path: str
     spec: bytes
     sha256: str = ""
+    label: str = ""
 
 
 class WorkerPool:
@@ -172,7 +173,8 @@ class WorkerPool:
         worker.loading += 1
         try:
             ack = await self._supervisor.control(
-                worker, Load(next(self._ids), version, res.model_path, res.spec, res.sha256)
+                worker,
+                Load(next(self._ids), version, res.model_path, res.spec, res.sha256, res.label),
             )
         finally:
             worker.loading -= 1
@@ -182,7 +184,9 @@ class WorkerPool:
             raise ModelLoadError(f"worker {worker.slot} could not load {version}: {detail}")
         worker.loaded.add(version)
 
-    async def load(self, version: str, model_path: str, spec: bytes, sha256: str = "") -> None:
+    async def load(
+        self, version: str, model_path: str, spec: bytes, sha256: str = "", label: str = ""
+    ) -> None:
         """Load ``version`` on every worker (each builds, warms and validates its session).
 
         One worker at a time, and the dispatcher sends no work to the worker that is loading
@@ -194,7 +198,7 @@ class WorkerPool:
         """
         if version in self._resident:
             return
-        res = _Resident(model_path, spec, sha256)
+        res = _Resident(model_path, spec, sha256, label or f"model v{version}")
         self._resident[version] = res
         errors: list[BaseException] = []
         for worker in ready_workers(self._workers):

@@ -16,6 +16,7 @@ from workers.errors import InvalidInput, ModelLoadError, NonFiniteOutput, Servic
 from workers.geo import from_local
 from workers.inputs import ModelInputs, pack_capture
 from workers.messages import Ellipse, ItemError, Prediction, PredictItem, Timings
+from workers.request import check_capture, decode_request
 from workers.spec import ModelSpec, decode_spec
 from workers.uncertainty import (
     calibrated_sigmas,
@@ -41,14 +42,20 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
 class LoadedModel:
     """A validated, warmed-up session for one model version."""
 
-    def __init__(self, model_path: str, spec_raw: bytes, intra_op_threads: int) -> None:
+    def __init__(
+        self, model_path: str, spec_raw: bytes, intra_op_threads: int, label: str = "model"
+    ) -> None:
         """Build the session in this process and validate it against the spec.
+
+        ``label`` names the model and version in the problems of bodies decoded here.
 
         Raises:
             ModelLoadError: the file does not load, its tensors do not match the spec, or a
                 warm-up run gives non-finite outputs.
         """
         self.spec: ModelSpec = decode_spec(spec_raw)
+        self.label = label
+        self.known = {r.id: (r.latitude, r.longitude) for r in self.spec.capture.receivers}
         try:
             self.session = ort.InferenceSession(
                 str(Path(model_path)),
@@ -126,14 +133,19 @@ class LoadedModel:
     ) -> tuple[list[Prediction | ItemError], Timings]:
         """Features, one ONNX batch and decoding for ``items``; bad items become ItemErrors.
 
-        Items whose IQ travelled through shared memory are read from ``arena`` in place.
+        Items whose IQ travelled through shared memory are read from ``arena`` in place; an
+        item that is an undecoded body is decoded and checked against the capture contract
+        first (its problems carry the body's field paths).
         """
         samples = self.spec.capture.samples_per_receiver
+        items = list(items)  # undecoded bodies are replaced by their captures below
         t0 = time.time_ns()
         packed = []
         results: list[Prediction | ItemError | None] = [None] * len(items)
         for index, item in enumerate(items):
             try:
+                if item.encoding:
+                    item = items[index] = self.unpack(item, arena)
                 if item.iq_offset >= 0 and arena is not None:
                     raw = np.frombuffer(
                         arena, dtype="<c8", count=item.iq_length // 8, offset=item.iq_offset
@@ -171,6 +183,23 @@ class LoadedModel:
                 )
         done = [r if r is not None else ItemError("internal", "no result") for r in results]
         return done, Timings(t0, t2 if packed else t1, t2, t3)
+
+    def unpack(self, item: PredictItem, arena: mmap.mmap | None) -> PredictItem:
+        """The checked captures of an undecoded request body.
+
+        Raises:
+            MalformedRequest: the body does not decode into the request schema.
+            InvalidInput: the captures do not fit this model's capture contract.
+        """
+        body: bytes | memoryview = item.iq
+        if item.iq_offset >= 0 and arena is not None:
+            body = memoryview(arena)[item.iq_offset : item.iq_offset + item.iq_length]
+        try:
+            request = decode_request(body, item.encoding, "POST /v1/predict")
+        finally:
+            if isinstance(body, memoryview):
+                body.release()
+        return check_capture(request, self.spec.capture, self.known, self.label)
 
     def decode(
         self, mean: F32, sigma: F32, rho: float, inputs: ModelInputs, item: PredictItem

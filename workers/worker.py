@@ -201,7 +201,12 @@ class Worker:
             )
             return
         try:
-            model = LoadedModel(message.model_path, message.spec, self.config.intra_op_threads)
+            model = LoadedModel(
+                message.model_path,
+                message.spec,
+                self.config.intra_op_threads,
+                message.label or f"model v{message.version}",
+            )
         except ServiceError as exc:
             self.send(Ack(message.id, False, exc.code, exc.detail))
             return

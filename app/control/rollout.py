@@ -165,7 +165,11 @@ class Rollout:
         try:
             for version, package in packages.items():
                 await self._pool.load(
-                    version, str(package.model_path), package.spec_raw, package.info.sha256
+                    version,
+                    str(package.model_path),
+                    package.spec_raw,
+                    package.info.sha256,
+                    label=f"model {package.info.name} v{version}",
                 )
                 loaded.append(version)
         except BaseException:

@@ -1,8 +1,9 @@
 """Redis prediction cache that never answers with another model's prediction.
 
-Key = prefix + model name + model version + feature-pipeline version (spec hash) + a hash of
-the canonical input (receivers sorted by id with their positions and IQ bytes, sample rate)
-and of the options that shape the answer (confidence levels, GeoJSON). Value = the worker's
+Key = prefix + model name + model version + feature-pipeline version (spec hash) + a BLAKE3
+hash of the canonical input (receivers sorted by id with their positions and encoded IQ,
+sample rate, wire format) and of the options that shape the answer (confidence levels,
+GeoJSON). Value = the worker's
 :class:`~workers.messages.Prediction` as MessagePack, decoded into that type on read; anything
 that does not decode is a miss. A bounded in-memory tier (:class:`LocalTier`, same keys) sits
 in front of Redis for captures this replica answered recently. Redis slow or down → short
@@ -14,13 +15,13 @@ or scans a database; it only GETs and SETs its own keys with a TTL.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import struct
 import time
 from collections import OrderedDict
 from typing import Annotated, Any
 
+import blake3
 import msgspec
 from msgspec import Meta, Struct
 
@@ -58,15 +59,25 @@ _value_encoder = msgspec.msgpack.Encoder()
 
 
 def input_digest(
-    receivers: list[tuple[str, float, float, bytes]],
+    receivers: list[tuple[str, float, float, Any]],
     sample_rate_hz: float,
     levels: list[float],
     geojson: bool,
+    encoding: int = 0,
 ) -> str:
-    """Hash of the canonical input and answer-shaping options (order of receivers ignored)."""
-    digest = hashlib.sha256()  # hardware-accelerated (SHA-NI): 2x blake2b on 230 kB
-    digest.update(struct.pack("<d?", sample_rate_hz, geojson))
-    digest.update(struct.pack(f"<{len(levels)}d", *levels))
+    """Hash of the canonical input and answer-shaping options (order of receivers ignored).
+
+    ``receivers`` are ``(id, latitude, longitude, iq)`` with ``iq`` any bytes-like object:
+    the raw encoded value of an undecoded body (its base64 text in JSON, its bin in
+    MessagePack) tagged by ``encoding``, or decoded samples with ``encoding`` 0. The same
+    encoded value always decodes to the same samples, so equal keys never mean different
+    captures; the same captures sent as JSON and as MessagePack get two keys (accepted).
+    BLAKE3: a cryptographic hash (no crafted collision can poison another client's entry)
+    that hashes a 300 kB body in ≈ 70 µs here against ≈ 190 µs for SHA-256 (issue 23).
+    """
+    digest = blake3.blake3()
+    digest.update(struct.pack("<Bd?", encoding, sample_rate_hz, geojson))
+    digest.update(struct.pack(f"<I{len(levels)}d", len(levels), *levels))
     for rx_id, lat, lon, iq in sorted(receivers, key=lambda r: r[0]):
         encoded = rx_id.encode()
         digest.update(struct.pack("<I", len(encoded)) + encoded)

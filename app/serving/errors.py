@@ -11,14 +11,6 @@ from http import HTTPStatus
 from workers.errors import NotFound, ServiceError
 
 
-class MalformedRequest(ServiceError):
-    """The body cannot be decoded into the request schema (400)."""
-
-    status = HTTPStatus.BAD_REQUEST
-    title = "Malformed request"
-    code = "malformed"
-
-
 class PayloadTooLarge(ServiceError):
     """The body or the batch exceeds a configured limit (413)."""
 

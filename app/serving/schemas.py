@@ -1,7 +1,8 @@
 """HTTP request and response bodies (msgspec), shared by JSON and MessagePack.
 
 Constraints live in the types; msgspec reports the failing field's path. ``iq`` is ``bytes``:
-base64 in JSON, raw binary in MessagePack.
+base64 in JSON, raw binary in MessagePack. The `/v1/predict` body itself is in workers/request.py
+(the pool workers decode it).
 """
 
 from __future__ import annotations
@@ -9,46 +10,12 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-import msgspec
 from msgspec import Meta, Struct
 
 from workers.messages import Ellipse
+from workers.request import Latitude, Longitude, PredictRequest
 
-Latitude = Annotated[float, Meta(ge=-90.0, le=90.0, description="WGS84 latitude, degrees")]
-Longitude = Annotated[float, Meta(ge=-180.0, le=180.0, description="WGS84 longitude, degrees")]
-Level = Annotated[float, Meta(gt=0.0, lt=1.0)]
 MAX_BATCH = 256
-
-
-class ReceiverCapture(Struct, frozen=True):
-    """One receiver's capture: where it is and what it heard."""
-
-    id: Annotated[str, Meta(min_length=1, max_length=64, description="Receiver identifier")]
-    latitude: Latitude
-    longitude: Longitude
-    iq: Annotated[
-        bytes,
-        Meta(
-            description="Little-endian complex64 samples (interleaved float32 I,Q); base64 in JSON"
-        ),
-    ]
-    altitude_m: float | None = None
-
-
-class PredictRequest(Struct, frozen=True):
-    """``POST /v1/predict`` body."""
-
-    receivers: Annotated[list[ReceiverCapture], Meta(min_length=1, max_length=64)]
-    sample_rate_hz: Annotated[float, Meta(gt=0.0)]
-    center_frequency_hz: Annotated[float, Meta(gt=0.0)] | None = None
-    confidence: Annotated[list[Level], Meta(min_length=1, max_length=8)] = msgspec.field(
-        default_factory=lambda: [0.5, 0.9, 0.95]
-    )
-    geojson: bool = False
-    cache: bool = True
-    request_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
-    sticky: bool = False
-    """Route by a hash of ``request_id`` so the same id always reaches the same version."""
 
 
 class BatchRequest(Struct, frozen=True):

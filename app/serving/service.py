@@ -1,7 +1,8 @@
 """The transport-agnostic inference service: validate, route, cache, dispatch, assemble.
 
-HTTP handlers decode a body, call one method here and encode what it returns: ``predict``
-and ``predict_batch`` for captures (``/v1``), ``infer`` for ready-made tensors (``/v2``).
+HTTP handlers call one method here and encode what it returns: ``predict`` with the
+undecoded body of one capture set (a pool worker decodes it, issue 23), ``predict_batch``
+with decoded items (``/v1``), ``infer`` for ready-made tensors (``/v2``).
 Everything between — checks against the served model's capture contract (contract.py),
 version routing (versions.py), the prediction cache, dispatch to the worker pool, shadow
 traffic, per-version counters and spans, answer assembly (answers.py) — happens below HTTP.
@@ -16,14 +17,18 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Annotated, Any
 
-import msgspec
 from msgspec import Meta, Struct
 
 from app.serving.answer_log import AnswerLog
 from app.serving.answers import build_response, job_timing, positions_distance_m, problem_from
 from app.serving.cache import PredictionCache, input_digest
 from app.serving.contract import Prepared, validate
-from app.serving.schemas import ModelRef, PredictRequest, PredictResponse, Problem, Timing
+from app.serving.schemas import (
+    ModelRef,
+    PredictResponse,
+    Problem,
+    Timing,
+)
 from app.serving.tensors import TensorBatch, tensor_outputs
 from app.serving.versions import VersionContext, VersionTable
 from telemetry.logs import request_id_var
@@ -35,9 +40,10 @@ from telemetry.scope import (
     record_outcome,
     traced,
 )
-from workers.errors import ServiceError, from_code
-from workers.messages import ItemError, Prediction
+from workers.errors import MalformedRequest, ServiceError, from_code
+from workers.messages import ItemError, Prediction, PredictItem
 from workers.pool import JobResult, PredictResult, WorkerPool
+from workers.request import Head, PredictRequest, decode_head
 
 if TYPE_CHECKING:
     from telemetry.instruments import Telemetry
@@ -92,7 +98,7 @@ class InferenceService(VersionTable):
             NotReady: nothing is routed yet.
             InvalidInput: the captures do not fit the model (with the field path).
         """
-        request_id, ctx = self.route(request)
+        request_id, ctx = self.route(request.request_id, request.sticky)
         return validate(request, request_id, ctx, prefix)
 
     def version_ready(self, version: str) -> bool:
@@ -101,31 +107,41 @@ class InferenceService(VersionTable):
 
     # ------------------------------------------------------------------ prediction
 
-    async def predict(self, request: PredictRequest) -> PredictResponse:
-        """Localise one capture set.
+    async def predict(self, body: bytes, encoding: int) -> PredictResponse:
+        """Localise one capture set from its undecoded body (JSON or MessagePack).
+
+        This process reads only the body's head (routing fields, receivers with their IQ
+        undecoded) to route, key the cache and log the answer; the worker that answers
+        decodes the body and checks it against the version's capture contract, so a problem
+        in it comes back with its field path (workers/request.py).
 
         Raises:
             ServiceError: invalid input (4xx), overload, deadline or readiness (5xx).
         """
         started = time.perf_counter()
-        if request.request_id is None and (header_id := request_id_var.get()):
-            # The HTTP request's X-Request-ID names the prediction whose body names none.
-            request = msgspec.structs.replace(request, request_id=header_id)
-        request_id, ctx = self.route(request)
+        head = decode_head(body, encoding, "POST /v1/predict")
+        # The HTTP request's X-Request-ID names the prediction whose body names none.
+        request_id, ctx = self.route(head.request_id or request_id_var.get(), head.sticky)
+        ids = [rx.id for rx in head.receivers]
         with inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started):
-            key = self.cache_key(request, ctx)
+            key = self.cache_key(head, encoding, ctx)
             if key is not None and self.cache is not None:
-                # The in-memory tier first, before validation: only a request this process
-                # validated and answered under the same version, spec and input can be there.
+                # The in-memory tier first: only a body this process answered under the same
+                # version, spec and input can be there (failures are never cached).
                 hit = self.cache.local_get(key)
                 if hit is not None:
                     record_cache("hit", "local")
-                    return self._cached(request_id, ctx, hit, started, request)
-            prepared = validate(request, request_id, ctx)
+                    return self._cached(request_id, ctx, hit, started, ids)
+            item = PredictItem(body, [], [], [], False, encoding=encoding)
+            prepared = Prepared(ids, request_id, ctx, item)
             try:
                 return await self._predict(prepared, key, started)
             except ServiceError as exc:
-                record_outcome(exc.code)
+                # A body the schema refuses is the API's fault, not the routed version's: not
+                # counted against it (canary gates compare versions' error rates), as when
+                # the HTTP process decoded it. A refusal by the version's contract counts.
+                if not isinstance(exc, MalformedRequest):
+                    record_outcome(exc.code)
                 raise
 
     async def _predict(
@@ -211,24 +227,23 @@ class InferenceService(VersionTable):
                     scope.shadow(outcome.code)
 
     def _remember(
-        self, request_id: str, ctx: VersionContext, answer: Prediction, request: PredictRequest
+        self, request_id: str, ctx: VersionContext, answer: Prediction, receiver_ids: list[str]
     ) -> None:
         """Keep what was answered under ``request_id`` for feedback (after the answer)."""
         if self.answers is not None:
-            self.answers.record(
-                request_id, ctx.name, ctx.version, answer, [rx.id for rx in request.receivers]
-            )
+            self.answers.record(request_id, ctx.name, ctx.version, answer, receiver_ids)
 
-    def cache_key(self, request: PredictRequest, ctx: VersionContext) -> str | None:
-        """Cache key of a request for ``ctx``, or None when the cache is not to be used."""
+    def cache_key(self, head: Head, encoding: int, ctx: VersionContext) -> str | None:
+        """Cache key of a body for ``ctx``, or None when the cache is not to be used."""
         cache = self.cache
-        if cache is None or not request.cache or cache.client is None:
+        if cache is None or not head.cache or cache.client is None:
             return None
         digest = input_digest(
-            [(rx.id, rx.latitude, rx.longitude, rx.iq) for rx in request.receivers],
-            request.sample_rate_hz,
-            list(request.confidence),
-            request.geojson,
+            [(rx.id, rx.latitude, rx.longitude, rx.iq) for rx in head.receivers],
+            head.sample_rate_hz,
+            head.confidence,
+            head.geojson,
+            encoding,
         )
         return cache.key(ctx.name, ctx.version, ctx.package.spec_hash, digest)
 
@@ -249,7 +264,7 @@ class InferenceService(VersionTable):
         record_cache(result, "redis")
         if hit is None:
             return None
-        return self._cached(prepared.request_id, ctx, hit, started, prepared.request)
+        return self._cached(prepared.request_id, ctx, hit, started, prepared.receiver_ids)
 
     def _cached(
         self,
@@ -257,12 +272,12 @@ class InferenceService(VersionTable):
         ctx: VersionContext,
         hit: Prediction,
         started: float,
-        request: PredictRequest,
+        receiver_ids: list[str],
     ) -> PredictResponse:
         """The answer built from a cached prediction (counted as a request of ``ctx``)."""
         total_ms = (time.perf_counter() - started) * 1e3
         record_outcome("ok", hit.domain_inside)
-        self._remember(request_id, ctx, hit, request)
+        self._remember(request_id, ctx, hit, receiver_ids)
         return build_response(
             request_id,
             hit,
@@ -333,7 +348,7 @@ class InferenceService(VersionTable):
             field = outcome.field.replace("$", prefix, 1) if outcome.field else None
             raise from_code(outcome.code, outcome.detail, field)
         record_outcome("ok", outcome.domain_inside)
-        self._remember(prepared.request_id, ctx, outcome, prepared.request)
+        self._remember(prepared.request_id, ctx, outcome, prepared.receiver_ids)
         return build_response(
             prepared.request_id,
             outcome,

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from app.serving.errors import MalformedRequest
-from workers.errors import InvalidInput, ServiceError, from_code
+from workers.errors import InvalidInput, MalformedRequest, ServiceError, from_code
 from workers.messages import Infer
 from workers.pool import TensorResult
 from workers.spec import OUTPUT_ROLES, ModelSpec

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.registry.client import LocalPackage
-from app.serving.schemas import PredictRequest
 from app.serving.status import CaptureContract, RoutingState, VersionState
 from workers.errors import NotFound, NotReady
 
@@ -40,6 +39,11 @@ class VersionContext:
     def name(self) -> str:
         """Registered model name."""
         return self.package.info.name
+
+    @property
+    def label(self) -> str:
+        """The model and version as problems name them (``model heimdall v3``)."""
+        return f"model {self.name} v{self.version}"
 
     def describe(self, live: dict[str, Any] | None = None) -> VersionState:
         """Spec summary, registry metadata, figures, load time and live counters."""
@@ -135,16 +139,16 @@ class VersionTable:
             versions.add(self.routing.shadow)
         return versions
 
-    def route(self, request: PredictRequest) -> tuple[str, VersionContext]:
-        """The request id and the version that will answer (weights, sticky routing).
+    def route(self, request_id: str | None, sticky: bool) -> tuple[str, VersionContext]:
+        """The request id (a new one when ``None``) and the version that will answer.
 
         Raises:
             NotReady: nothing is routed yet.
         """
         if self.routing is None:
             raise NotReady("no model version is loaded yet", retry_after=2)
-        request_id = request.request_id or uuid.uuid4().hex
-        return request_id, self.contexts[self.routing.choose(request_id, request.sticky)]
+        request_id = request_id or uuid.uuid4().hex
+        return request_id, self.contexts[self.routing.choose(request_id, sticky)]
 
     def resolve(self, model: str, version: str | None, request_id: str | None) -> VersionContext:
         """The version answering tensor-in work: ``version``, else the routing's choice.

@@ -19,11 +19,11 @@ from app.serving.schemas import (
     BatchResponse,
     FeedbackRequest,
     FeedbackResponse,
-    PredictRequest,
     PredictResponse,
     Problem,
 )
 from app.serving.status import ModelsState, Readiness, VersionState
+from workers.request import PredictRequest
 
 _BODIES: dict[str, tuple[type, type]] = {
     "/v1/predict": (PredictRequest, PredictResponse),

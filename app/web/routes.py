@@ -25,15 +25,15 @@ from app.serving.schemas import (
     BatchResponse,
     FeedbackRequest,
     FieldError,
-    PredictRequest,
     Problem,
 )
 from app.serving.service import InferenceService
 from app.serving.status import ModelsState, Readiness
-from app.web import decoding
-from app.web.decoding import Format
 from app.web.errors import NotAcceptable, UnsupportedMediaType
+from workers import decoding
+from workers.decoding import Format
 from workers.errors import NotFound, ServiceError, problem_type_of
+from workers.request import JSON_BODY, MSGPACK_BODY
 
 log = logging.getLogger("heimdall.http")
 
@@ -134,7 +134,7 @@ def prefers_msgpack(accept: str) -> bool:
 
 
 async def decode_body(request: Request[Any, Any, Any], kind: type) -> Any:
-    """Decode the body into ``kind`` through the one decoding boundary (app/web/decoding.py).
+    """Decode the body into ``kind`` through the one decoding boundary (workers/decoding.py).
 
     Raises:
         MalformedRequest: undecodable or schema-violating body (with the field path), whatever
@@ -256,8 +256,9 @@ def build_routes(
     )
     async def predict(request: Request[Any, Any, Any]) -> Response[bytes]:
         msgpack = wants_msgpack(request)  # 406 before reading the body
-        body = await decode_body(request, PredictRequest)
-        return encode(request, await service.predict(body), msgpack=msgpack)
+        encoding = MSGPACK_BODY if body_is_msgpack(request) else JSON_BODY
+        body = await request.body()  # undecoded: a pool worker decodes it (issue 23)
+        return encode(request, await service.predict(body, encoding), msgpack=msgpack)
 
     @post(
         "/v1/predict/batch",

@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from app.ops.cli import main
-from app.serving.schemas import PredictRequest
+from workers.request import PredictRequest
 
 
 def test_simulate_writes_valid_bodies_and_truths(

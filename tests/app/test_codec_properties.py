@@ -14,14 +14,13 @@ from app.serving.schemas import (
     FieldError,
     ModelRef,
     Position,
-    PredictRequest,
     PredictResponse,
     Problem,
-    ReceiverCapture,
     Timing,
     Uncertainty,
 )
 from workers.messages import Ellipse
+from workers.request import PredictRequest, ReceiverCapture
 
 FLOATS = st.floats(allow_nan=False, allow_infinity=False)
 LEVEL = st.floats(0.0, 1.0, exclude_min=True, exclude_max=True)

@@ -1,4 +1,4 @@
-"""The decoding boundary (app/web/decoding.py): any decoder failure is a 400, never an exception
+"""The decoding boundary (workers/decoding.py): any decoder failure is a 400, never an exception
 that escapes as a 500 — nesting bombs, number bombs, junk, for JSON and MessagePack."""
 
 from __future__ import annotations
@@ -9,11 +9,12 @@ import logging
 import msgspec
 import pytest
 
-from app.serving.errors import MalformedRequest
-from app.serving.schemas import BatchRequest, PredictRequest
-from app.web import decoding
+from app.serving.schemas import BatchRequest
 from app.web.oip.codec import decode_body, prepare
 from tests.support.reference import reference_spec
+from workers import decoding
+from workers.errors import MalformedRequest
+from workers.request import PredictRequest
 
 DEPTH = 5000  # far beyond the interpreter's recursion limit
 

@@ -11,10 +11,11 @@ import zlib
 import numpy as np
 import pytest
 
-from app.serving.errors import MalformedRequest, PayloadTooLarge
+from app.serving.errors import PayloadTooLarge
 from app.web.oip.codec import decode_body, prepare
 from app.web.oip.inflate import INFLATE_SLICE, inflate
 from tests.support.reference import reference_spec
+from workers.errors import MalformedRequest
 
 
 def header_and_data(batch: int) -> tuple[bytes, bytes, dict[str, np.ndarray]]:

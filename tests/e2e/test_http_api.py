@@ -264,3 +264,55 @@ def test_pool_is_healthy_after_all_bad_inputs(shared_server: Server) -> None:
     assert state["pool"]["restarts"] == 0
     good = post(shared_server, "/v1/predict", payloads(1, 108)[0])
     assert good.status_code == 200
+
+
+FIELD_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("undecodable base64", _variant(rx0={"iq": "%%%not-base64%%%"}), "$.receivers[0].iq"),
+    ("wrong sample count", _variant(rx0={"iq": _iq(1000)}), "$.receivers[0].iq"),
+    ("latitude 91", _variant(rx0={"latitude": 91.0}), "$.receivers[0].latitude"),
+    ("unknown receiver", _variant(rx0={"id": "XYZ"}), "$.receivers[0].id"),
+    ("receiver moved", _variant(rx0={"latitude": 44.0}), "$.receivers[0]"),
+    ("sample rate mismatch", _variant(sample_rate_hz=44100.0), "$.sample_rate_hz"),
+    ("NaN samples", _variant(rx0={"iq": _iq(4096, float("nan"))}), "$.receivers[0].iq"),
+    ("request id too long", _variant(request_id="x" * 129), "$.request_id"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "field"), FIELD_CASES, ids=[c[0] for c in FIELD_CASES])
+def test_a_single_body_decoded_by_a_worker_gets_the_problem_a_batch_item_gets(
+    shared_server: Server, case: str, body: dict[str, Any], field: str
+) -> None:
+    """Issue 23: a pool worker decodes and checks a single body, the HTTP process a batch item.
+
+    Both must tell the client the same thing: status, type, detail and field path (the batch
+    item's under ``$.items[1]``), for JSON and for MessagePack bodies (raw IQ, where base64
+    cannot be wrong). A schema violation (400) refuses the whole batch body, a contract
+    violation (422) only its item.
+    """
+    single = post(shared_server, "/v1/predict", body)
+    good = payloads(1, 108)[0]
+    batch = post(shared_server, "/v1/predict/batch", {"items": [good, body]})
+    assert single.status_code in (400, 422), (case, single.text[:300])
+    problem = single.json()
+    assert problem["errors"][0]["field"] == field, (case, problem)
+    if single.status_code == 400:
+        assert batch.status_code == 400, (case, batch.text[:300])
+        item = batch.json()
+    else:
+        assert batch.status_code == 200, (case, batch.text[:300])
+        item = batch.json()["results"][1]
+        assert batch.json()["results"][0]["kind"] == "prediction"
+    assert item["errors"][0]["field"] == field.replace("$", "$.items[1]", 1), (case, item)
+    for key in ("status", "type", "detail"):
+        assert item[key] == problem[key], (case, key, item, problem)
+    if case == "undecodable base64":
+        return
+    raw = {**body, "receivers": [{**r, "iq": base64.b64decode(r["iq"])} for r in body["receivers"]]}
+    packed = httpx.post(
+        shared_server.url + "/v1/predict",
+        content=msgspec.msgpack.encode(raw),
+        headers={"content-type": "application/msgpack"},
+        timeout=30.0,
+    )
+    assert packed.status_code == single.status_code, (case, packed.text[:300])
+    assert packed.json()["errors"][0]["field"] == field, (case, packed.json())

@@ -1,7 +1,7 @@
 """Fuzz every body decoder: whatever the bytes, the only failure is a 4xx service error.
 
 The targets are the functions the routes run on a body before anything else: /v1/predict and
-/v1/predict/batch in JSON and MessagePack (app/web/decoding.py), /v2 infer (header split, tensor
+/v1/predict/batch in JSON and MessagePack (workers/decoding.py), /v2 infer (header split, tensor
 decoding and validation, app/web/oip/codec.py) and /v2's gzip/deflate inflation. Inputs are random
 bytes, valid bodies mutated byte by byte, bodies with a bomb spliced in (deep nesting, numbers
 of hundreds of digits, MessagePack containers that announce more than they hold) and JSON
@@ -27,13 +27,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from app.serving.schemas import BatchRequest, PredictRequest
-from app.web import decoding
+from app.serving.schemas import BatchRequest
 from app.web.oip.codec import decode_body, prepare
 from app.web.oip.inflate import inflate
 from tests.support.reference import reference_spec
 from training.simulate import iter_batches, request_payload
+from workers import decoding
 from workers.errors import ServiceError
+from workers.request import PredictRequest
 
 EXAMPLES = int(os.environ.get("HEIMDALL_FUZZ_EXAMPLES", "200"))
 LONG_RUN = "HEIMDALL_FUZZ_EXAMPLES" in os.environ

@@ -132,7 +132,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "app.ops.cli", "serve"],
             env=self.env,
-            cwd=ROOT,
+            # bench.ab compares two checkouts: the working directory's modules come first.
+            cwd=self.env.get("BENCH_SERVER_ROOT", str(ROOT)),
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -8,15 +8,18 @@ import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from tests.support.procs import REFERENCE
 from tests.support.reference import payload_item, reference_predict
 from training.simulate import heard_batch, request_payload
 from workers.errors import DeadlineExceeded, ModelLoadError, NotReady, Overloaded
-from workers.messages import Prediction
+from workers.messages import ItemError, Predict, Prediction, PredictItem
 from workers.pool import PoolSettings, WorkerPool
+from workers.request import JSON_BODY
 
 pytestmark = pytest.mark.slow
 SPEC = (REFERENCE / "model_spec.json").read_bytes()
@@ -68,6 +71,52 @@ async def test_predictions_match_in_process_onnx_runtime(pool: WorkerPool) -> No
         assert got.longitude == pytest.approx(want["longitude"], abs=1e-4)
         assert got.sigma_east_m == pytest.approx(want["sigma_east_m"], rel=1e-4)
         assert got.correlation == pytest.approx(want["correlation"], abs=1e-4)
+
+
+@pytest.mark.parametrize("slot_bytes", [16 * 1024 * 1024, 400_000])
+async def test_undecoded_bodies_are_decoded_and_checked_by_the_workers(slot_bytes: int) -> None:
+    """Issue 23: a ``/v1/predict`` body crosses to a worker undecoded and comes back answered.
+
+    With the default arena slot several bodies share one message; with a slot that holds one
+    306 kB body, jobs are not joined beyond it, and a body larger than a slot (padding in a
+    field the schema does not know) still travels, inline. A bad body gets its problem with
+    its field path, without failing the bodies batched with it.
+    """
+    pool = await make_pool(shm_slot_bytes=slot_bytes, max_batch=8)
+    try:
+        bodies = [msgspec.json.encode(p) for p in PAYLOADS[:8]]
+        padded = msgspec.json.encode({**PAYLOADS[8], "note": "x" * 500_000})
+        bad = {**PAYLOADS[9], "receivers": [{**PAYLOADS[9]["receivers"][0], "latitude": 91}]}
+        items = [PredictItem(b, [], [], [], False, encoding=JSON_BODY) for b in bodies]
+        items.append(PredictItem(padded, [], [], [], False, encoding=JSON_BODY))
+        items.append(PredictItem(msgspec.json.encode(bad), [], [], [], False, encoding=JSON_BODY))
+        sent: list[Predict] = []
+        dispatcher = pool._dispatcher
+        take = dispatcher._take
+
+        def spy(worker: Any, now: float) -> Any:
+            jobs, message, slot = take(worker, now)
+            assert isinstance(message, Predict)
+            sent.append(message)
+            return jobs, message, slot
+
+        dispatcher._take = spy  # type: ignore[method-assign]
+        results = await predict_all(pool, items)
+        # Only a body larger than a slot travels inline, alone; the rest share arena slots.
+        for message in sent:
+            inline = [i for i in message.items if i.iq_offset < 0]
+            assert not inline or (len(message.items) == 1 and len(inline[0].iq) > slot_bytes)
+        if slot_bytes < 2 * len(bodies[0]):
+            assert all(len(m.items) == 1 for m in sent), [len(m.items) for m in sent]
+        for got, want in zip(results[:9], reference_predict(PAYLOADS[:9]), strict=True):
+            assert isinstance(got, Prediction), got
+            assert got.latitude == pytest.approx(want["latitude"], abs=1e-4)
+            assert got.sigma_east_m == pytest.approx(want["sigma_east_m"], rel=1e-4)
+        refused = results[9]
+        assert isinstance(refused, ItemError), refused
+        assert (refused.code, refused.field) == ("malformed", "$.receivers[0].latitude")
+    finally:
+        await pool.stop()
 
 
 async def stream(pool: WorkerPool, seconds: float) -> tuple[int, list[BaseException]]:

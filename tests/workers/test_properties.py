@@ -286,10 +286,10 @@ def test_input_digest_changes_with_any_input_change(
     index = data.draw(st.integers(0, len(receivers) - 1))
     rx_id, lat, lon, iq = receivers[index]
     what = data.draw(
-        st.sampled_from(["id", "lat", "lon", "iq", "drop", "rate", "levels", "geojson"])
+        st.sampled_from(["id", "lat", "lon", "iq", "drop", "rate", "levels", "geojson", "encoding"])
     )
     changed = list(receivers)
-    new_rate, new_levels, new_geojson = rate, levels, geojson
+    new_rate, new_levels, new_geojson, new_encoding = rate, levels, geojson, 0
     if what == "id":
         new_id = data.draw(
             st.text(min_size=1, max_size=8).filter(lambda s: s not in {r[0] for r in receivers})
@@ -317,7 +317,9 @@ def test_input_digest_changes_with_any_input_change(
     elif what == "rate":
         new_rate = data.draw(st.floats(1, 1e6).filter(lambda v: v != rate))
     elif what == "levels":
-        new_levels = [0.5, 0.95]
+        new_levels = data.draw(st.sampled_from([[0.5, 0.95], [0.5], [0.5, 0.9, 0.95]]))
+    elif what == "encoding":  # the same bytes as JSON text, MessagePack bin or samples
+        new_encoding = data.draw(st.sampled_from([1, 2]))
     else:
         new_geojson = True
-    assert input_digest(changed, new_rate, new_levels, new_geojson) != base, what
+    assert input_digest(changed, new_rate, new_levels, new_geojson, new_encoding) != base, what

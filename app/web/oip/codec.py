@@ -16,10 +16,8 @@ import msgspec
 import numpy as np
 from litestar import Response
 
-from app.serving.errors import MalformedRequest
 from app.serving.tensors import F32, TensorBatch
 from app.serving.versions import VersionContext
-from app.web import decoding
 from app.web.oip.schemas import (
     PLATFORM,
     ConfigTensor,
@@ -30,6 +28,8 @@ from app.web.oip.schemas import (
     TensorMetadata,
     TritonConfig,
 )
+from workers import decoding
+from workers.errors import MalformedRequest
 from workers.spec import INPUT_ROLES, OUTPUT_ROLES, ModelSpec, TensorSpec
 
 JSON = "application/json"

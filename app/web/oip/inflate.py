@@ -13,10 +13,11 @@ from typing import Any
 
 from litestar import Request
 
-from app.serving.errors import MalformedRequest, PayloadTooLarge
+from app.serving.errors import PayloadTooLarge
 from app.web.errors import UnsupportedMediaType
 from app.web.oip.codec import Body
 from workers import malloc
+from workers.errors import MalformedRequest
 
 INFLATE_SLICE = 1 << 20
 """Output bytes inflated per step: the running total is checked after each one."""

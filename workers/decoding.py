@@ -21,7 +21,7 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from app.serving.errors import MalformedRequest
+from workers.errors import MalformedRequest
 
 log = logging.getLogger("heimdall.decoding")
 
