@@ -15,7 +15,9 @@ Two versions of the code: ``BENCH_SERVER_ROOT`` runs a side's server from anothe
 (its working directory, so its modules shadow this one's; same virtualenv)::
 
     git worktree add /tmp/before HEAD~1
-    python -m bench.ab --a BENCH_SERVER_ROOT=/tmp/before
+    python -m bench.ab --a BENCH_SERVER_ROOT=/tmp/before --arrival 300
+
+``--arrival RATE`` adds an open-loop run at RATE requests/s per side and round (p50/p99).
 """
 
 from __future__ import annotations
@@ -51,9 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b", nargs="*", default=[], help="environment of configuration B")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--arrival",
+        type=int,
+        default=0,
+        help="also an open loop at this rate (k6 arrival.js) each round: p50/p99 per side",
+    )
     args = parser.parse_args(argv)
     envs = {"A": _env(args.a), "B": _env(args.b)}
-    rounds = Rounds(f"python -m bench.ab --rounds {args.rounds}", ("A", "B"), machine())
+    command = f"python -m bench.ab --rounds {args.rounds}"
+    if args.arrival:
+        command += f" --arrival {args.arrival}"
+    rounds = Rounds(command, ("A", "B"), machine())
     for i, name, stack in rounds.run(envs, args.rounds):
         before = _faults(stack)
         run = stack.k6("load.js", VUS=16, DURATION=f"{args.seconds:g}s", P95_MS=100000)
@@ -66,6 +77,11 @@ def main(argv: list[str] | None = None) -> int:
                 f - before.get(pid, (r, f))[1] for pid, (r, f) in after.items() if r == role
             )
             rounds.add(name, f"faults {role}", faults / count)
+        if args.arrival:
+            open_loop = stack.k6("arrival.js", RATE=args.arrival, DURATION=f"{args.seconds:g}s")
+            for stat in ("med", "p(99)"):
+                rounds.add(name, f"open {stat}", open_loop.value("http_req_duration", stat))
+                rounds.add(name, f"inside {stat}", open_loop.value("server_total_ms", stat))
         print(f"bench.ab: round {i + 1} of {args.rounds}, {name} done", flush=True)
 
     med = rounds.med
@@ -83,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
             f"| {med(name, f'cpu {http}'):.3f} / {med(name, f'cpu {pool}'):.3f} "
             f"| {med(name, f'faults {http}'):.1f} / {med(name, f'faults {pool}'):.1f} |"
         )
+    if args.arrival:
+        print(f"\nOpen loop at {args.arrival} req/s (k6 `arrival.js`), medians over the rounds:\n")
+        print("| configuration | p50 / p99 ms | inside the service (`timing_ms.total`) p50 / p99 |")
+        print("|---|---|---|")
+        for name in ("A", "B"):
+            label = " ".join(f"`{k}={v}`" for k, v in envs[name].items()) or "defaults"
+            print(
+                f"| {name}: {label} | {med(name, 'open med'):.2f} / {med(name, 'open p(99)'):.1f} "
+                f"| {med(name, 'inside med'):.2f} / {med(name, 'inside p(99)'):.1f} |"
+            )
     return 0
 
 
