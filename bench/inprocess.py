@@ -5,7 +5,10 @@ session options (1 intra-op thread), loop over the same captures for a fixed tim
 
 - ``full``: ``pack_capture`` (feature extraction + local frame) + ``session.run`` with a batch
   of one, the same work a worker does per request before decoding;
-- ``ort``: ``session.run`` alone on pre-packed inputs, batch of one.
+- ``ort``: ``session.run`` alone on pre-packed inputs, batch of one;
+- ``json`` / ``msgpack``: the design's reference for CPU efficiency (§9: "body decode +
+  feature extraction + ONNX Runtime"): the committed request body decoded into
+  ``PredictRequest`` (JSON with base64 IQ, or MessagePack with raw IQ), then ``full``.
 
 Each process reports its iterations and its own CPU time (``time.process_time``).
 """
@@ -53,6 +56,8 @@ def _arrays(payload: dict[str, Any]) -> tuple[Any, list[float], list[float]]:
 
 
 def _child(folder: str, seconds: float, start_at: float, out: Any) -> None:
+    import msgspec
+    import numpy as np
     import onnxruntime as ort
 
     from workers.inputs import pack_capture
@@ -76,27 +81,56 @@ def _child(folder: str, seconds: float, start_at: float, out: Any) -> None:
             names["mask"]: packed.mask[None],
         }
 
+    from workers.request import PredictRequest
+
+    bodies = {
+        "json": (
+            msgspec.json.Decoder(PredictRequest).decode,
+            [(Path(folder) / f"predict-{i:02d}.json").read_bytes() for i in range(len(captures))],
+        ),
+        "msgpack": (
+            msgspec.msgpack.Decoder(PredictRequest).decode,
+            [
+                (Path(folder) / f"predict-{i:02d}.msgpack").read_bytes()
+                for i in range(len(captures))
+            ],
+        ),
+    }
+
+    def from_body(phase: str, n: int) -> Any:
+        decode, raw = bodies[phase]
+        request = decode(raw[n % len(raw)])
+        iq = np.stack([np.frombuffer(rx.iq, dtype="<c8") for rx in request.receivers])
+        lats = [rx.latitude for rx in request.receivers]
+        lons = [rx.longitude for rx in request.receivers]
+        return feeds_of(pack_capture(iq, lats, lons, spec))
+
     prepacked = [feeds_of(pack_capture(*c, spec)) for c in captures]
     for f in prepacked:  # warm-up
         session.run(outputs, f)
     results: dict[str, tuple[int, float, float]] = {}
     while time.time() < start_at:
         time.sleep(0.001)
-    for phase in ("full", "ort"):
+    for phase in PHASES:
         n, t0, c0 = 0, time.perf_counter(), time.process_time()
         end = t0 + seconds
         while time.perf_counter() < end:
             if phase == "full":
                 session.run(outputs, feeds_of(pack_capture(*captures[n % len(captures)], spec)))
-            else:
+            elif phase == "ort":
                 session.run(outputs, prepacked[n % len(prepacked)])
+            else:
+                session.run(outputs, from_body(phase, n))
             n += 1
         results[phase] = (n, time.perf_counter() - t0, time.process_time() - c0)
     out.put(results)
 
 
+PHASES = ("full", "ort", "json", "msgpack")
+
+
 def run(folder: Path, processes: int, seconds: float) -> list[PhaseResult]:
-    """Run both phases in ``processes`` spawned processes for ``seconds`` each."""
+    """Run every phase (:data:`PHASES`, in order) in ``processes`` processes, ``seconds`` each."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     start_at = time.time() + 4.0  # every child has built its session by then
@@ -110,7 +144,7 @@ def run(folder: Path, processes: int, seconds: float) -> list[PhaseResult]:
     for p in procs:
         p.join(10)
     out = []
-    for phase in ("full", "ort"):
+    for phase in PHASES:
         rows = [r[phase] for r in reports]
         out.append(
             PhaseResult(
