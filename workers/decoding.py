@@ -63,7 +63,9 @@ def reject(
     """
     if isinstance(exc, msgspec.ValidationError):
         text, path = _field_path(str(exc))
-        error = MalformedRequest(text + _hint(text), field=path)
+        # msgspec names no path for the document itself (a missing top-level field): "$",
+        # as the same fault in a batch item is "$.items[i]".
+        error = MalformedRequest(text + _hint(text), field=path or "$")
     elif isinstance(exc, msgspec.DecodeError):
         error = MalformedRequest(f"{what} is not valid {fmt}: {exc}")
     else:

@@ -1,9 +1,9 @@
 """The ``/v1/predict`` body: its schema, the head an HTTP process reads, the capture check.
 
 Issue 23 moved the decoding of a single prediction out of the HTTP process: the HTTP process
-reads only a :class:`Head` (routing fields, receiver ids and positions, each IQ left as raw
-bytes — no base64 decode, no copy) to route, key the cache and keep the answer log, and hands
-the body itself to a pool worker. The worker decodes it into :class:`PredictRequest` through
+reads only a :class:`Head` (the schema with each IQ left as its raw encoded value — no base64
+decode, no copy) to route, key the cache and keep the answer log, and hands the body itself
+to a pool worker. The worker decodes it into :class:`PredictRequest` through
 the one decoding boundary (workers/decoding.py) and checks it against the version's capture
 contract with :func:`check_capture`, so problems keep the same field paths and wording
 wherever the body is decoded (batch items are still decoded by the HTTP process, with the
@@ -20,7 +20,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from workers.decoding import Format, decode
-from workers.errors import InvalidInput, MalformedRequest
+from workers.errors import InvalidInput
 from workers.geo import pairwise_distance_m
 from workers.messages import PredictItem
 from workers.spec import CaptureSpec
@@ -35,10 +35,22 @@ MSGPACK_BODY = 2
 """``PredictItem.encoding`` of an undecoded MessagePack body."""
 
 
+ReceiverId = Annotated[str, Meta(min_length=1, max_length=64, description="Receiver identifier")]
+Receivers = Meta(min_length=1, max_length=64)
+SampleRate = Annotated[float, Meta(gt=0.0)]
+CenterFrequency = Annotated[float, Meta(gt=0.0)] | None
+Confidence = Annotated[list[Level], Meta(min_length=1, max_length=8)]
+RequestId = Annotated[str, Meta(min_length=1, max_length=128)] | None
+
+
+def _levels() -> list[float]:
+    return [0.5, 0.9, 0.95]
+
+
 class ReceiverCapture(Struct, frozen=True):
     """One receiver's capture: where it is and what it heard."""
 
-    id: Annotated[str, Meta(min_length=1, max_length=64, description="Receiver identifier")]
+    id: ReceiverId
     latitude: Latitude
     longitude: Longitude
     iq: Annotated[
@@ -53,42 +65,45 @@ class ReceiverCapture(Struct, frozen=True):
 class PredictRequest(Struct, frozen=True):
     """``POST /v1/predict`` body."""
 
-    receivers: Annotated[list[ReceiverCapture], Meta(min_length=1, max_length=64)]
-    sample_rate_hz: Annotated[float, Meta(gt=0.0)]
-    center_frequency_hz: Annotated[float, Meta(gt=0.0)] | None = None
-    confidence: Annotated[list[Level], Meta(min_length=1, max_length=8)] = msgspec.field(
-        default_factory=lambda: [0.5, 0.9, 0.95]
-    )
+    receivers: Annotated[list[ReceiverCapture], Receivers]
+    sample_rate_hz: SampleRate
+    center_frequency_hz: CenterFrequency = None
+    confidence: Confidence = msgspec.field(default_factory=_levels)
     geojson: bool = False
     cache: bool = True
-    request_id: Annotated[str, Meta(min_length=1, max_length=128)] | None = None
+    request_id: RequestId = None
     sticky: bool = False
     """Route by a hash of ``request_id`` so the same id always reaches the same version."""
 
 
 class HeadReceiver(Struct, frozen=True):
-    """A receiver as the HTTP process sees it: its IQ is the raw encoded value, undecoded."""
+    """:class:`ReceiverCapture` with its IQ left as the raw encoded value (not decoded)."""
 
-    id: str
-    latitude: float
-    longitude: float
+    id: ReceiverId
+    latitude: Latitude
+    longitude: Longitude
     iq: msgspec.Raw
+    altitude_m: float | None = None
 
 
 class Head(Struct, frozen=True):
-    """What the HTTP process reads of a ``/v1/predict`` body (unknown fields skipped).
+    """What the HTTP process decodes of a ``/v1/predict`` body: the schema, IQ left encoded.
 
-    Looser than :class:`PredictRequest` (no constraints, IQ undecoded): every body the schema
-    accepts decodes here, so a body the head refuses is decoded again in full for the exact
-    problem. What the head accepts the worker still checks in full.
+    Every field but ``iq`` has :class:`PredictRequest`'s type and constraints, so a body the
+    head accepts is one the schema accepts unless an IQ value does not decode (the worker
+    decodes it). That is what makes a cache hit safe without the worker: the key covers
+    every IQ value as sent, and an entry exists only for a body whose IQ decoded and whose
+    captures passed the contract (an outside review found cached 200s for bodies the schema
+    refuses when the head checked nothing).
     """
 
-    receivers: list[HeadReceiver]
-    sample_rate_hz: float
-    confidence: list[float] = msgspec.field(default_factory=lambda: [0.5, 0.9, 0.95])
+    receivers: Annotated[list[HeadReceiver], Receivers]
+    sample_rate_hz: SampleRate
+    center_frequency_hz: CenterFrequency = None
+    confidence: Confidence = msgspec.field(default_factory=_levels)
     geojson: bool = False
     cache: bool = True
-    request_id: str | None = None
+    request_id: RequestId = None
     sticky: bool = False
 
 
@@ -114,16 +129,16 @@ def decode_request(body: Any, encoding: int, where: str = "") -> PredictRequest:
 
 
 def decode_head(body: bytes, encoding: int, where: str = "") -> Head:
-    """The head of a body; a body it refuses gets the full schema's problem.
+    """The head of a body, checked by the schema except for the IQ values.
+
+    A body with several faults may name a later one than the full decode would (an IQ value
+    that does not decode is only found by the worker).
 
     Raises:
-        MalformedRequest: the problem the full decode reports (field path included).
+        MalformedRequest: undecodable or schema-violating body (with the field path).
     """
-    try:
-        return _head_decoders[encoding](body)
-    except Exception:  # any failure: the full decode names the problem
-        decode_request(body, encoding, where)  # raises the schema's own problem
-        raise MalformedRequest("the body does not match the request schema") from None
+    fmt = _FORMATS[encoding]
+    return decode(_head_decoders[encoding], body, "the body", where, fmt)
 
 
 def check_capture(

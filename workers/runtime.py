@@ -5,12 +5,14 @@ from __future__ import annotations
 import math
 import mmap
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from telemetry.logs import job_trace
 from workers.domain import check_signal, outside_reasons, widen
 from workers.errors import InvalidInput, ModelLoadError, NonFiniteOutput, ServiceError
 from workers.geo import from_local
@@ -129,13 +131,17 @@ class LoadedModel:
         )
 
     def predict(
-        self, items: list[PredictItem], arena: mmap.mmap | None = None
+        self,
+        items: list[PredictItem],
+        arena: mmap.mmap | None = None,
+        traces: Sequence[str] = (),
     ) -> tuple[list[Prediction | ItemError], Timings]:
         """Features, one ONNX batch and decoding for ``items``; bad items become ItemErrors.
 
         Items whose IQ travelled through shared memory are read from ``arena`` in place; an
         item that is an undecoded body is decoded and checked against the capture contract
-        first (its problems carry the body's field paths).
+        first (its problems carry the body's field paths; the log line of a refused body
+        carries its request's trace and id from ``traces``, aligned with ``items``).
         """
         samples = self.spec.capture.samples_per_receiver
         items = list(items)  # undecoded bodies are replaced by their captures below
@@ -145,7 +151,8 @@ class LoadedModel:
         for index, item in enumerate(items):
             try:
                 if item.encoding:
-                    item = items[index] = self.unpack(item, arena)
+                    with job_trace(traces[index] if index < len(traces) else ""):
+                        item = items[index] = self.unpack(item, arena)
                 if item.iq_offset >= 0 and arena is not None:
                     raw = np.frombuffer(
                         arena, dtype="<c8", count=item.iq_length // 8, offset=item.iq_offset

@@ -175,14 +175,15 @@ class Worker:
             for i in range(len(message.items))
         ]
         if not any(late):
-            results, timings = model.predict(message.items, arena)
+            results, timings = model.predict(message.items, arena, message.traces)
             return PredictReply(message.id, results, timings)
         expired = ItemError(
             "deadline",
             "the request's deadline passed while it waited for a worker; it was not computed",
         )
         live = [item for item, gone in zip(message.items, late, strict=True) if not gone]
-        computed, timings = model.predict(live, arena) if live else ([], Timings())
+        traces = [t for t, gone in zip(message.traces, late, strict=False) if not gone]
+        computed, timings = model.predict(live, arena, traces) if live else ([], Timings())
         it = iter(computed)
         merged = [expired if gone else next(it) for gone in late]
         return PredictReply(message.id, merged, timings)

@@ -126,8 +126,9 @@ class InferenceService(VersionTable):
         with inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started):
             key = self.cache_key(head, encoding, ctx)
             if key is not None and self.cache is not None:
-                # The in-memory tier first: only a body this process answered under the same
-                # version, spec and input can be there (failures are never cached).
+                # The in-memory tier first. Safe without a worker: the head passed the schema
+                # but the IQ, and the key covers the IQ as sent, so a hit is the answer to a
+                # body a worker decoded and checked under the same version and spec.
                 hit = self.cache.local_get(key)
                 if hit is not None:
                     record_cache("hit", "local")

@@ -316,3 +316,41 @@ def test_a_single_body_decoded_by_a_worker_gets_the_problem_a_batch_item_gets(
     )
     assert packed.status_code == single.status_code, (case, packed.text[:300])
     assert packed.json()["errors"][0]["field"] == field, (case, packed.json())
+
+
+CACHE_BYPASS: list[tuple[str, dict[str, Any], str]] = [
+    ("center frequency -1", {"center_frequency_hz": -1.0}, "$.center_frequency_hz"),
+    ("center frequency a string", {"center_frequency_hz": "abc"}, "$.center_frequency_hz"),
+    ("request id of 500 characters", {"request_id": "x" * 500}, "$.request_id"),
+    ("empty request id", {"request_id": ""}, "$.request_id"),
+    ("altitude a string", {"rx0": {"altitude_m": "very high"}}, "$.receivers[0].altitude_m"),
+    ("geojson a string", {"geojson": "yes"}, "$.geojson"),
+    ("sample rate missing", {"drop": "sample_rate_hz"}, "$"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "change", "field"), CACHE_BYPASS, ids=[c[0] for c in CACHE_BYPASS]
+)
+def test_a_cached_capture_does_not_let_a_body_the_schema_refuses_through(
+    shared_server: Server, case: str, change: dict[str, Any], field: str
+) -> None:
+    """Found by an outside review of issue 23: once the captures were cached, a body with the
+    same captures but a field the schema refuses (outside the cache key) got the cached 200.
+    The HTTP process now checks the whole schema but the IQ values before any cache lookup.
+    """
+    good = {**payloads(1, 109)[0], "cache": True}
+    first = post(shared_server, "/v1/predict", good)
+    assert first.status_code == 200, first.text[:300]
+    again = post(shared_server, "/v1/predict", good)
+    assert again.json()["cached"] is True  # the captures are in the cache
+    bad = dict(good)
+    if "rx0" in change:
+        bad["receivers"] = [{**good["receivers"][0], **change["rx0"]}, *good["receivers"][1:]]
+    elif "drop" in change:
+        del bad[change["drop"]]
+    else:
+        bad.update(change)
+    refused = post(shared_server, "/v1/predict", bad)
+    assert refused.status_code == 400, (case, refused.text[:300])
+    assert refused.json()["errors"][0]["field"] == field, (case, refused.json())

@@ -84,6 +84,26 @@ def test_one_request_shares_its_trace_id_across_http_process_and_worker(
     assert (access["method"], access["path"], access["status"]) == ("POST", "/v1/predict", 200)
     assert access["duration_ms"] > 0
     assert "predicted 1 of 1 items" in worker["msg"]
+    # A body only the worker can refuse (IQ that is not base64): its one log line, written
+    # by the worker that decoded it, names the request too.
+    bad = {**body, "receivers": [{**body["receivers"][0], "iq": "%%%"}, *body["receivers"][1:]]}
+    refused = httpx.post(
+        server.url + "/v1/predict", json=bad, headers={"x-request-id": "ops-4711.b"}, timeout=30
+    )
+    assert refused.status_code == 400, refused.text
+
+    def rejected() -> list[dict[str, Any]]:
+        return [
+            line
+            for line in json_lines(server.log_path.read_text())
+            if line["logger"] == "heimdall.decoding" and line.get("request_id") == "ops-4711.b"
+        ]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not rejected():
+        time.sleep(0.1)
+    (line,) = rejected()
+    assert line["pid"] == worker["pid"] and "base64" in line["msg"], line
     # Every response carries an id, also unknown paths (a fresh one when none or junk is sent).
     for junk in ("x" * 300, "a b", "<script>"):
         nowhere = httpx.get(server.url + "/v2/nowhere", headers={"x-request-id": junk})
