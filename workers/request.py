@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Generic, TypeVar
 
 import msgspec
 from msgspec import Meta, Struct
@@ -47,25 +47,20 @@ def _levels() -> list[float]:
     return [0.5, 0.9, 0.95]
 
 
-class ReceiverCapture(Struct, frozen=True):
-    """One receiver's capture: where it is and what it heard."""
+R = TypeVar("R")
+IQ = TypeVar("IQ")
 
+
+class _Receiver(Struct, Generic[IQ], frozen=True):
     id: ReceiverId
     latitude: Latitude
     longitude: Longitude
-    iq: Annotated[
-        bytes,
-        Meta(
-            description="Little-endian complex64 samples (interleaved float32 I,Q); base64 in JSON"
-        ),
-    ]
+    iq: IQ
     altitude_m: float | None = None
 
 
-class PredictRequest(Struct, frozen=True):
-    """``POST /v1/predict`` body."""
-
-    receivers: Annotated[list[ReceiverCapture], Receivers]
+class _Body(Struct, Generic[R], frozen=True):
+    receivers: Annotated[list[R], Receivers]
     sample_rate_hz: SampleRate
     center_frequency_hz: CenterFrequency = None
     confidence: Confidence = msgspec.field(default_factory=_levels)
@@ -76,35 +71,34 @@ class PredictRequest(Struct, frozen=True):
     """Route by a hash of ``request_id`` so the same id always reaches the same version."""
 
 
-class HeadReceiver(Struct, frozen=True):
+IQBytes = Annotated[
+    bytes,
+    Meta(description="Little-endian complex64 samples (interleaved float32 I,Q); base64 in JSON"),
+]
+
+
+class ReceiverCapture(_Receiver[IQBytes], frozen=True):
+    """One receiver's capture: where it is and what it heard."""
+
+
+class PredictRequest(_Body[ReceiverCapture], frozen=True):
+    """``POST /v1/predict`` body."""
+
+
+class HeadReceiver(_Receiver[msgspec.Raw], frozen=True):
     """:class:`ReceiverCapture` with its IQ left as the raw encoded value (not decoded)."""
 
-    id: ReceiverId
-    latitude: Latitude
-    longitude: Longitude
-    iq: msgspec.Raw
-    altitude_m: float | None = None
 
-
-class Head(Struct, frozen=True):
+class Head(_Body[HeadReceiver], frozen=True):
     """What the HTTP process decodes of a ``/v1/predict`` body: the schema, IQ left encoded.
 
-    Every field but ``iq`` has :class:`PredictRequest`'s type and constraints, so a body the
-    head accepts is one the schema accepts unless an IQ value does not decode (the worker
-    decodes it). That is what makes a cache hit safe without the worker: the key covers
-    every IQ value as sent, and an entry exists only for a body whose IQ decoded and whose
-    captures passed the contract (an outside review found cached 200s for bodies the schema
-    refuses when the head checked nothing).
+    The same fields, types and constraints as :class:`PredictRequest` except that each
+    ``iq`` is not decoded, so a body the head accepts is one the schema accepts unless an IQ
+    value does not decode (the worker decodes it). That is what makes a cache hit safe
+    without the worker: the key covers every IQ value as sent, and an entry exists only for
+    a body whose IQ decoded and whose captures passed the contract (an outside review found
+    cached 200s for bodies the schema refuses when the head checked nothing).
     """
-
-    receivers: Annotated[list[HeadReceiver], Receivers]
-    sample_rate_hz: SampleRate
-    center_frequency_hz: CenterFrequency = None
-    confidence: Confidence = msgspec.field(default_factory=_levels)
-    geojson: bool = False
-    cache: bool = True
-    request_id: RequestId = None
-    sticky: bool = False
 
 
 _request_decoders: dict[int, Callable[[Any], PredictRequest]] = {
