@@ -23,12 +23,7 @@ from app.serving.answer_log import AnswerLog
 from app.serving.answers import build_response, job_timing, positions_distance_m, problem_from
 from app.serving.cache import PredictionCache, input_digest
 from app.serving.contract import Prepared, validate
-from app.serving.schemas import (
-    ModelRef,
-    PredictResponse,
-    Problem,
-    Timing,
-)
+from app.serving.schemas import ModelRef, PredictResponse, Problem, Timing
 from app.serving.tensors import TensorBatch, tensor_outputs
 from app.serving.versions import VersionContext, VersionTable
 from telemetry.logs import request_id_var
@@ -110,10 +105,10 @@ class InferenceService(VersionTable):
     async def predict(self, body: bytes, encoding: int) -> PredictResponse:
         """Localise one capture set from its undecoded body (JSON or MessagePack).
 
-        This process reads only the body's head (routing fields, receivers with their IQ
-        undecoded) to route, key the cache and log the answer; the worker that answers
-        decodes the body and checks it against the version's capture contract, so a problem
-        in it comes back with its field path (workers/request.py).
+        This process decodes only the body's head (the schema with each IQ left encoded) to
+        route, key the cache and log the answer; the worker that answers decodes the IQ and
+        checks the captures against the version's capture contract, so a problem in them
+        comes back with its field path (workers/request.py).
 
         Raises:
             ServiceError: invalid input (4xx), overload, deadline or readiness (5xx).
