@@ -135,6 +135,11 @@ def decode_head(body: bytes, encoding: int, where: str = "") -> Head:
     return decode(_head_decoders[encoding], body, "the body", where, fmt)
 
 
+def known_receivers(capture: CaptureSpec) -> dict[str, tuple[float, float]]:
+    """The trained receiver network by id, for :func:`check_capture` (empty: any position)."""
+    return {r.id: (r.latitude, r.longitude) for r in capture.receivers}
+
+
 def check_capture(
     request: PredictRequest,
     capture: CaptureSpec,

@@ -18,7 +18,7 @@ from workers.errors import InvalidInput, ModelLoadError, NonFiniteOutput, Servic
 from workers.geo import from_local
 from workers.inputs import ModelInputs, pack_capture
 from workers.messages import Ellipse, ItemError, Prediction, PredictItem, Timings
-from workers.request import check_capture, decode_request
+from workers.request import check_capture, decode_request, known_receivers
 from workers.spec import ModelSpec, decode_spec
 from workers.uncertainty import (
     calibrated_sigmas,
@@ -57,7 +57,7 @@ class LoadedModel:
         """
         self.spec: ModelSpec = decode_spec(spec_raw)
         self.label = label
-        self.known = {r.id: (r.latitude, r.longitude) for r in self.spec.capture.receivers}
+        self.known = known_receivers(self.spec.capture)
         try:
             self.session = ort.InferenceSession(
                 str(Path(model_path)),

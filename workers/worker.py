@@ -206,7 +206,7 @@ class Worker:
                 message.model_path,
                 message.spec,
                 self.config.intra_op_threads,
-                message.label or f"model v{message.version}",
+                message.label,
             )
         except ServiceError as exc:
             self.send(Ack(message.id, False, exc.code, exc.detail))

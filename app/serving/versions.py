@@ -16,6 +16,7 @@ from typing import Any
 from app.registry.client import LocalPackage
 from app.serving.status import CaptureContract, RoutingState, VersionState
 from workers.errors import NotFound, NotReady
+from workers.request import known_receivers
 
 
 @dataclass
@@ -28,7 +29,7 @@ class VersionContext:
 
     def __post_init__(self) -> None:
         """Index the trained receiver network by id."""
-        self.known = {r.id: (r.latitude, r.longitude) for r in self.package.spec.capture.receivers}
+        self.known = known_receivers(self.package.spec.capture)
 
     @property
     def version(self) -> str:
