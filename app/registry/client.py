@@ -1,10 +1,14 @@
 """Model versions from an MLflow registry, cached locally and verified by sha256.
 
 MLflow is imported lazily (it is slow to import) and every call here blocks: the service
-runs them in a thread. A version's artifacts are downloaded once per replica into
-``<cache>/<name>/<version>/`` through a temporary directory and renamed into place only after
-``model.onnx`` matched the sha256 recorded in the version's tags, so a half-written or
-tampered package is never loaded. Registering versions lives in :mod:`app.registry.authoring`.
+runs them in a thread. With an embedded ``sqlite:///`` registry, resolving a version reads the
+registry's tables directly (:mod:`app.registry.sqlite_refs`) and a version whose package is
+already in the local cache, or whose artifacts are local files, is fetched without MLflow: a
+replica is then ready in seconds instead of after MLflow's import and store set-up. A
+version's artifacts are downloaded once per replica into ``<cache>/<name>/<version>/``
+through a temporary directory and renamed into place only after ``model.onnx`` matched the
+sha256 recorded in the version's tags, so a half-written or tampered package is never
+loaded. Registering versions lives in :mod:`app.registry.authoring`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import re
 import shutil
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msgspec import Struct
 
+from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path
 from workers.errors import ModelLoadError, NotFound
 from workers.spec import ModelSpec, SpecError, decode_spec, sha256_file, spec_hash
 
@@ -151,6 +157,9 @@ class ModelRegistry:
         self.tracking_uri = absolute_tracking_uri(settings.tracking_uri)
         self.cache_dir = Path(settings.artifact_cache).resolve()
         self._client: MlflowClient | None = None
+        path = sqlite_path(self.tracking_uri)
+        self._tables = SqliteRefs(path) if path is not None else None
+        """The registry's tables read without MLflow (embedded sqlite registries only)."""
 
     @property
     def client(self) -> MlflowClient:
@@ -169,9 +178,24 @@ class ModelRegistry:
         Raises:
             NotFound: the model, alias or version does not exist.
         """
+        name, version, alias = parse_ref(ref, self.settings.model_name())
+        if self._tables is not None and self._tables.path.is_file():
+            try:
+                row = self._tables.model_version(name, version, alias)
+            except NotFound as exc:
+                raise NotFound(f"{ref!r} is not in the registry: {exc}") from exc
+            except UnknownSchema:
+                pass  # not the tables read there (an older MLflow's): MLflow reads them
+            else:
+                tags = {tag["key"]: tag["value"] for tag in row["tags"]}
+                return self._info(row, tags)
+        return self._resolve_with_mlflow(ref, name, version, alias)
+
+    def _resolve_with_mlflow(
+        self, ref: str, name: str, version: str | None, alias: str | None
+    ) -> VersionInfo:
         from mlflow.exceptions import MlflowException
 
-        name, version, alias = parse_ref(ref, self.settings.model_name())
         try:
             if alias is not None:
                 mv = self.client.get_model_version_by_alias(name, alias)
@@ -183,19 +207,32 @@ class ModelRegistry:
             raise ModelLoadError(
                 f"the registry could not resolve {ref!r} ({exc.error_code}): {exc.message}"
             ) from exc
-        return self._info(mv)
+        return self._from_mlflow(mv)
 
-    def _info(self, mv: Any) -> VersionInfo:
-        tags = dict(mv.tags or {})
+    def _from_mlflow(self, mv: Any) -> VersionInfo:
+        """An MLflow ``ModelVersion`` as :class:`VersionInfo`."""
+        fields = {
+            "name": mv.name,
+            "version": mv.version,
+            "source": mv.source,
+            "run_id": mv.run_id,
+            "creation_timestamp": mv.creation_timestamp,
+            "aliases": getattr(mv, "aliases", []),
+        }
+        return self._info(fields, dict(mv.tags or {}))
+
+    @staticmethod
+    def _info(mv: dict[str, Any], tags: dict[str, str]) -> VersionInfo:
+        """A version's fields (MLflow's REST names) and tags as :class:`VersionInfo`."""
         return VersionInfo(
-            name=mv.name,
-            version=str(mv.version),
-            source=str(mv.source),
-            run_id=str(mv.run_id or ""),
-            created_ms=int(mv.creation_timestamp or 0),
+            name=str(mv["name"]),
+            version=str(mv["version"]),
+            source=str(mv["source"]),
+            run_id=str(mv["run_id"] or ""),
+            created_ms=int(mv["creation_timestamp"] or 0),
             sha256=tags.get(SHA256_TAG, ""),
             spec_hash=tags.get(SPEC_HASH_TAG, ""),
-            aliases=list(getattr(mv, "aliases", []) or []),
+            aliases=list(mv["aliases"] or []),
         )
 
     def fetch(self, info: VersionInfo) -> LocalPackage:
@@ -212,18 +249,25 @@ class ModelRegistry:
             self._download(info, target)
         return self._verify(info, target)
 
-    def _download(self, info: VersionInfo, target: Path) -> None:
-        from mlflow.artifacts import download_artifacts
-        from mlflow.exceptions import MlflowException
+    def _copy_local(self, info: VersionInfo, tmp: str) -> Path | None:
+        """Copy a version whose artifacts are a local folder (``file://``) into ``tmp``.
 
+        What MLflow's download does for such a source, without importing MLflow. Returns
+        None for any other source (``mlflow-artifacts:``, ``s3://``, ``models:/`` …).
+        """
+        source = info.source
+        if not source.startswith("file://"):
+            return None
+        folder = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path))
+        if not folder.is_dir():
+            return None
+        return Path(shutil.copytree(folder, Path(tmp) / folder.name))
+
+    def _download(self, info: VersionInfo, target: Path) -> None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
-                got = Path(
-                    download_artifacts(
-                        artifact_uri=info.source, dst_path=tmp, tracking_uri=self.tracking_uri
-                    )
-                )
+                got = self._copy_local(info, tmp) or self._download_with_mlflow(info, tmp)
                 if not (got / MODEL_FILE).exists():
                     found = next(got.rglob(MODEL_FILE), None)
                     if found is None:
@@ -231,12 +275,23 @@ class ModelRegistry:
                     got = found.parent
                 self._verify(info, got)
                 self._install(got, target, info.sha256)
-        except MlflowException as exc:
-            raise ModelLoadError(f"cannot download version {info.version}: {exc.message}") from exc
         except OSError as exc:
             raise ModelLoadError(
                 f"cannot write the artifact cache {self.cache_dir}: {exc.strerror or exc}"
             ) from exc
+
+    def _download_with_mlflow(self, info: VersionInfo, tmp: str) -> Path:
+        from mlflow.artifacts import download_artifacts
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return Path(
+                download_artifacts(
+                    artifact_uri=info.source, dst_path=tmp, tracking_uri=self.tracking_uri
+                )
+            )
+        except MlflowException as exc:
+            raise ModelLoadError(f"cannot download version {info.version}: {exc.message}") from exc
 
     @staticmethod
     def _install(got: Path, target: Path, digest: str) -> None:
@@ -353,4 +408,4 @@ class ModelRegistry:
 
     def list_versions(self, name: str) -> list[VersionInfo]:
         """Every version of ``name``."""
-        return [self._info(mv) for mv in self.client.search_model_versions(f"name='{name}'")]
+        return [self._from_mlflow(mv) for mv in self.client.search_model_versions(f"name='{name}'")]

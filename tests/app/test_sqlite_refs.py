@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import sqlite3
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
+from app.registry.client import parse_ref
 from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path
+from tests.support.procs import ROOT
 from workers.errors import ModelLoadError, NotFound
 
 
@@ -56,3 +62,68 @@ def test_other_databases_are_left_to_mlflow_and_missing_ones_are_unavailable(
         SqliteRefs(other).check_version("rf-localizer", "1")
     with pytest.raises(ModelLoadError, match="no MLflow registry database"):
         SqliteRefs(tmp_path / "missing.db").check_alias("rf-localizer", "production")
+
+
+def test_a_replica_reads_the_same_version_as_mlflow_without_importing_it(
+    registry_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Resolving through the tables gives what MLflow's client gives, field for field.
+
+    Then, in a fresh interpreter like a starting replica: resolve the alias, fetch the
+    package from its local ``file://`` artifacts into an empty cache and again from the
+    cache, all verified by sha256, and MLflow is never imported.
+    """
+    from app.registry.client import ModelRegistry, RegistrySettings
+
+    db = Path(shutil.copy(sqlite_path(registry_env["MLFLOW_TRACKING_URI"]), tmp_path / "m.db"))
+    uri = f"sqlite:///{db}"
+    registry = ModelRegistry(RegistrySettings(tracking_uri=uri, artifact_cache=str(tmp_path)))
+    registry.set_alias("rf-localizer", "candidate", "1")
+    for ref in ("models:/rf-localizer@production", "@candidate", "1"):
+        name, version, alias = parse_ref(ref, "rf-localizer")
+        through_mlflow = registry._resolve_with_mlflow(ref, name, version, alias)
+        through_tables = registry.resolve(ref)
+        assert through_tables == dataclasses.replace(
+            through_mlflow, aliases=sorted(through_mlflow.aliases)
+        )
+        assert through_tables.aliases == ["candidate", "production"]
+        assert len(through_tables.sha256) == 64 and through_tables.source.startswith("file://")
+
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from app.registry.client import ModelRegistry, RegistrySettings
+        registry = ModelRegistry(
+            RegistrySettings(tracking_uri={uri!r}, artifact_cache={str(tmp_path / "cache")!r})
+        )
+        info = registry.resolve("@production")
+        first, again = registry.fetch(info), registry.fetch(info)
+        assert first.model_path == again.model_path and first.model_path.is_file()
+        print(info.version, first.spec_hash, "mlflow" in sys.modules)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    version, digest, imported = done.stdout.split()
+    assert (version, imported) == ("1", "False")
+    assert digest == through_tables.spec_hash
+
+
+def test_a_version_the_tables_lack_is_not_found_with_the_reference_named(
+    registry_env: dict[str, str], tmp_path: Path
+) -> None:
+    from app.registry.client import ModelRegistry, RegistrySettings
+
+    db = Path(shutil.copy(sqlite_path(registry_env["MLFLOW_TRACKING_URI"]), tmp_path / "m.db"))
+    registry = ModelRegistry(
+        RegistrySettings(tracking_uri=f"sqlite:///{db}", artifact_cache=str(tmp_path))
+    )
+    with pytest.raises(NotFound, match=r"^'@staging' is not in the registry: .* no alias"):
+        registry.resolve("@staging")
+    with pytest.raises(NotFound, match=r"^'9' is not in the registry: .* no version 9"):
+        registry.resolve("9")
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE model_versions SET current_stage = 'Deleted_Internal'")
+    with pytest.raises(NotFound):
+        registry.resolve("@production")
