@@ -70,10 +70,13 @@ test: lint typecheck pytest audit k6-smoke
 bench: setup
 	$(BIN)/python -m bench
 
-# 6 decoder targets x 17,000 inputs = 102,000 (`make test` runs 200 each, derandomized).
+# 6 decoder targets x 17,000 inputs = 102,000 (`make test` runs 200 each, derandomized), then
+# the live server: 300 schemathesis cases per operation and mode (`make test`: 50).
 FUZZ_EXAMPLES ?= 17000
+SCHEMA_FUZZ_EXAMPLES ?= 300
 fuzz: setup
-	HEIMDALL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/python -m pytest tests/security/test_decoder_fuzz.py \
+	HEIMDALL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HEIMDALL_SCHEMA_FUZZ_EXAMPLES=$(SCHEMA_FUZZ_EXAMPLES) \
+		$(BIN)/python -m pytest tests/security/test_decoder_fuzz.py tests/security/test_fuzz.py \
 		--no-cov -q -s -p no:cacheprovider
 
 # The run (params, per-epoch curves, figures, package) is logged to MLflow (TRACKING_URI,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,9 @@ from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-EXAMPLES_PER_OPERATION = 120  # per operation and mode; constant GETs exhaust after a few
+# Per operation and mode (constant GETs exhaust after a few): `make test` runs a short,
+# derandomized pass; `make fuzz` runs 300 (HEIMDALL_SCHEMA_FUZZ_EXAMPLES).
+EXAMPLES_PER_OPERATION = int(os.environ.get("HEIMDALL_SCHEMA_FUZZ_EXAMPLES", "50"))
 FUZZ = settings(
     max_examples=EXAMPLES_PER_OPERATION,
     deadline=None,
@@ -97,7 +100,7 @@ def test_schema_fuzzing_finds_no_server_error(api_schema: Any, fuzz_server: Serv
             fuzz_operation(operation, mode, seen)
     total = sum(seen.values())
     print(f"\nschemathesis: {total} cases over {len(operations)} operations")
-    assert total >= 1000, seen
+    assert total >= 8 * EXAMPLES_PER_OPERATION, seen
     assert {op.path for op in operations} >= {"/v1/predict", "/v1/predict/batch", "/v1/models"}
     assert_pool_healthy(fuzz_server)
 
@@ -174,7 +177,7 @@ def test_mutated_payloads_get_200_or_4xx_and_the_pool_stays_healthy(fuzz_server:
 
         @given(body=mutated())
         @settings(
-            max_examples=150,
+            max_examples=EXAMPLES_PER_OPERATION + 30,
             deadline=None,
             derandomize=True,
             suppress_health_check=list(HealthCheck),
