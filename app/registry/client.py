@@ -1,14 +1,12 @@
 """Model versions from an MLflow registry, cached locally and verified by sha256.
 
-MLflow is imported lazily (it is slow to import) and every call here blocks: the service
-runs them in a thread. With an embedded ``sqlite:///`` registry, resolving a version reads the
-registry's tables directly (:mod:`app.registry.sqlite_refs`) and a version whose package is
-already in the local cache, or whose artifacts are local files, is fetched without MLflow: a
-replica is then ready in seconds instead of after MLflow's import and store set-up. A
-version's artifacts are downloaded once per replica into ``<cache>/<name>/<version>/``
-through a temporary directory and renamed into place only after ``model.onnx`` matched the
-sha256 recorded in the version's tags, so a half-written or tampered package is never
-loaded. Registering versions lives in :mod:`app.registry.authoring`.
+MLflow is imported lazily (it is slow to import), and not at all for an embedded
+``sqlite:///`` registry whose tables and ``file://`` artifacts are read directly (design
+notes, "A replica reads an embedded registry itself"). Every call here blocks: the service
+runs them in a thread. A version's artifacts are cached once per replica in
+``<cache>/<name>/<version>/``, put in place only after ``model.onnx`` matched the sha256
+recorded in the version's tags, so a half-written or tampered package is never loaded.
+Registering versions lives in :mod:`app.registry.authoring`.
 """
 
 from __future__ import annotations
@@ -211,15 +209,8 @@ class ModelRegistry:
 
     def _from_mlflow(self, mv: Any) -> VersionInfo:
         """An MLflow ``ModelVersion`` as :class:`VersionInfo`."""
-        fields = {
-            "name": mv.name,
-            "version": mv.version,
-            "source": mv.source,
-            "run_id": mv.run_id,
-            "creation_timestamp": mv.creation_timestamp,
-            "aliases": getattr(mv, "aliases", []),
-        }
-        return self._info(fields, dict(mv.tags or {}))
+        names = ("name", "version", "source", "run_id", "creation_timestamp", "aliases")
+        return self._info({n: getattr(mv, n, None) for n in names}, dict(mv.tags or {}))
 
     @staticmethod
     def _info(mv: dict[str, Any], tags: dict[str, str]) -> VersionInfo:
@@ -250,11 +241,7 @@ class ModelRegistry:
         return self._verify(info, target)
 
     def _copy_local(self, info: VersionInfo, tmp: str) -> Path | None:
-        """Copy a version whose artifacts are a local folder (``file://``) into ``tmp``.
-
-        What MLflow's download does for such a source, without importing MLflow. Returns
-        None for any other source (``mlflow-artifacts:``, ``s3://``, ``models:/`` …).
-        """
+        """Copy a ``file://`` source folder into ``tmp`` as MLflow would; None for others."""
         source = info.source
         if not source.startswith("file://"):
             return None
