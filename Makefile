@@ -11,12 +11,13 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help setup setup-runtime run bootstrap test lint typecheck pytest audit k6-smoke bench fuzz train lock settings-table clean docker-check docker-check-short
+.PHONY: help setup setup-runtime run bootstrap test lint typecheck pytest audit k6-smoke bench fuzz soak train lock settings-table clean docker-check docker-check-short
 
 help:
 	@echo "make run    - set up and serve on http://$(HOST):$(PORT) with the embedded registry"
 	@echo "make test   - set up and run every check (lint, types, tests, k6 smoke)"
 	@echo "make bench  - benchmark raw ONNX Runtime vs the service (writes docs/benchmarks.md)"
+	@echo "make soak   - 50 model swaps under a live server, memory growth <= 10 %"
 	@echo "make fuzz   - long fuzzing run of every body decoder (>= 100,000 inputs, a few minutes)"
 	@echo "make train  - retrain the reference model (needs the train extra: torch 2.13.0 CPU)"
 	@echo "make docker-check - as root: build the image on a private dockerd and run it (docs/deploy.md)"
@@ -78,6 +79,13 @@ fuzz: setup
 	HEIMDALL_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) HEIMDALL_SCHEMA_FUZZ_EXAMPLES=$(SCHEMA_FUZZ_EXAMPLES) \
 		$(BIN)/python -m pytest tests/security/test_decoder_fuzz.py tests/security/test_fuzz.py \
 		--no-cov -q -s -p no:cacheprovider
+
+# Design §9's memory figure: 50 model swaps under a live server, RSS growth <= 10 %
+# (`make test` runs 20).
+SOAK_SWAPS ?= 50
+soak: setup
+	HEIMDALL_SOAK_SWAPS=$(SOAK_SWAPS) $(BIN)/python -m pytest \
+		"tests/integration/test_rollout.py::test_swaps_do_not_grow_memory" --no-cov -q -s -p no:cacheprovider
 
 # The run (params, per-epoch curves, figures, package) is logged to MLflow (TRACKING_URI,
 # default: the embedded registry `make run` serves); REGISTER=1 also registers the exported

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import statistics
 import threading
@@ -241,8 +242,13 @@ def tree_rss(pid: int) -> int:
     return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
 
 
-@pytest.mark.timeout(600)  # 50 rolling swaps: 220 s alone on the 2-core VM, more when shared
-def test_fifty_swaps_do_not_grow_memory(
+# Design §9: resident set stable across 50 reloads. `make soak` runs the 50; `make test` a
+# short pass of 20 (≈ 3 s per swap here, mostly the CLI's interpreter and the rollout).
+SWAPS = int(os.environ.get("HEIMDALL_SOAK_SWAPS", "20"))
+
+
+@pytest.mark.timeout(600)  # 50 rolling swaps: 150-220 s on the 2-core VM, more when shared
+def test_swaps_do_not_grow_memory(
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
 ) -> None:
     v2 = register_variant(control_env, tmp_path, "good", calibration=1.5)
@@ -258,13 +264,13 @@ def test_fifty_swaps_do_not_grow_memory(
     for version in ("1", v2, "1", v2):  # warm-up: allocator pools settle
         swap_to(version)
     before = tree_rss(server.proc.pid)
-    for i in range(50):
+    for i in range(SWAPS):
         swap_to("1" if i % 2 else v2)
     after = tree_rss(server.proc.pid)
     growth = after / before - 1
     print(
         f"\nRSS of server + workers: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB "
-        f"after 50 swaps ({growth:+.1%})"
+        f"after {SWAPS} swaps ({growth:+.1%})"
     )
     assert growth <= 0.10
 
