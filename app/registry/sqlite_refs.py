@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,8 @@ class SqliteRefs:
         if not self.path.is_file():
             raise ModelLoadError(f"no MLflow registry database at {self.path}")
         try:
-            with sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10) as db:
+            uri = f"file:{urllib.parse.quote(str(self.path))}?mode=ro"  # a ? or # in a folder
+            with sqlite3.connect(uri, uri=True, timeout=10) as db:
                 db.execute("BEGIN")
                 return [db.execute(query, args).fetchall() for query, args in queries]
         except sqlite3.OperationalError as exc:

@@ -44,6 +44,16 @@ def test_registered_versions_and_aliases_pass_and_others_are_not_found(refs: Sql
         refs.check_version("other-model", "1")
 
 
+def test_a_database_in_a_folder_named_like_a_uri_is_read(
+    registry_env: dict[str, str], tmp_path: Path
+) -> None:
+    folder = tmp_path / "a?b#c%20d"
+    folder.mkdir()
+    source = sqlite_path(registry_env["MLFLOW_TRACKING_URI"])
+    refs = SqliteRefs(Path(shutil.copy(source, folder / "mlflow.db")))
+    assert refs.model_version("rf-localizer", None, "production")["version"] == "1"
+
+
 def test_a_deleted_version_is_not_found(refs: SqliteRefs) -> None:
     # MLflow keeps a deleted version's row with the stage Deleted_Internal.
     with sqlite3.connect(refs.path) as db:
