@@ -21,7 +21,7 @@ from app.control.protocol import (
     read_current,
 )
 from app.registry.rest import RestAliases, is_remote
-from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path
+from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path, workspaces_enabled
 from app.settings import OperatorSettings, load_operator_settings
 
 
@@ -154,7 +154,7 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
             raise UsageError(f"{ref!r} names model {ref_name!r}; this fleet serves {name!r}")
         parsed.append((ref, version, alias))
     uri = settings.registry.tracking_uri
-    path = sqlite_path(uri)
+    path = None if workspaces_enabled() else sqlite_path(uri)
     checker = RestAliases(uri) if is_remote(uri) else SqliteRefs(path) if path else None
     if checker is not None:
         try:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from msgspec import Struct
 
-from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path
+from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path, workspaces_enabled
 from workers.errors import ModelLoadError, NotFound
 from workers.spec import ModelSpec, SpecError, decode_spec, sha256_file, spec_hash
 
@@ -40,7 +40,7 @@ SPEC_HASH_TAG = "heimdall.spec_hash"
 MODEL_FILE = "model.onnx"
 SPEC_FILE = "model_spec.json"
 
-_REF = re.compile(r"^(?:models:/(?P<name>[^/@]+))?(?:/(?P<version>\d+)|@(?P<alias>[\w.-]+))$")
+_REF = re.compile(r"^(?:models:/(?P<name>[^/@]+))?(?:/(?P<version>[0-9]+)|@(?P<alias>[\w.-]+))$")
 
 
 REGISTRY_SCHEMES = frozenset(
@@ -95,7 +95,7 @@ def parse_ref(ref: str, default_name: str) -> tuple[str, str | None, str | None]
         ValueError: the reference has none of these forms.
     """
     text = ref.strip()
-    if text.isdigit():
+    if text.isascii() and text.isdigit():
         return default_name, text, None
     if text.startswith("@"):
         text = text[1:]
@@ -156,7 +156,8 @@ class ModelRegistry:
         self.cache_dir = Path(settings.artifact_cache).resolve()
         self._client: MlflowClient | None = None
         path = sqlite_path(self.tracking_uri)
-        self._tables = SqliteRefs(path) if path is not None else None
+        tables = path is not None and not workspaces_enabled()
+        self._tables = SqliteRefs(path) if tables and path is not None else None
         """The registry's tables read without MLflow (embedded sqlite registries only)."""
 
     @property

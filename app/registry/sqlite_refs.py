@@ -41,9 +41,11 @@ class SqliteRefs:
     """Read-only lookups in the registry tables of an MLflow sqlite database."""
 
     def __init__(self, path: Path) -> None:
-        """Read ``path`` (opened read-only, per call) in MLflow's current workspace."""
+        """Read ``path`` (opened read-only, per call) in MLflow's ``default`` workspace.
+
+        The only one MLflow uses while workspaces are off (see :func:`workspaces_enabled`).
+        """
         self.path = path
-        self.workspace = os.environ.get("MLFLOW_WORKSPACE") or "default"
 
     def _rows(
         self, queries: list[tuple[str, tuple[str | int, ...]]]
@@ -68,57 +70,65 @@ class SqliteRefs:
         except sqlite3.Error as exc:
             raise ModelLoadError(f"MLflow registry database {self.path}: {exc}") from exc
 
-    def require(self, missing: str, query: str, args: tuple[str | int, ...]) -> None:
-        """Raise :class:`NotFound` with the message ``missing`` when ``query`` finds no row.
-
-        Raises:
-            NotFound: no row.
-            ModelLoadError: the database cannot be read.
-            UnknownSchema: not MLflow's registry tables.
-        """
-        if not self._rows([(query, args)])[0]:
-            raise NotFound(missing)
-
     def model_version(self, name: str, version: str | None, alias: str | None) -> dict[str, Any]:
         """One version (by number or by alias), shaped as MLflow's REST ``model_version``.
 
+        As MLflow's store answers: ``@latest`` (any case) is the highest version not deleted,
+        and a registered model that no longer exists has no versions.
+
         Raises:
-            NotFound: no such version or alias, or the version was deleted.
+            NotFound: no such model, version or alias, or the version was deleted.
             ModelLoadError: the database is missing or cannot be read.
             UnknownSchema: not MLflow's registry tables as read here.
         """
-        ws = self.workspace
-        if alias is not None:
+        if alias is not None and alias.lower() == "latest":
+            rows = self._rows(
+                [
+                    (
+                        "SELECT MAX(version) FROM model_versions WHERE name = ?"
+                        " AND workspace = 'default' AND current_stage != ?"
+                        " AND EXISTS (SELECT 1 FROM registered_models r"
+                        " WHERE r.name = ? AND r.workspace = 'default')",
+                        (name, DELETED, name),
+                    )
+                ]
+            )[0]
+            if not rows or rows[0][0] is None:
+                raise NotFound(f"{name!r} has no version")
+            version = str(rows[0][0])
+        elif alias is not None:
             rows = self._rows(
                 [
                     (
                         "SELECT version FROM registered_model_aliases"
-                        " WHERE name = ? AND alias = ? AND workspace = ?",
-                        (name, alias, ws),
+                        " WHERE name = ? AND alias = ? AND workspace = 'default'",
+                        (name, alias),
                     )
                 ]
             )[0]
             if not rows:
                 raise NotFound(f"{name!r} has no alias {alias!r}")
             version = str(rows[0][0])
-        if version is None or not str(version).isdigit():
-            raise NotFound(f"{version!r} is not a version number")
-        key = (name, int(version), ws)
+        if version is None or not _version_number(version):
+            raise NotFound(f"{name!r} has no version {version}")
+        key = (name, int(version))
         found, tags, aliases = self._rows(
             [
                 (
                     "SELECT name, version, creation_time, source, run_id FROM model_versions"
-                    " WHERE name = ? AND version = ? AND workspace = ? AND current_stage != ?",
-                    (*key, DELETED),
+                    " WHERE name = ? AND version = ? AND workspace = 'default'"
+                    " AND current_stage != ? AND EXISTS (SELECT 1 FROM registered_models r"
+                    " WHERE r.name = ? AND r.workspace = 'default')",
+                    (*key, DELETED, name),
                 ),
                 (
                     "SELECT key, value FROM model_version_tags"
-                    " WHERE name = ? AND version = ? AND workspace = ?",
+                    " WHERE name = ? AND version = ? AND workspace = 'default'",
                     key,
                 ),
                 (
                     "SELECT alias FROM registered_model_aliases"
-                    " WHERE name = ? AND version = ? AND workspace = ?",
+                    " WHERE name = ? AND version = ? AND workspace = 'default'",
                     key,
                 ),
             ]
@@ -137,17 +147,31 @@ class SqliteRefs:
         }
 
     def check_version(self, name: str, version: str) -> None:
-        """Raise (see :meth:`require`) when ``version`` of ``name`` is not registered or deleted."""
-        self.require(
-            f"'{version}' is not in the registry: {name!r} has no version {version}",
-            "SELECT 1 FROM model_versions WHERE name = ? AND version = ? AND current_stage != ?",
-            (name, int(version), DELETED),
-        )
+        """Raise when ``version`` of ``name`` is not registered or deleted.
+
+        Raises:
+            NotFound: not registered, or deleted.
+            ModelLoadError: the database is missing or cannot be read.
+            UnknownSchema: not MLflow's registry tables as read here.
+        """
+        try:
+            self.model_version(name, version, None)
+        except NotFound as exc:
+            raise NotFound(f"'{version}' is not in the registry: {exc}") from exc
 
     def check_alias(self, name: str, alias: str) -> None:
-        """Raise (see :meth:`require`) when ``alias`` of ``name`` points at no version."""
-        self.require(
-            f"'@{alias}' is not in the registry: {name!r} has no alias {alias!r}",
-            "SELECT 1 FROM registered_model_aliases WHERE name = ? AND alias = ?",
-            (name, alias),
-        )
+        """Raise when ``alias`` of ``name`` points at no version (see :meth:`check_version`)."""
+        try:
+            self.model_version(name, None, alias)
+        except NotFound as exc:
+            raise NotFound(f"'@{alias}' is not in the registry: {exc}") from exc
+
+
+def _version_number(text: str) -> bool:
+    """ASCII digits within SQLite's INTEGER (MLflow's version numbers)."""
+    return text.isascii() and text.isdigit() and int(text) < 2**63
+
+
+def workspaces_enabled() -> bool:
+    """Whether MLflow's workspaces are on (then only MLflow knows which one is active)."""
+    return os.environ.get("MLFLOW_ENABLE_WORKSPACES", "").strip().lower() in ("1", "true")

@@ -75,7 +75,7 @@ def test_other_databases_are_left_to_mlflow_and_missing_ones_are_unavailable(
 
 
 def test_a_replica_reads_the_same_version_as_mlflow_without_importing_it(
-    registry_env: dict[str, str], tmp_path: Path
+    registry_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Resolving through the tables gives what MLflow's client gives, field for field.
 
@@ -89,7 +89,9 @@ def test_a_replica_reads_the_same_version_as_mlflow_without_importing_it(
     uri = f"sqlite:///{db}"
     registry = ModelRegistry(RegistrySettings(tracking_uri=uri, artifact_cache=str(tmp_path)))
     registry.set_alias("rf-localizer", "candidate", "1")
-    for ref in ("models:/rf-localizer@production", "@candidate", "1"):
+    # MLflow ignores MLFLOW_WORKSPACE while its workspaces are off; the reader must too.
+    monkeypatch.setenv("MLFLOW_WORKSPACE", "team-a")
+    for ref in ("models:/rf-localizer@production", "@candidate", "1", "@latest", "@LATEST"):
         name, version, alias = parse_ref(ref, "rf-localizer")
         through_mlflow = registry._resolve_with_mlflow(ref, name, version, alias)
         through_tables = registry.resolve(ref)
@@ -133,6 +135,18 @@ def test_a_version_the_tables_lack_is_not_found_with_the_reference_named(
         registry.resolve("@staging")
     with pytest.raises(NotFound, match=r"^'9' is not in the registry: .* no version 9"):
         registry.resolve("9")
+    for huge in ("99999999999999999999", "models:/rf-localizer/99999999999999999999"):
+        with pytest.raises(NotFound):
+            registry.resolve(huge)  # beyond SQLite's INTEGER
+    with pytest.raises(ValueError, match="is not models:/NAME@ALIAS"):
+        registry.resolve("²")  # a digit to str.isdigit, not a version number
+    with sqlite3.connect(db) as conn:  # the model's own row gone: MLflow says not found
+        conn.execute("DELETE FROM registered_models")
+    with pytest.raises(NotFound):
+        registry.resolve("@production")
+    with pytest.raises(NotFound):
+        registry.resolve("@latest")
+    shutil.copy(sqlite_path(registry_env["MLFLOW_TRACKING_URI"]), db)
     with sqlite3.connect(db) as conn:
         conn.execute("UPDATE model_versions SET current_stage = 'Deleted_Internal'")
     with pytest.raises(NotFound):
