@@ -156,8 +156,7 @@ class ModelRegistry:
         self.cache_dir = Path(settings.artifact_cache).resolve()
         self._client: MlflowClient | None = None
         path = sqlite_path(self.tracking_uri)
-        tables = path is not None and not workspaces_enabled()
-        self._tables = SqliteRefs(path) if tables and path is not None else None
+        self._tables = SqliteRefs(path) if path and not workspaces_enabled() else None
         """The registry's tables read without MLflow (embedded sqlite registries only)."""
 
     @property
