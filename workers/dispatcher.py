@@ -149,7 +149,7 @@ class Dispatcher:
                     job.attempts -= 1
                     self._queue.appendleft(job)
                     self.queued_items += job.size
-                worker.process.kill()  # the supervisor's death path takes it from here
+                worker.kill()
                 return
             worker.outgoing[message.id] = Outgoing(message, jobs, now, slot=shm_slot)
 

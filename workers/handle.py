@@ -68,6 +68,14 @@ class WorkerHandle:
     arena: Arena | None = None
     loading: int = 0
     """Load messages outstanding: the worker computes nothing else meanwhile."""
+    killed: bool = False
+    """Killed by the pool and not yet seen dead: it takes no work (a job retried from a
+    sibling that died first must not land on it)."""
+
+    def kill(self) -> None:
+        """SIGKILL the process; the supervisor's death path (its sentinel) takes it from here."""
+        self.killed = True
+        self.process.kill()
 
     @property
     def load(self) -> int:
@@ -85,7 +93,7 @@ class WorkerHandle:
 
 def ready_workers(workers: list[WorkerHandle | None]) -> list[WorkerHandle]:
     """The workers that take work, in slot order."""
-    return [w for w in workers if w and w.state is WorkerState.READY]
+    return [w for w in workers if w and w.state is WorkerState.READY and not w.killed]
 
 
 class WorkerStats(msgspec.Struct, frozen=True):

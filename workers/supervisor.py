@@ -98,7 +98,7 @@ class Supervisor:
                 continue
             await asyncio.to_thread(worker.process.join, 5.0)
             if worker.process.is_alive():
-                worker.process.kill()
+                worker.kill()
                 await asyncio.to_thread(worker.process.join, 2.0)
             self._detach(worker)
             worker.state = WorkerState.STOPPED
@@ -142,7 +142,7 @@ class Supervisor:
         except (ServiceError, TimeoutError, OSError) as exc:
             log.error("worker %d failed to start: %s", slot, exc)
             if worker.state is not WorkerState.DEAD:
-                worker.process.kill()
+                worker.kill()
             return
         if worker.state is WorkerState.STARTING:
             worker.state = WorkerState.READY
@@ -225,7 +225,7 @@ class Supervisor:
                         now - oldest,
                         silent,
                     )
-                    worker.process.kill()
+                    worker.kill()
                     continue
                 worker.send(Ping(next(self._ids)))
 

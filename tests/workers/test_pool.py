@@ -21,7 +21,8 @@ from workers.messages import ItemError, Predict, Prediction, PredictItem
 from workers.pool import PoolSettings, WorkerPool
 from workers.request import JSON_BODY
 
-pytestmark = pytest.mark.slow
+# serial: it measures latency, timing or load (runs alone in `make test`)
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 SPEC = (REFERENCE / "model_spec.json").read_bytes()
 MODEL = str(REFERENCE / "model.onnx")
 
@@ -182,6 +183,24 @@ async def test_work_retried_after_a_hang_longer_than_its_deadline_is_computed() 
         result = await asyncio.wait_for(future, 30.0)
         assert isinstance(result.results[0], Prediction)
         assert pool.restarts_total >= 1
+    finally:
+        await pool.stop()
+
+
+async def test_a_worker_the_pool_killed_takes_no_work_before_its_exit_is_seen() -> None:
+    """Hang detection kills every hung worker in one pass, then sees their exits one by one: a
+    job retried from the first exit must not land on a sibling already killed (it would die
+    "twice" without being computed). Here worker 1 is killed and not yet seen dead, worker 0 is
+    hung: the job goes behind the hang and is computed after the hang is detected."""
+    pool = await make_pool(hang_timeout_s=1.0, retry_budget_s=20.0)
+    try:
+        await pool.hang_worker(0, 60.0)
+        victim = pool._workers[1]
+        assert victim is not None
+        victim.kill()  # what hang detection does; no await: its exit is not seen yet
+        (future,) = pool.submit("1", [[payload_item(PAYLOADS[0])]], 5.0)
+        result = await asyncio.wait_for(future, 30.0)
+        assert isinstance(result.results[0], Prediction)
     finally:
         await pool.stop()
 
