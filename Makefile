@@ -57,8 +57,16 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Two passes over one coverage file: the tests that measure nothing run on PYTEST_WORKERS
+# processes (pytest-xdist, a module per process: its servers and fixtures stay together), then
+# the `serial` ones (latency, timing, load, memory) alone, so nothing competes with what they
+# measure. The second pass reports the coverage of both and holds the floor.
+PYTEST_WORKERS ?= 2
 pytest: setup
-	$(BIN)/python -m pytest
+	@rm -f .coverage .coverage.*
+	$(BIN)/python -m pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile \
+		--cov-report= --cov-fail-under=0
+	$(BIN)/python -m pytest -m serial --cov-append
 
 audit: setup
 	$(BIN)/python -m tests.security.audit

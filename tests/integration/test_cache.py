@@ -13,7 +13,8 @@ import redis
 from tests.support.procs import RedisServer, Server
 from training.simulate import heard_batch, request_payload
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# serial: it measures latency, timing or load (runs alone in `make test`)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serial]
 
 
 def payload(seed: int, **options: object) -> dict:

@@ -17,7 +17,8 @@ from tests.integration.test_rollout import Load, cli, served_version, wait_for
 from tests.support.procs import Server
 from tests.support.variants import register_variant
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+# serial: it measures latency, timing or load (runs alone in `make test`)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.serial]
 
 
 def errors_by_version(servers: list[Server]) -> Counter[str]:

@@ -21,7 +21,8 @@ from tests.support.procs import Server, run_cli
 from tests.support.variants import register_variant, registry
 from training.simulate import heard_batch, request_payload
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+# serial: it measures latency, timing or load (runs alone in `make test`)
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.serial]
 
 BATCH = heard_batch(16, 777)
 BODIES = [request_payload(BATCH, i, cache=False) for i in range(16)]

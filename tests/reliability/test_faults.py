@@ -28,7 +28,8 @@ from tests.support.procs import Server
 from tests.support.variants import register_variant
 from training.simulate import heard_batch, request_payload
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# serial: it measures latency, timing or load (runs alone in `make test`)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serial]
 
 BATCH = heard_batch(64, 991)
 BODIES = [request_payload(BATCH, i, cache=False) for i in range(64)]

@@ -38,7 +38,8 @@ from tests.support.rawhttp import (
 from tests.support.reference import reference_spec
 from training.simulate import iter_batches, request_payload
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+# serial: it measures latency, timing or load (runs alone in `make test`)
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.serial]
 
 MODEL = "rf-localizer"
 V2 = f"/v2/models/{MODEL}/infer"
