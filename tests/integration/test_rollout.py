@@ -21,8 +21,7 @@ from tests.support.procs import Server, run_cli
 from tests.support.variants import register_variant, registry
 from training.simulate import heard_batch, request_payload
 
-# serial: it measures latency, timing or load (runs alone in `make test`)
-pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.serial]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
 
 BATCH = heard_batch(16, 777)
 BODIES = [request_payload(BATCH, i, cache=False) for i in range(16)]
@@ -78,6 +77,7 @@ class Load(threading.Thread):
                 i += 1
 
 
+@pytest.mark.serial  # measures latency under load / memory: runs alone in `make test`
 def test_promote_under_load_reaches_every_replica_with_zero_failures(
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -249,6 +249,7 @@ SWAPS = int(os.environ.get("HEIMDALL_SOAK_SWAPS", "20"))
 
 
 @pytest.mark.timeout(600)  # 50 rolling swaps: 150-220 s on the 2-core VM, more when shared
+@pytest.mark.serial  # measures latency under load / memory: runs alone in `make test`
 def test_swaps_do_not_grow_memory(
     start_server: Callable[..., Server], control_env: dict[str, str], tmp_path: Path
 ) -> None:
