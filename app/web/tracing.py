@@ -65,14 +65,17 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         parent = None
         if telemetry is None or telemetry.traces:
             parent = _extract_parent(scope["headers"])
-        method = scope["method"]
+        # A client chooses the method token: unknown ones are one `_OTHER` series (as the HTTP
+        # semantic conventions say), or every new token would be a new series in /metrics.
+        method = scope["method"] if scope["method"] in _METHODS else "_OTHER"
         span: Span | None = None
         token = None
         # A request without a trace context that head sampling leaves out gets no span at all
         # (no ids, no sampler, no context switch): that is most requests at the default ratio.
         if parent is not None or telemetry is None or not telemetry.untraced_root():
             # The plugin wraps the router, so the route template is known only afterwards.
-            span = self.tracer.start_span(method, context=parent, kind=SpanKind.SERVER)
+            name = method if method != "_OTHER" else "HTTP"
+            span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
             if span.is_recording():
                 span.set_attributes(_request_attributes(scope, method))
             token = otel_context.attach(trace.set_span_in_context(span, parent))
@@ -105,7 +108,7 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         if span is not None:
             if span.is_recording():
                 if route:
-                    span.update_name(f"{method} {route}")
+                    span.update_name(f"{method if method != '_OTHER' else 'HTTP'} {route}")
                     span.set_attribute("http.route", route)
                 span.set_attribute("http.response.status_code", status)
                 if status >= 500:
@@ -115,6 +118,12 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
             self.telemetry.http_duration(
                 seconds, method, status, scope.get("scheme", "http"), route or None
             )
+
+
+_METHODS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+)
+"""The methods of RFC 9110 and RFC 5789 (the semantic conventions' known set)."""
 
 
 def _extract_parent(headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
@@ -132,6 +141,7 @@ def _request_attributes(scope: HTTPScope, method: str) -> dict[str, Any]:
     """Stable semantic-convention request attributes (only for recorded spans)."""
     attrs: dict[str, Any] = {
         "http.request.method": method,
+        **({"http.request.method_original": scope["method"]} if method == "_OTHER" else {}),
         "url.path": scope["path"],
         "url.scheme": scope.get("scheme", "http"),
         "network.protocol.version": scope.get("http_version", "1.1"),

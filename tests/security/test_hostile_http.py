@@ -412,6 +412,22 @@ def test_messagepack_and_base64_junk_is_a_4xx(server: Server) -> None:
         assert 400 <= answer.status_code < 500, answer.text[:300]
 
 
+def test_made_up_methods_do_not_grow_metrics(server: Server) -> None:
+    """300 made-up method tokens are one ``_OTHER`` series, not 300 (each was a new series
+    per status and route: a client could grow /metrics to megabytes and stall every scrape)."""
+    before = httpx.get(server.url + "/metrics", timeout=10).text.count("\n")
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        for i in range(300):
+            assert client.request(f"M{i}", "/v1/models").status_code < 500
+    after = httpx.get(server.url + "/metrics", timeout=10).text
+    assert 'http_request_method="M1' not in after
+    assert (
+        metric(server, "http_server_request_duration_seconds_count", http_request_method="_OTHER")
+        >= 300
+    )
+    assert after.count("\n") - before < 40  # one histogram: its buckets, sum and count
+
+
 def test_no_request_in_this_module_was_answered_5xx(server: Server) -> None:
     assert server_errors(server) == 0
     assert "Traceback" not in server.log_path.read_text()
