@@ -261,6 +261,14 @@ class Dispatcher:
         self._queue.clear()
         self.queued_items = 0
 
+    def hold(self, version: str) -> None:
+        """Count work the caller is preparing for ``version`` as pending (see ``release``)."""
+        self._pending[version] = self._pending.get(version, 0) + 1
+
+    def release(self, version: str) -> None:
+        """End one :meth:`hold`."""
+        self._done_pending(version)
+
     async def wait_idle(self, version: str, wait_s: float) -> None:
         """Wait (at most ``wait_s``) until no job of ``version`` is queued or in flight."""
         if self._pending.get(version, 0) <= 0:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -219,12 +219,30 @@ class WorkerPool:
                 raise first if isinstance(first, ServiceError) else ModelLoadError(str(first))
             raise NotReady("no worker is ready to load the model")
 
+    @contextlib.contextmanager
+    def holding(self, version: str) -> Iterator[None]:
+        """Keep ``version`` loaded while the caller prepares work for it.
+
+        A cache lookup, a decode in a thread: an :meth:`unload` that starts meanwhile waits
+        for the hold to end and for the work submitted under it, as for queued and in-flight
+        jobs.
+        """
+        self._dispatcher.hold(version)
+        try:
+            yield
+        finally:
+            self._dispatcher.release(version)
+
     async def unload(self, version: str, wait_s: float = 30.0) -> None:
-        """Drop ``version`` once its queued and in-flight jobs have finished."""
+        """Drop ``version`` once its holds and its queued and in-flight jobs have finished.
+
+        It stays resident (it takes work) until then: a request routed to it before the
+        routing changed may still be on its way to :meth:`submit` (rollouts must not fail it).
+        """
         if version not in self._resident:
             return
-        del self._resident[version]
         await self._dispatcher.wait_idle(version, wait_s)
+        self._resident.pop(version, None)
         for w in ready_workers(self._workers):
             if version in w.loaded:
                 with contextlib.suppress(ServiceError, TimeoutError):

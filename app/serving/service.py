@@ -118,7 +118,12 @@ class InferenceService(VersionTable):
         # The HTTP request's X-Request-ID names the prediction whose body names none.
         request_id, ctx = self.route(head.request_id or request_id_var.get(), head.sticky)
         ids = [rx.id for rx in head.receivers]
-        with inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started):
+        # Held from the routing choice on: a rollout that stops routing to this version while
+        # the cache lookup waits on Redis must not unload it before the job is submitted.
+        with (
+            self.pool.holding(ctx.version),
+            inference_scope(self.telemetry, version=ctx.version, model=ctx.name, started=started),
+        ):
             key = self.cache_key(head, encoding, ctx)
             if key is not None and self.cache is not None:
                 # The in-memory tier first. Safe without a worker: the head passed the schema

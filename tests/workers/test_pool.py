@@ -205,6 +205,23 @@ async def test_a_worker_the_pool_killed_takes_no_work_before_its_exit_is_seen() 
         await pool.stop()
 
 
+async def test_an_unload_waits_for_work_held_for_the_version(pool: WorkerPool) -> None:
+    """A request routed to version 1 just before a rollout stops routing to it is still on its
+    way (a cache lookup, a decode in a thread): the unload waits for it, and it is computed
+    (it failed 503 "not loaded on this replica" during rolling swaps)."""
+    with pool.holding("1"):
+        unload = asyncio.create_task(pool.unload("1"))
+        await asyncio.sleep(0.3)
+        assert not unload.done()
+        (future,) = pool.submit("1", [[payload_item(PAYLOADS[0])]], 10.0)
+        result = await asyncio.wait_for(future, 10.0)
+        assert isinstance(result.results[0], Prediction)
+    await asyncio.wait_for(unload, 10.0)
+    assert "1" not in pool.resident()
+    with pytest.raises(NotReady, match="not loaded"):
+        pool.submit("1", [[payload_item(PAYLOADS[0])]], 10.0)
+
+
 async def test_crash_loop_stops_respawning_and_pool_is_not_ready() -> None:
     pool = await make_pool(workers=1, max_restarts=2, restart_window_s=60.0)
     try:

@@ -103,11 +103,13 @@ class OipProtocol:
             request, binary = decode_body(body, header_length)
         ctx = self.service.resolve(name, version, request.id)
         spec = ctx.package.spec
-        if offload:
-            prepared = await asyncio.to_thread(prepare, request, binary, spec)
-        else:
-            prepared = prepare(request, binary, spec)
-        outputs = await self.service.infer(ctx, prepared.inputs, started)
+        # Held while a large body is prepared in a thread (see InferenceService.predict).
+        with self.service.pool.holding(ctx.version):
+            if offload:
+                prepared = await asyncio.to_thread(prepare, request, binary, spec)
+            else:
+                prepared = prepare(request, binary, spec)
+            outputs = await self.service.infer(ctx, prepared.inputs, started)
         return encode_answer(prepared, outputs, spec, ctx)
 
 
