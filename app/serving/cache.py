@@ -1,6 +1,8 @@
 """Redis prediction cache that never answers with another model's prediction.
 
-Key = prefix + model name + model version + feature-pipeline version (spec hash) + a BLAKE3
+Key = prefix + model name + model version + the model file's sha256 (its first 16 hex digits:
+version numbers are per registry, and two registries, or one re-created, can share a Redis)
++ feature-pipeline version (spec hash) + a BLAKE3
 hash of the canonical input (receivers sorted by id with their positions and encoded IQ,
 sample rate, wire format) and of the options that shape the answer (confidence levels,
 GeoJSON). Value = the worker's
@@ -142,9 +144,12 @@ class PredictionCache:
         self.breaker = Breaker(settings.breaker_failures, settings.breaker_cooldown_s)
         self._stores: set[asyncio.Task[None]] = set()
 
-    def key(self, model: str, version: str, feature_version: str, digest: str) -> str:
+    def key(
+        self, model: str, version: str, model_sha256: str, feature_version: str, digest: str
+    ) -> str:
         """Cache key of one prediction."""
-        return f"{self.settings.prefix}{model}:{version}:{feature_version}:{digest}"
+        model_id = f"{model}:{version}:{model_sha256[:16]}"
+        return f"{self.settings.prefix}{model_id}:{feature_version}:{digest}"
 
     @property
     def usable(self) -> bool:

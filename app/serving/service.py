@@ -246,7 +246,8 @@ class InferenceService(VersionTable):
             head.geojson,
             encoding,
         )
-        return cache.key(ctx.name, ctx.version, ctx.package.spec_hash, digest)
+        package = ctx.package
+        return cache.key(ctx.name, ctx.version, package.info.sha256, package.spec_hash, digest)
 
     async def cache_lookup(
         self, prepared: Prepared, key: str, started: float

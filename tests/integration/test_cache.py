@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from tests.support.procs import RedisServer, Server
+from app.registry.authoring import register_package
+from tests.support.procs import REFERENCE, RedisServer, Server
+from tests.support.variants import flaky_model, registry
 from training.simulate import heard_batch, request_payload
 
 # serial: it measures latency, timing or load (runs alone in `make test`)
@@ -122,3 +126,33 @@ def test_in_memory_tier_answers_repeats_while_redis_is_down(
     assert state["local_entries"] == len(seen) + len(fresh)
     metrics = httpx.get(server.url + "/metrics").text
     assert 'result="hit",tier="local"' in metrics.replace('model_version="1",', "")
+
+
+def test_two_registries_sharing_a_redis_never_answer_each_others_model(
+    start_server: Callable[..., Server], tmp_path: Path
+) -> None:
+    """Version numbers are per registry: version 1 of another registry (or of this one,
+    re-created) on the same Redis and prefix is another model, and gets its own answers.
+    The key carries the model file's sha256 (it was a hit labelled version 1 from the other
+    model; outside review)."""
+    prefix = f"heimdall:two{uuid.uuid4().hex[:8]}:"
+    first = start_server(HEIMDALL_CACHE_PREFIX=prefix)
+    body = payload(503)
+    assert predict(first, body).json()["cached"] is False
+    assert predict(first, body).json()["cached"] is True
+
+    # Registry B: its version 1 is another model file (an extra graph branch) under the same
+    # spec.
+    package = tmp_path / "other"
+    shutil.copytree(REFERENCE, package)
+    (package / "model.onnx").write_bytes(flaky_model(package / "model.onnx", above=99.0))
+    env = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'b.db'}",
+        "HEIMDALL_ARTIFACT_CACHE": str(tmp_path / "b-artifacts"),
+    }
+    assert register_package(registry(env), package, "rf-localizer", alias="production") == "1"
+    second = start_server(HEIMDALL_CACHE_PREFIX=prefix, **env)
+    answer = predict(second, body).json()
+    assert "model" in answer, answer
+    assert answer["model"]["version"] == "1" and answer["cached"] is False
+    assert predict(second, body).json()["cached"] is True  # its own answer is cached
