@@ -33,7 +33,9 @@ from app.control.settings import ControlSettings
 
 log = logging.getLogger("heimdall.control")
 
-Weight = Annotated[float, Meta(ge=0.0)]
+MAX_WEIGHT = 1e9
+"""Weights are relative: any split fits in 0..1e9, and the sum of any weights stays finite."""
+Weight = Annotated[float, Meta(ge=0.0, le=MAX_WEIGHT)]
 HISTORY_LENGTH = 50
 
 

@@ -12,6 +12,7 @@ import asyncio
 from typing import Any
 
 from app.control.protocol import (
+    MAX_WEIGHT,
     Current,
     DesiredState,
     ReplicaStatus,
@@ -204,8 +205,12 @@ def cmd_route(args: argparse.Namespace) -> int:
             weights[ref] = float(weight)
         except ValueError:
             ref = ""
-        if not ref or weights[ref] < 0:
-            raise UsageError(f"expected VERSION=WEIGHT (a number >= 0), got {part!r}")
+        # `not 0 <= w <= max` also refuses NaN (`nan` and `inf` parse as floats, and JSON
+        # writes them as null: every replica refused the document while route said published).
+        if not ref or not 0.0 <= weights[ref] <= MAX_WEIGHT:
+            raise UsageError(
+                f"expected VERSION=WEIGHT (a number from 0 to {MAX_WEIGHT:g}), got {part!r}"
+            )
     if not any(weights.values()):
         raise UsageError("at least one weight must be > 0")
     settings = load_operator_settings()

@@ -21,6 +21,11 @@ CASES: list[tuple[str, dict[str, str], int, str]] = [
     ("promote x", {}, cli.EXIT_USAGE, "VERSION must be a version number"),
     ("route 3=x", {}, cli.EXIT_USAGE, "expected VERSION=WEIGHT"),
     ("route 1=0", {}, cli.EXIT_USAGE, "at least one weight must be > 0"),
+    # nan and inf were published as null (every replica refused the document); 1e308 twice
+    # summed to inf (all traffic to the last version)
+    ("route 1=nan", {}, cli.EXIT_USAGE, "a number from 0 to 1e+09"),
+    ("route 1=inf", {}, cli.EXIT_USAGE, "a number from 0 to 1e+09"),
+    ("route 1=1e308 @production=1e308", {}, cli.EXIT_USAGE, "a number from 0 to 1e+09"),
     ("route 99=1", {}, cli.EXIT_NOT_FOUND, "'99' is not in the registry"),
     ("route @nope=1", {}, cli.EXIT_NOT_FOUND, "'@nope' is not in the registry"),
     ("route models:/other@production=1", {}, cli.EXIT_USAGE, "names model 'other'"),

@@ -182,3 +182,12 @@ def test_the_document_and_its_signature_are_unchanged_on_the_wire() -> None:
     assert verified(signed, SECRET, "heimdall", MODEL)
     message = ControlMessage(7, "0123456789abcdef")
     assert sign(message, SECRET, "heimdall", MODEL) == GOLDEN_MESSAGE_HMAC
+
+
+@pytest.mark.parametrize("weight", [b"1e300", b"-1", b"null"])
+def test_a_document_with_a_weight_out_of_range_is_refused(weight: bytes) -> None:
+    """Weights are 0..1e9: 1e300 (sums overflow to inf), negatives and null (NaN written as
+    JSON) are refused when a replica decodes the document."""
+    body = GOLDEN_DOCUMENT.replace(b'"4":0.1', b'"4":' + weight)
+    with pytest.raises(msgspec.ValidationError, match=r"weights"):
+        msgspec.json.decode(body, type=DesiredState)
