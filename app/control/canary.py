@@ -325,6 +325,12 @@ class Canary:
         before = current.doc
         if before is None:
             raise SystemExit("no valid desired state to start a canary from; publish one first")
+        replicas = await fleet(self.client, self.settings, self.model)
+        if replicas and all(set(r.versions) == {self.candidate} for r in replicas):
+            raise SystemExit(
+                f"version {self.candidate} already takes all the traffic: there is no baseline "
+                "to compare it with"
+            )
         self._log(f"canary {self.candidate} from {dict(before.weights)}, steps {self.steps}")
         for step in self.steps:
             share = step / 100
@@ -346,6 +352,10 @@ class Canary:
             figures = summary(cand, base)
             if breach is None and cand.requests < self.gates.min_requests:
                 breach = f"too little traffic: {cand.requests} < {self.gates.min_requests}"
+            if breach is None and share < 1 and not base.requests:
+                # Every request counted as the candidate's: a baseline ref that resolves to
+                # the candidate's version; passing would compare nothing.
+                breach = "no baseline traffic to compare with"
             if breach:
                 reason = f"canary {self.candidate} rolled back at {step:g}%: {breach}"
                 self._log(f"BREACH at {step:g}%: {breach} ({figures})")

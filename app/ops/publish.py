@@ -130,8 +130,10 @@ def set_alias(settings: OperatorSettings, alias: str, version: str) -> None:
     registry.set_alias(name, alias, version)
 
 
-def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
-    """Check that every version or alias in ``refs`` exists in the registry before publishing.
+def check_refs(settings: OperatorSettings, refs: list[str]) -> dict[str, str]:
+    """Check that every ref exists in the registry before publishing; the version each names.
+
+    An alias names the version it points at now ("" when the registry does not say).
 
     A desired state naming a version the registry lacks can never be applied: every replica
     would keep failing to load it. A tracking server is asked over REST, a local sqlite
@@ -159,19 +161,20 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> None:
     checker = RestAliases(uri) if is_remote(uri) else SqliteRefs(path) if path else None
     if checker is not None:
         try:
-            for _, version, alias in parsed:
+            found: dict[str, str] = {}
+            for ref, version, alias in parsed:
                 if version is not None:
                     checker.check_version(name, version)
+                    found[ref] = version
                 else:
-                    checker.check_alias(name, str(alias))
-            return
+                    found[ref] = checker.check_alias(name, str(alias))
+            return found
         except UnknownSchema:
             pass  # not the tables this reads: MLflow reads its own database below
     from app.registry.client import ModelRegistry
 
     registry = ModelRegistry(settings.registry)
-    for ref, _, _ in parsed:
-        registry.resolve(ref)
+    return {ref: registry.resolve(ref).version for ref, _, _ in parsed}
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -259,8 +262,14 @@ def cmd_canary(args: argparse.Namespace) -> int:
     from app.control.canary import Canary, Gates, LockHeld
 
     settings = load_operator_settings()
+    candidate = str(args.version)
     if not args.no_check:
-        check_refs(settings, [str(args.version)])
+        # Replicas report their figures by version number: an alias is compared as the version
+        # it points at when the canary starts (as "@staging" it never matched, and its traffic
+        # counted as the baseline's).
+        candidate = check_refs(settings, [candidate])[candidate] or candidate
+    elif not candidate.isdigit():
+        raise UsageError(f"with --no-check, give a version number, not {candidate!r}")
     gates = Gates(
         args.max_error_rate_delta, args.max_p99_ratio, args.max_shadow_m, args.min_requests
     )
@@ -280,7 +289,7 @@ def cmd_canary(args: argparse.Namespace) -> int:
                 client,
                 settings.control,
                 settings.registry.model_name(),
-                str(args.version),
+                candidate,
                 args.steps,
                 args.interval,
                 gates,

@@ -88,12 +88,13 @@ class RestAliases:
             "POST", "registered-models/alias", {"name": name, "alias": alias, "version": version}
         )
 
-    def check_alias(self, name: str, alias: str) -> None:
-        """Raise when ``alias`` of ``name`` points at no version.
+    def check_alias(self, name: str, alias: str) -> str:
+        """The version number ``alias`` of ``name`` points at.
 
         Raises:
             NotFound: no such model or alias.
             ModelLoadError: the server failed or is unreachable.
         """
         query = urllib.parse.urlencode({"name": name, "alias": alias})
-        self._call("GET", f"registered-models/alias?{query}")
+        found = self._call("GET", f"registered-models/alias?{query}")
+        return str(found.get("model_version", {}).get("version", ""))

@@ -159,10 +159,10 @@ class SqliteRefs:
         except NotFound as exc:
             raise NotFound(f"'{version}' is not in the registry: {exc}") from exc
 
-    def check_alias(self, name: str, alias: str) -> None:
-        """Raise when ``alias`` of ``name`` points at no version (see :meth:`check_version`)."""
+    def check_alias(self, name: str, alias: str) -> str:
+        """The version number ``alias`` of ``name`` points at (raises as :meth:`check_version`)."""
         try:
-            self.model_version(name, None, alias)
+            return str(self.model_version(name, None, alias)["version"])
         except NotFound as exc:
             raise NotFound(f"'@{alias}' is not in the registry: {exc}") from exc
 

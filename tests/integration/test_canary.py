@@ -15,7 +15,7 @@ import redis
 from tests.integration.test_control_epochs import models, run_cli
 from tests.integration.test_rollout import Load, cli, served_version, wait_for
 from tests.support.procs import Server
-from tests.support.variants import register_variant
+from tests.support.variants import register_variant, registry
 
 # serial: it measures latency, timing or load (runs alone in `make test`)
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.serial]
@@ -86,8 +86,12 @@ def test_canary_rolls_a_flaky_version_back_and_takes_a_good_one_to_100_percent(
     assert failed > 0 and errors[flaky] == failed  # every failure is the candidate's share
     assert errors["1"] == 0  # 0 failed requests outside the canary share
 
+    # By alias: compared as the version it points at (as "@staging" its traffic counted as
+    # the baseline's and the canary always rolled back for too little traffic).
+    registry(env).set_alias("rf-localizer", "staging", good)
+
     def canary_good() -> None:
-        outcome["good"] = run_cli(env, "canary", good, "--steps", "20,50,100", *gates)
+        outcome["good"] = run_cli(env, "canary", "@staging", "--steps", "20,50,100", *gates)
 
     codes = run_under_load(servers, canary_good)
     done = outcome["good"]
@@ -141,6 +145,11 @@ def test_a_canary_the_fleet_cannot_apply_is_rolled_back(
     server = start_server(**env)
     cli(env, "route", "1=1")
     wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    # The version already serving everything has no baseline to be compared with (it passed,
+    # comparing nothing); by number or by an alias that points at it.
+    for ref in ("1", "@production"):
+        same = run_cli(env, "canary", ref, "--steps", "50,100", "--interval", "1s")
+        assert same.returncode == 1 and "already takes all the traffic" in same.stderr, same
     done = run_cli(
         env, "canary", "999", "--steps", "50,100", "--interval", "1s", "--no-check"
     )  # a version the fleet cannot apply; without --no-check canary refuses it up front
