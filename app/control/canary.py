@@ -72,7 +72,7 @@ class CanaryState(msgspec.Struct, frozen=True):
     steps: list[float]
     step: float
     state: str
-    """``running``, ``rolled back`` or ``complete``."""
+    """``running``, ``rolled back``, ``complete`` or ``stopped`` (someone else published)."""
     reason: str
     leader: str
     updated_at: float
@@ -218,6 +218,10 @@ class LockHeld(RuntimeError):
     """Another leader runs a canary for this model."""
 
 
+class ChangedMeanwhile(RuntimeError):
+    """Someone else published a desired state during the canary (``--force``)."""
+
+
 class Canary:
     """The leader of one canary rollout."""
 
@@ -245,6 +249,9 @@ class Canary:
         self.token = f"{publisher_id()}:{secrets.token_hex(4)}"
         self.lock_ms = int(max(30.0, 3 * interval_s) * 1000)
         self._started = time.monotonic()
+        self._last: tuple[str, int] = ("", 0)
+        self._step = 0.0
+        """(epoch, revision) of the document this canary started from or last published."""
 
     def _log(self, text: str) -> None:
         self.say(f"[{time.monotonic() - self._started:7.1f}s] {text}")
@@ -262,7 +269,18 @@ class Canary:
         self, weights: dict[str, float], reason: str, base: DesiredState
     ) -> DesiredState:
         proposal = proposed(weights, base.shadow, base.shadow_fraction, reason)
-        doc = await publish_change(self.client, self.settings, self.model, lambda _: proposal)
+        expected = self._last
+
+        def change(current: DesiredState | None) -> DesiredState:
+            # Only on top of our own last document: another publisher's (an operator's
+            # --force) is left in place, not undone by the next step or the rollback.
+            if current is None or (current.epoch, current.revision) != expected:
+                seen = f"revision {current.revision} ({current.reason})" if current else "none"
+                raise ChangedMeanwhile(f"the desired state changed under the canary: {seen}")
+            return proposal
+
+        doc = await publish_change(self.client, self.settings, self.model, change)
+        self._last = (doc.epoch, doc.revision)
         self._log(f"published revision {doc.revision}: {doc.weights} ({reason})")
         return doc
 
@@ -317,6 +335,11 @@ class Canary:
             raise LockHeld(f"another canary is running (leader {holder!r})")
         try:
             return await self._run()
+        except ChangedMeanwhile as exc:
+            reason = f"canary {self.candidate} stopped: {exc}; left as it is"
+            self._log(reason)
+            await self._state(self._step, "stopped", reason)
+            return False
         finally:
             await self.client.eval(_RELEASE, 1, self.lock_key, self.token)
 
@@ -331,6 +354,7 @@ class Canary:
                 f"version {self.candidate} already takes all the traffic: there is no baseline "
                 "to compare it with"
             )
+        self._last = (before.epoch, before.revision)
         self._log(f"canary {self.candidate} from {dict(before.weights)}, steps {self.steps}")
         for step in self.steps:
             share = step / 100
@@ -341,6 +365,7 @@ class Canary:
             }
             weights = {**scaled, self.candidate: share} if share < 1 else {self.candidate: 1.0}
             doc = await self._publish(weights, f"canary {self.candidate} step {step:g}%", before)
+            self._step = step
             await self._state(step, "running", f"step {step:g}%")
             breach: str | None
             try:

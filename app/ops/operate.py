@@ -39,7 +39,10 @@ def steps_pct(text: str) -> list[float]:
 
 def _publisher_flags(parser: Any) -> None:
     parser.add_argument(
-        "--force", action="store_true", help="publish unsigned even when the fleet is signed"
+        "--force",
+        action="store_true",
+        help="publish even when the fleet is signed and this has no secret, or while a canary "
+        "runs (the canary then stops, leaving this state)",
     )
     parser.add_argument(
         "--new-epoch",

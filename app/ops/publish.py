@@ -21,6 +21,7 @@ from app.control.protocol import (
     publish_change,
     read_current,
 )
+from app.control.settings import ControlSettings
 from app.registry.rest import RestAliases, is_remote
 from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path, workspaces_enabled
 from app.settings import OperatorSettings, load_operator_settings
@@ -83,6 +84,8 @@ async def publish_state(
             )
             if refusal:
                 raise SystemExit(refusal)
+        if not force:
+            await refuse_during_canary(client, control, model)
 
         def change(current: DesiredState | None) -> DesiredState:
             new_weights = weights or (
@@ -175,6 +178,24 @@ def check_refs(settings: OperatorSettings, refs: list[str]) -> dict[str, str]:
 
     registry = ModelRegistry(settings.registry)
     return {ref: registry.resolve(ref).version for ref, _, _ in parsed}
+
+
+async def refuse_during_canary(client: Any, control: ControlSettings, model: str) -> None:
+    """Refuse to publish while a canary runs: its next step would undo the change.
+
+    Raises:
+        SystemExit: a canary leader holds the lock.
+    """
+    from app.control.canary import canary_keys
+
+    holder = await client.get(canary_keys(control, model)[1])
+    if holder is not None:
+        leader = holder.decode(errors="replace") if isinstance(holder, bytes) else str(holder)
+        raise SystemExit(
+            f"a canary is running (leader {leader!r}): its next step would undo this change. "
+            "Wait for it to finish, or publish with --force (the canary then stops and leaves "
+            "your state in place)"
+        )
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -14,7 +17,7 @@ import redis
 
 from tests.integration.test_control_epochs import models, run_cli
 from tests.integration.test_rollout import Load, cli, served_version, wait_for
-from tests.support.procs import Server
+from tests.support.procs import ROOT, Server
 from tests.support.variants import register_variant, registry
 
 # serial: it measures latency, timing or load (runs alone in `make test`)
@@ -129,6 +132,10 @@ def test_a_second_leader_is_refused_while_a_canary_runs(
     refused = run_cli(env, "canary", "2", "--interval", "1s", "--no-check")
     assert refused.returncode == 1 and "another canary is running" in refused.stderr
     assert "someone@else" in refused.stderr
+    # Other publishers too: the canary's next step would undo their change.
+    for verb in (("route", "1=1"), ("shadow", "1")):
+        refused = run_cli(env, *verb)
+        assert refused.returncode == 1 and "a canary is running" in refused.stderr, refused
     client.close()
 
 
@@ -159,3 +166,49 @@ def test_a_canary_the_fleet_cannot_apply_is_rolled_back(
     assert "failed to apply revision 2: " in done.stdout
     wait_for(lambda: models(server)["control"]["revision"] == 3, 10.0)
     assert served_version(server) == {"1": 1.0}
+
+
+def test_a_forced_change_during_a_canary_is_left_in_place_and_stops_it(
+    start_server: Callable[..., Server],
+    registry_env: dict[str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """An operator who publishes with --force during a canary keeps their state: the canary
+    stops (exit 1) instead of publishing its next step or its rollback over it (each step
+    was published from the pre-canary state, silently undoing the operator's change)."""
+    env = {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"f{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
+        "HEIMDALL_POOL_WORKERS": "1",
+    }
+    good = register_variant(env, tmp_path, "good", calibration=1.28)
+    server = start_server(**env)
+    cli(env, "route", "1=1")
+    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    state_key = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary"
+    client = redis.Redis.from_url(redis_url)
+    args = ["canary", good, "--steps", "50,100", "--interval", "5s"]
+    canary = subprocess.Popen(
+        [sys.executable, "-m", "app.ops.cli", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
+        assert run_cli(env, "route", "1=1").returncode == 1  # refused while it runs
+        cli(env, "shadow", good, "--fraction", "0.5", "--force")
+        out, err = canary.communicate(timeout=90)
+    finally:
+        canary.kill()
+        client.close()
+    print(f"\n{out}")
+    assert canary.returncode == 1, err
+    assert "stopped: the desired state changed under the canary" in out
+    wait_for(lambda: models(server)["routing"]["shadow"] == good, 20.0)
+    assert served_version(server) == {"1": 0.5, good: 0.5}  # the step the operator saw
