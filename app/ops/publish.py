@@ -204,6 +204,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
     name = settings.registry.model_name()
     if not str(args.version).isdigit():
         raise UsageError(f"VERSION must be a version number, got {args.version!r}")
+    if not args.force:  # before the alias moves: replicas follow an alias by themselves
+
+        async def check() -> None:
+            client = redis_client(settings)
+            try:
+                await refuse_during_canary(client, settings.control, name)
+            finally:
+                await client.aclose()
+
+        asyncio.run(check())
     set_alias(settings, args.alias, str(args.version))
     print(f"{name}@{args.alias} -> version {args.version}")
     asyncio.run(

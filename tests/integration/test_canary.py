@@ -24,6 +24,11 @@ from tests.support.variants import register_variant, registry
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.serial]
 
 
+def models_aliases(env: dict[str, str]) -> list[str]:
+    """The aliases of rf-localizer in the registry of ``env``."""
+    return list(registry(env).client.get_registered_model("rf-localizer").aliases)
+
+
 def errors_by_version(servers: list[Server]) -> Counter[str]:
     """Failed predictions per model version, from every replica's /metrics."""
     out: Counter[str] = Counter()
@@ -133,9 +138,10 @@ def test_a_second_leader_is_refused_while_a_canary_runs(
     assert refused.returncode == 1 and "another canary is running" in refused.stderr
     assert "someone@else" in refused.stderr
     # Other publishers too: the canary's next step would undo their change.
-    for verb in (("route", "1=1"), ("shadow", "1")):
+    for verb in (("route", "1=1"), ("shadow", "1"), ("promote", "1", "--alias", "staging")):
         refused = run_cli(env, *verb)
         assert refused.returncode == 1 and "a canary is running" in refused.stderr, refused
+    assert "staging" not in models_aliases(registry_env)  # promote refused before the alias
     client.close()
 
 
