@@ -133,15 +133,16 @@ def test_a_second_leader_is_refused_while_a_canary_runs(
     cli(env, "route", "1=1")
     lock = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary:lock"
     client = redis.Redis.from_url(redis_url)
-    client.set(lock, "someone@else:1234", px=5000)
+    client.set(lock, "someone@else:1234", px=120_000)  # (outlives every check below)
     refused = run_cli(env, "canary", "2", "--interval", "1s", "--no-check")
     assert refused.returncode == 1 and "another canary is running" in refused.stderr
     assert "someone@else" in refused.stderr
     # Other publishers too: the canary's next step would undo their change.
-    for verb in (("route", "1=1"), ("shadow", "1"), ("promote", "1", "--alias", "staging")):
+    for verb in (("route", "1=1"), ("shadow", "1"), ("promote", "1", "--alias", "held")):
         refused = run_cli(env, *verb)
         assert refused.returncode == 1 and "a canary is running" in refused.stderr, refused
-    assert "staging" not in models_aliases(registry_env)  # promote refused before the alias
+    assert "held" not in models_aliases(registry_env)  # promote refused before the alias
+    client.delete(lock)
     client.close()
 
 
