@@ -58,8 +58,15 @@ def body_is_msgpack(request: Request[Any, Any, Any]) -> bool:
     """Whether the body is MessagePack (True) or JSON (False).
 
     Raises:
-        UnsupportedMediaType: any other content type.
+        UnsupportedMediaType: any other content type, or a content coding.
     """
+    coding = request.headers.get("content-encoding", "identity").strip().lower()
+    if coding not in ("identity", ""):
+        # Not decoded here: a gzip body was read as JSON (400), a plain one labelled br as-is.
+        raise UnsupportedMediaType(
+            f"Content-Encoding {coding!r} is not supported on /v1; send the body unencoded "
+            "(only /v2 accepts gzip and deflate)"
+        )
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media in _MSGPACK_TYPES:
         return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 from typing import Any
 
@@ -192,6 +193,9 @@ def _variant(**changes: Any) -> dict[str, Any]:
 BAD_INPUTS: list[tuple[str, Any, dict[str, str], int, str]] = [
     ("malformed JSON", b'{"receivers": [', {}, 400, "not valid JSON"),
     ("wrong media type", b"receivers=1", {"content-type": "text/plain"}, 415, "Content-Type"),
+    # A content coding was ignored: gzip read as JSON (400), a plain body labelled br served.
+    ("gzip on /v1", gzip.compress(b"{}"), {"content-encoding": "gzip"}, 415, "Content-Encoding"),
+    ("br label on /v1", _variant(), {"content-encoding": "br"}, 415, "Content-Encoding"),
     ("undecodable base64", _variant(rx0={"iq": "%%%not-base64%%%"}), {}, 400, "base64"),
     ("wrong sample count", _variant(rx0={"iq": _iq(1000)}), {}, 422, "4096"),
     (
