@@ -243,6 +243,16 @@ def client_address(request: Request[Any, Any, Any]) -> str:
     return client.host if client is not None else "unknown"
 
 
+def require_version_number(version: str) -> None:
+    """Refuse a path segment that is no version number (`abc`, `..` got 200 with zeros).
+
+    Raises:
+        NotFound: not ASCII digits.
+    """
+    if not (version.isascii() and version.isdigit()):
+        raise NotFound(f"{version!r} is not a version number")
+
+
 def build_routes(
     service: InferenceService,
     feedback: FeedbackService,
@@ -295,6 +305,7 @@ def build_routes(
     async def model_field(
         request: Request[Any, Any, Any], version: FromPath[str]
     ) -> Response[bytes]:
+        require_version_number(version)
         model = next(iter(service.contexts.values())).name if service.contexts else ""
         figures = await feedback.figures(model, version) if model else None
         if figures is None:
