@@ -112,7 +112,7 @@ async def publish_state(
 
 
 def set_alias(settings: OperatorSettings, alias: str, version: str) -> None:
-    """Point ``alias`` at ``version`` after checking it exists.
+    """Point ``alias`` at ``version`` (the caller checked it exists: :func:`check_refs`).
 
     A tracking server is spoken to over REST (no MLflow import: seconds saved); a local
     sqlite registry goes through MLflow.
@@ -122,9 +122,7 @@ def set_alias(settings: OperatorSettings, alias: str, version: str) -> None:
     """
     name = settings.registry.model_name()
     if is_remote(settings.registry.tracking_uri):
-        rest = RestAliases(settings.registry.tracking_uri)
-        rest.check_version(name, version)
-        rest.set_alias(name, alias, version)
+        RestAliases(settings.registry.tracking_uri).set_alias(name, alias, version)
         return
     from app.registry.client import ModelRegistry
 
@@ -204,6 +202,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     name = settings.registry.model_name()
     if not str(args.version).isdigit():
         raise UsageError(f"VERSION must be a version number, got {args.version!r}")
+    check_refs(settings, [str(args.version)])  # a missing version is named before Redis
     if not args.force:  # before the alias moves: replicas follow an alias by themselves
 
         async def check() -> None:

@@ -14,8 +14,16 @@ import pytest
 
 from app.registry.client import parse_ref
 from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path
-from tests.support.procs import ROOT
+from tests.support.procs import ROOT, bootstrap_registry
 from workers.errors import ModelLoadError, NotFound
+
+
+@pytest.fixture(scope="module")
+def registry_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """This module's own registry: other modules register versions and aliases in the
+    session's, and these tests read exactly which versions and aliases exist (with
+    pytest-xdist they may run after those modules)."""
+    return bootstrap_registry(tmp_path_factory.mktemp("pristine"))
 
 
 @pytest.fixture

@@ -94,12 +94,13 @@ def test_canary_rolls_a_flaky_version_back_and_takes_a_good_one_to_100_percent(
     assert failed > 0 and errors[flaky] == failed  # every failure is the candidate's share
     assert errors["1"] == 0  # 0 failed requests outside the canary share
 
-    # By alias: compared as the version it points at (as "@staging" its traffic counted as
+    # By alias: compared as the version it points at (as "@staging…" its traffic counted as
     # the baseline's and the canary always rolled back for too little traffic).
-    registry(env).set_alias("rf-localizer", "staging", good)
+    alias = f"staging{uuid.uuid4().hex[:6]}"  # the session's registry: a name of its own
+    registry(env).set_alias("rf-localizer", alias, good)
 
     def canary_good() -> None:
-        outcome["good"] = run_cli(env, "canary", "@staging", "--steps", "20,50,100", *gates)
+        outcome["good"] = run_cli(env, "canary", f"@{alias}", "--steps", "20,50,100", *gates)
 
     codes = run_under_load(servers, canary_good)
     done = outcome["good"]
