@@ -79,9 +79,37 @@ def test_nested_data_must_match_the_shape() -> None:
             for n, a in arrays.items()
         ]
     }
-    body["inputs"][1]["data"] = np.swapaxes(arrays["receivers"], 1, 2).tolist()
+    body["inputs"][2]["data"] = np.swapaxes(arrays["receivers"], 1, 2).tolist()
     with pytest.raises(MalformedRequest, match="nested data has shape"):
         prepare(*decode_body(json.dumps(body).encode(), None), reference_spec())
+    body["inputs"][2]["data"] = arrays["receivers"].tolist()
+    body["inputs"][1]["data"] = arrays["receivers"].tolist()  # one level deeper than [2, 7]
+    with pytest.raises(MalformedRequest, match=r"input 'mask': data must be numbers, flat or"):
+        prepare(*decode_body(json.dumps(body).encode(), None), reference_spec())
+
+
+@pytest.mark.parametrize("odd", [True, "1.0", None])
+def test_fp32_data_is_numbers_only(odd: object) -> None:
+    """`true` and `"1.0"` are not FP32 (numpy cast them to 1.0: answered 200), flat or nested."""
+    _, _, arrays = header_and_data(1)
+    for nest in (False, True):
+        body = {
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": "FP32",
+                    "shape": list(a.shape),
+                    "data": a.tolist() if nest else a.ravel().tolist(),
+                }
+                for n, a in arrays.items()
+            ]
+        }
+        if nest:
+            body["inputs"][1]["data"][0][3] = odd
+        else:
+            body["inputs"][1]["data"][3] = odd
+        with pytest.raises(MalformedRequest, match="input 'mask'"):
+            prepare(*decode_body(json.dumps(body).encode(), None), reference_spec())
 
 
 def test_per_output_binary_flag_overrides_the_request_flag() -> None:

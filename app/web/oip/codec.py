@@ -7,6 +7,7 @@ output tensors into the protocol's answer, JSON or JSON header plus binary data.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -112,9 +113,27 @@ def _as_float32(tensor: InferInput, values: Any) -> F32:
         ) from None
 
 
+@functools.cache
+def _nested_decoder(depth: int) -> msgspec.json.Decoder[Any]:
+    """JSON numbers nested ``depth`` lists deep.
+
+    Strict, like the flat decoder: ``true`` and ``"1.0"`` are not FP32 (numpy cast them to
+    1.0 when the data was decoded untyped).
+    """
+    kind: Any = float
+    for _ in range(depth):
+        kind = list[kind]
+    return msgspec.json.Decoder(kind)
+
+
 def _nested_tensor(tensor: InferInput, raw: msgspec.Raw, shape: tuple[int, ...]) -> F32:
     what = f"input {tensor.name!r}: data"
-    nested = decoding.decode(msgspec.json.decode, raw, what)
+    try:
+        nested = decoding.decode(_nested_decoder(max(len(shape), 1)).decode, raw, what)
+    except MalformedRequest as exc:
+        raise MalformedRequest(
+            f"{what} must be numbers, flat or nested as shape {list(shape)} says ({exc.detail})"
+        ) from exc
     try:
         values = _as_float32(tensor, nested)
     except MalformedRequest:
