@@ -29,6 +29,18 @@ def models_aliases(env: dict[str, str]) -> list[str]:
     return list(registry(env).client.get_registered_model("rf-localizer").aliases)
 
 
+def fleet_env(registry_env: dict[str, str], redis_url: str, **extra: str) -> dict[str, str]:
+    """One replica's env in a control namespace of its own (polls every 2 s, one worker)."""
+    return {
+        **registry_env,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"k{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
+        "HEIMDALL_POOL_WORKERS": "1",
+        **extra,
+    }
+
+
 def errors_by_version(servers: list[Server]) -> Counter[str]:
     """Failed predictions per model version, from every replica's /metrics."""
     out: Counter[str] = Counter()
@@ -61,14 +73,8 @@ def test_canary_rolls_a_flaky_version_back_and_takes_a_good_one_to_100_percent(
     redis_url: str,
     tmp_path: Path,
 ) -> None:
-    env = {
-        **registry_env,
-        "REDIS_URL": redis_url,
-        "HEIMDALL_CONTROL_NAMESPACE": f"k{uuid.uuid4().hex[:8]}",
-        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
-        "HEIMDALL_CONTROL_HEARTBEAT_TTL_S": "3",  # reports (with figures) every second
-        "HEIMDALL_POOL_WORKERS": "1",
-    }
+    # Reports (with figures) every second.
+    env = fleet_env(registry_env, redis_url, HEIMDALL_CONTROL_HEARTBEAT_TTL_S="3")
     flaky = register_variant(env, tmp_path, "flaky", calibration=1.26)
     good = register_variant(env, tmp_path, "good", calibration=1.27)
     servers = [start_server(**env, HEIMDALL_REPLICA_ID=f"replica-{i}") for i in range(2)]
@@ -150,13 +156,7 @@ def test_a_second_leader_is_refused_while_a_canary_runs(
 def test_a_canary_the_fleet_cannot_apply_is_rolled_back(
     start_server: Callable[..., Server], registry_env: dict[str, str], redis_url: str
 ) -> None:
-    env = {
-        **registry_env,
-        "REDIS_URL": redis_url,
-        "HEIMDALL_CONTROL_NAMESPACE": f"m{uuid.uuid4().hex[:8]}",
-        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
-        "HEIMDALL_POOL_WORKERS": "1",
-    }
+    env = fleet_env(registry_env, redis_url)
     server = start_server(**env)
     cli(env, "route", "1=1")
     wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
@@ -185,13 +185,7 @@ def test_a_forced_change_during_a_canary_is_left_in_place_and_stops_it(
     """An operator who publishes with --force during a canary keeps their state: the canary
     stops (exit 1) instead of publishing its next step or its rollback over it (each step
     was published from the pre-canary state, silently undoing the operator's change)."""
-    env = {
-        **registry_env,
-        "REDIS_URL": redis_url,
-        "HEIMDALL_CONTROL_NAMESPACE": f"f{uuid.uuid4().hex[:8]}",
-        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "2",
-        "HEIMDALL_POOL_WORKERS": "1",
-    }
+    env = fleet_env(registry_env, redis_url)
     good = register_variant(env, tmp_path, "good", calibration=1.28)
     server = start_server(**env)
     cli(env, "route", "1=1")
