@@ -66,6 +66,7 @@ pytest: setup
 	@rm -f .coverage .coverage.*
 	$(BIN)/python -m pytest -m "not serial" -n $(PYTEST_WORKERS) --dist loadfile \
 		--cov-report= --cov-fail-under=0
+	@echo "(the coverage above is the first pass's alone; the pass below reports both)"
 	$(BIN)/python -m pytest -m serial --cov-append
 
 audit: setup
