@@ -16,18 +16,18 @@ also kept in ``{ns}:{model}:canary``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
+from app.control.gates import Gates, Window, judge, summary, windows
 from app.control.protocol import (
     DesiredState,
     ReplicaStatus,
-    VersionFigures,
     fleet,
     proposed,
     publish_change,
@@ -51,20 +51,6 @@ return 0
 """
 
 
-@dataclass(frozen=True)
-class Gates:
-    """Limits on the candidate compared with the baseline over one window."""
-
-    max_error_rate_delta: float = 0.01
-    """Candidate error rate may exceed the baseline's by at most this (absolute)."""
-    max_p99_ratio: float = 1.5
-    """Candidate p99 latency may be at most this multiple of the baseline's."""
-    max_shadow_m: float | None = None
-    """Shadow disagreement p95 (metres) limit, when the candidate is shadowed."""
-    min_requests: int = 20
-    """Fewest candidate requests a window needs before it is judged."""
-
-
 class CanaryState(msgspec.Struct, frozen=True):
     """``{ns}:{model}:canary``: what the running (or last) canary is doing."""
 
@@ -72,7 +58,8 @@ class CanaryState(msgspec.Struct, frozen=True):
     steps: list[float]
     step: float
     state: str
-    """``running``, ``rolled back``, ``complete`` or ``stopped`` (someone else published)."""
+    """``running``, ``rolled back``, ``complete``, ``stopped`` (someone else published) or, as
+    read back, ``abandoned`` (running without a leader)."""
     reason: str
     leader: str
     updated_at: float
@@ -89,129 +76,19 @@ def canary_keys(settings: ControlSettings, model: str) -> tuple[str, str]:
 
 async def read_canary(client: Any, settings: ControlSettings, model: str) -> CanaryState | None:
     """The running or last canary's state, if any (undecodable: None)."""
-    raw = await client.get(canary_keys(settings, model)[0])
+    state_key, lock_key = canary_keys(settings, model)
+    raw = await client.get(state_key)
     if raw is None:
         return None
     try:
-        return _canary_decoder.decode(raw)
+        state = _canary_decoder.decode(raw)
     except msgspec.DecodeError:
         return None
-
-
-@dataclass
-class Window:
-    """Figures of one version group over a window, summed over replicas."""
-
-    requests: int = 0
-    errors: int = 0
-    latency: list[int] = field(default_factory=list)
-    latency_bounds: list[float] = field(default_factory=list)
-    shadow: list[int] = field(default_factory=list)
-    shadow_bounds: list[float] = field(default_factory=list)
-
-    @property
-    def error_rate(self) -> float:
-        """Errors per request (0 without requests)."""
-        return self.errors / self.requests if self.requests else 0.0
-
-    def add(self, before: VersionFigures | None, after: VersionFigures) -> None:
-        """Add the growth from ``before`` to ``after`` (a restarted replica counts from 0)."""
-        b = before or VersionFigures()
-        if after.requests < b.requests:
-            b = VersionFigures()
-        self.requests += after.requests - b.requests
-        self.errors += max(0, after.errors - b.errors)
-        self.latency, self.latency_bounds = _add_counts(
-            self.latency, self.latency_bounds, b.latency_counts, after
-        )
-        self.shadow, self.shadow_bounds = _add_counts(
-            self.shadow,
-            self.shadow_bounds,
-            b.shadow_counts,
-            after,
-            shadow=True,
-        )
-
-
-def _add_counts(
-    acc: list[int],
-    bounds: list[float],
-    before: list[int],
-    after: VersionFigures,
-    shadow: bool = False,
-) -> tuple[list[int], list[float]]:
-    counts = after.shadow_counts if shadow else after.latency_counts
-    new_bounds = after.shadow_bounds if shadow else after.latency_bounds
-    if not counts:
-        return acc, bounds
-    if len(before) != len(counts) or any(a < b for a, b in zip(counts, before, strict=True)):
-        before = [0] * len(counts)
-    delta = [a - b for a, b in zip(counts, before, strict=True)]
-    if not acc:
-        return delta, list(new_bounds)
-    return [x + y for x, y in zip(acc, delta, strict=True)], bounds
-
-
-def quantile_upper(counts: list[int], bounds: list[float], q: float) -> float | None:
-    """Upper bound of the bucket holding quantile ``q`` (the last bound for the overflow)."""
-    total = sum(counts)
-    if not total:
-        return None
-    seen = 0
-    for i, count in enumerate(counts):
-        seen += count
-        if seen >= q * total:
-            return bounds[min(i, len(bounds) - 1)] if bounds else None
-    return bounds[-1] if bounds else None
-
-
-def windows(
-    before: list[ReplicaStatus], after: list[ReplicaStatus], candidate: str
-) -> tuple[Window, Window]:
-    """(candidate, baseline) figures over the window between two fleet snapshots."""
-    earlier = {r.replica: r.figures for r in before}
-    cand, base = Window(), Window()
-    for replica in after:
-        previous = earlier.get(replica.replica, {})
-        for version, figures in replica.figures.items():
-            (cand if version == candidate else base).add(previous.get(version), figures)
-    return cand, base
-
-
-def judge(cand: Window, base: Window, gates: Gates) -> str | None:
-    """The breach, or None when the candidate passes."""
-    if cand.error_rate > base.error_rate + gates.max_error_rate_delta:
-        return (
-            f"error rate {cand.error_rate:.3f} ({cand.errors}/{cand.requests}) > baseline "
-            f"{base.error_rate:.3f} + {gates.max_error_rate_delta:g}"
-        )
-    p99_c = quantile_upper(cand.latency, cand.latency_bounds, 0.99)
-    p99_b = quantile_upper(base.latency, base.latency_bounds, 0.99)
-    if p99_c is not None and p99_b and p99_c > gates.max_p99_ratio * p99_b:
-        return (
-            f"p99 latency {p99_c * 1e3:.1f} ms > {gates.max_p99_ratio:g} x baseline "
-            f"{p99_b * 1e3:.1f} ms"
-        )
-    if gates.max_shadow_m is not None:
-        p95 = quantile_upper(cand.shadow, cand.shadow_bounds, 0.95)
-        if p95 is not None and p95 > gates.max_shadow_m:
-            return f"shadow disagreement p95 {p95:.1f} m > {gates.max_shadow_m:g} m"
-    return None
-
-
-def summary(cand: Window, base: Window) -> str:
-    """One line of window figures for the timeline."""
-    p99_c = quantile_upper(cand.latency, cand.latency_bounds, 0.99)
-    p99_b = quantile_upper(base.latency, base.latency_bounds, 0.99)
-
-    def ms(value: float | None) -> str:
-        return f"{value * 1e3:.1f}" if value is not None else "-"
-
-    return (
-        f"candidate {cand.requests} req, error rate {cand.error_rate:.3f}, p99 <= {ms(p99_c)} "
-        f"ms; baseline {base.requests} req, error rate {base.error_rate:.3f}, p99 <= "
-        f"{ms(p99_b)} ms"
-    )
+    if state.state == "running" and await client.get(lock_key) is None:
+        # Its leader is gone without an end (killed, or Redis was lost under it).
+        reason = "its leader is gone: the desired state is as its last step left it"
+        return msgspec.structs.replace(state, state="abandoned", reason=reason)
+    return state
 
 
 class LockHeld(RuntimeError):
@@ -247,10 +124,13 @@ class Canary:
         self.say = say
         self.state_key, self.lock_key = canary_keys(settings, model)
         self.token = f"{publisher_id()}:{secrets.token_hex(4)}"
-        self.lock_ms = int(max(30.0, 3 * interval_s) * 1000)
+        # Renewed every quarter interval (and every 0.5 s while waiting for the fleet): a
+        # leader that died frees the lock within 30 s of its last renewal.
+        self.lock_ms = int((30.0 + interval_s / 4) * 1000)
         self._started = time.monotonic()
         self._last: tuple[str, int] = ("", 0)
         self._step = 0.0
+        self._before: DesiredState | None = None
         """(epoch, revision) of the document this canary started from or last published."""
 
     def _log(self, text: str) -> None:
@@ -340,8 +220,46 @@ class Canary:
             self._log(reason)
             await self._state(self._step, "stopped", reason)
             return False
+        except asyncio.CancelledError:  # SIGTERM or SIGINT (the CLI cancels the run)
+            await self._abort("interrupted")
+            raise
+        except Exception as exc:  # Redis lost, a replica report unreadable...
+            await self._abort(f"{type(exc).__name__}: {exc}")
+            raise
         finally:
             await self.client.eval(_RELEASE, 1, self.lock_key, self.token)
+
+    async def _abort(self, why: str, patience_s: float = 15.0) -> None:
+        """Put the pre-canary state back over our own last document and say why; never raises.
+
+        Retried while Redis is away, for up to ``patience_s``.
+        """
+        before = self._before
+        reason = f"canary {self.candidate} rolled back at {self._step:g}%: {why}"
+        deadline = time.monotonic() + patience_s
+        while True:
+            try:
+                if before is not None and self._last != (before.epoch, before.revision):
+                    await self._publish(dict(before.weights), reason, before)
+                await self._state(self._step, "rolled back", reason)
+                self._log(reason)
+                return
+            except ChangedMeanwhile as exc:
+                with contextlib.suppress(Exception):
+                    await self._state(self._step, "stopped", f"{reason}; {exc}; left as it is")
+                return
+            except Exception as exc:
+                if time.monotonic() > deadline:
+                    self._log(f"could not roll back ({exc}); the state is as the last step left it")
+                    return
+                await asyncio.sleep(1.0)
+
+    async def _still_ours(self) -> None:
+        """Raise :class:`ChangedMeanwhile` when the desired state is no longer our document."""
+        doc = (await read_current(self.client, self.settings, self.model)).doc
+        if doc is None or (doc.epoch, doc.revision) != self._last:
+            seen = f"revision {doc.revision} ({doc.reason})" if doc else "none"
+            raise ChangedMeanwhile(f"the desired state changed under the canary: {seen}")
 
     async def _run(self) -> bool:
         current = await read_current(self.client, self.settings, self.model)
@@ -355,6 +273,7 @@ class Canary:
                 "to compare it with"
             )
         self._last = (before.epoch, before.revision)
+        self._before = before
         self._log(f"canary {self.candidate} from {dict(before.weights)}, steps {self.steps}")
         for step in self.steps:
             share = step / 100
@@ -373,6 +292,7 @@ class Canary:
             except TimeoutError as exc:  # a replica cannot apply the step: take it back
                 cand, base, breach = Window(), Window(), str(exc)
             else:
+                await self._still_ours()  # a window another publisher changed says nothing
                 breach = judge(cand, base, self.gates)
             figures = summary(cand, base)
             if breach is None and cand.requests < self.gates.min_requests:
@@ -388,6 +308,7 @@ class Canary:
                 await self._state(step, "rolled back", reason)
                 return False
             self._log(f"step {step:g}% passed: {figures}")
+        await self._still_ours()
         reason = f"canary {self.candidate} complete"
         await self._state(self.steps[-1], "complete", reason)
         self._log(reason)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 from typing import Any
 
 from app.control.protocol import (
@@ -289,7 +290,8 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     """Raise VERSION's weight step by step; roll back by itself on a breach (exit 1)."""
-    from app.control.canary import Canary, Gates, LockHeld
+    from app.control.canary import Canary, LockHeld
+    from app.control.gates import Gates
 
     settings = load_operator_settings()
     candidate = str(args.version)
@@ -305,6 +307,12 @@ def cmd_canary(args: argparse.Namespace) -> int:
     )
 
     async def run() -> bool:
+        # SIGTERM (a timeout, systemd, CI) or ^C: the run is cancelled, and it rolls back
+        # before it exits (a killed leader left the traffic split and the canary "running").
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
+        assert task is not None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, task.cancel)
         client = redis_client(settings)
         try:
             if not settings.control.hmac_secret and not args.force:
@@ -332,3 +340,5 @@ def cmd_canary(args: argparse.Namespace) -> int:
         return 0 if asyncio.run(run()) else 1
     except LockHeld as exc:
         raise SystemExit(str(exc)) from exc
+    except asyncio.CancelledError:
+        raise SystemExit("canary interrupted: rolled back (see status)") from None

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from app.control.canary import Gates, judge, quantile_upper, windows
+from app.control.gates import Gates, judge, quantile_upper, windows
 from app.control.protocol import ReplicaStatus, VersionFigures
 from app.ops.operate import duration_s, steps_pct
 
@@ -47,6 +47,10 @@ def test_gates() -> None:
     slow = windows([], [report("a", {"1": figures(100, 0, [100, 0, 0, 0, 0]),
                                      "2": figures(100, 0, [0, 0, 100, 0, 0])})], "2")  # fmt: skip
     assert "p99 latency 25.0 ms > 1.5 x baseline 5.0 ms" in (judge(*slow, gates) or "")
+    # One stray baseline request (in flight when the 100 % step applied) has no p99.
+    stray = windows([], [report("a", {"1": figures(1, 0, [1, 0, 0, 0, 0]),
+                                      "2": figures(100, 0, [0, 0, 100, 0, 0])})], "2")  # fmt: skip
+    assert judge(*stray, gates) is None
 
 
 def test_cli_parses_steps_and_durations() -> None:

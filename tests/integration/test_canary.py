@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -214,3 +215,95 @@ def test_a_forced_change_during_a_canary_is_left_in_place_and_stops_it(
     assert "stopped: the desired state changed under the canary" in out
     wait_for(lambda: models(server)["routing"]["shadow"] == good, 20.0)
     assert served_version(server) == {"1": 0.5, good: 0.5}  # the step the operator saw
+
+
+def test_a_canary_stopped_by_sigterm_rolls_back_and_one_killed_shows_as_abandoned(
+    start_server: Callable[..., Server], registry_env: dict[str, str], redis_url: str
+) -> None:
+    """SIGTERM (a timeout, systemd, CI) rolls the canary back before it exits; a leader killed
+    outright leaves its state "running" until the lock expires, then it reads "abandoned"
+    (the split stayed, status said "running at 50%" forever, operators were refused)."""
+    env = fleet_env(registry_env, redis_url)
+    server = start_server(**env)
+    cli(env, "route", "1=1")
+    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    state_key, lock_key = (
+        f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary{s}" for s in ("", ":lock")
+    )
+    client = redis.Redis.from_url(redis_url)
+
+    def start_canary() -> subprocess.Popen[str]:
+        args = ["canary", "2", "--steps", "50,100", "--interval", "20s", "--no-check"]
+        canary = subprocess.Popen(
+            [sys.executable, "-m", "app.ops.cli", *args],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
+        return canary
+
+    try:
+        canary = start_canary()
+        canary.send_signal(signal.SIGTERM)
+        out, err = canary.communicate(timeout=60)
+        assert canary.returncode == 1 and "canary interrupted" in err, (out, err)
+        assert "rolled back at 50%: interrupted" in run_cli(env, "status").stdout
+        assert client.get(lock_key) is None  # released: operators are not refused
+        wait_for(lambda: served_version(server) == {"1": 1.0}, 20.0)
+
+        canary = start_canary()
+        canary.kill()
+        canary.communicate(timeout=10)
+        client.delete(lock_key)  # what its TTL does 30 s + interval / 4 after the last renewal
+        status = run_cli(env, "status").stdout
+        assert "canary 2: abandoned at 50% (its leader is gone" in status, status
+        cli(env, "route", "1=1")  # not refused
+    finally:
+        canary.kill()
+        canary.communicate(timeout=10)
+        client.close()
+
+
+def test_a_forced_change_in_the_last_step_is_not_reported_complete(
+    start_server: Callable[..., Server],
+    registry_env: dict[str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Under traffic, an operator's --force during the 100 % step: the canary says "stopped"
+    (exit 1), not "complete" over a state it no longer owns (it judged the window and
+    passed)."""
+    env = fleet_env(registry_env, redis_url, HEIMDALL_CONTROL_HEARTBEAT_TTL_S="3")
+    good = register_variant(env, tmp_path, "good", calibration=1.29)
+    server = start_server(**env)
+    cli(env, "route", "1=1")
+    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    state_key = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary"
+    client = redis.Redis.from_url(redis_url)
+    args = ["canary", good, "--steps", "100", "--interval", "4s", "--min-requests", "5"]
+    args += ["--max-p99-ratio", "1000"]
+    done: dict[str, tuple[int, str]] = {}
+
+    def forced_during_the_last_step() -> None:
+        canary = subprocess.Popen(
+            [sys.executable, "-m", "app.ops.cli", *args],
+            env={**os.environ, **env},
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
+        cli(env, "shadow", "1", "--fraction", "0.2", "--force")
+        out, err = canary.communicate(timeout=90)
+        done["canary"] = (canary.returncode, out + err)
+
+    run_under_load([server], forced_during_the_last_step)
+    client.close()
+    code, text = done["canary"]
+    print(f"\n{text}")
+    assert code == 1 and "stopped: the desired state changed under the canary" in text
+    assert "complete" not in text
