@@ -265,6 +265,10 @@ class Dispatcher:
         """Count work the caller is preparing for ``version`` as pending (see ``release``)."""
         self._pending[version] = self._pending.get(version, 0) + 1
 
+    def pending(self, version: str) -> int:
+        """Jobs of ``version`` queued or in flight, and holds on it."""
+        return self._pending.get(version, 0)
+
     def release(self, version: str) -> None:
         """End one :meth:`hold`."""
         self._done_pending(version)

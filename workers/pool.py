@@ -241,7 +241,11 @@ class WorkerPool:
         """
         if version not in self._resident:
             return
-        await self._dispatcher.wait_idle(version, wait_s)
+        deadline = time.monotonic() + wait_s
+        # Again after each wake-up: a hold taken between the last job's end and this task
+        # running again must be waited for too.
+        while self._dispatcher.pending(version) and (left := deadline - time.monotonic()) > 0:
+            await self._dispatcher.wait_idle(version, left)
         self._resident.pop(version, None)
         for w in ready_workers(self._workers):
             if version in w.loaded:

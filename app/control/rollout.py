@@ -190,8 +190,10 @@ class Rollout:
         self._service.install(contexts, routing)
         self._resolved = versions
         for version in previous - self._service.routed_versions():
-            await self._pool.unload(version)
+            # Retired first: a request naming it (/v2 .../versions/N) is 404 from now on,
+            # and the unload waits for the ones already on their way (pool holds).
             self._service.retire(version)
+            await self._pool.unload(version)
 
     def describe(self) -> dict[str, Any]:
         """Status for /v1/models."""

@@ -216,6 +216,13 @@ async def test_an_unload_waits_for_work_held_for_the_version(pool: WorkerPool) -
         (future,) = pool.submit("1", [[payload_item(PAYLOADS[0])]], 10.0)
         result = await asyncio.wait_for(future, 10.0)
         assert isinstance(result.results[0], Prediction)
+    # The last hold ends and, before the unload runs again, another request takes one: the
+    # unload checks again when it wakes (it unloaded under the new request: 503).
+    with pool.holding("1"):
+        await asyncio.sleep(0.3)
+        assert not unload.done()
+        (future,) = pool.submit("1", [[payload_item(PAYLOADS[0])]], 10.0)
+        assert isinstance((await asyncio.wait_for(future, 10.0)).results[0], Prediction)
     await asyncio.wait_for(unload, 10.0)
     assert "1" not in pool.resident()
     with pytest.raises(NotReady, match="not loaded"):
