@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import signal
 from typing import Any
 
@@ -204,16 +205,27 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if not str(args.version).isdigit():
         raise UsageError(f"VERSION must be a version number, got {args.version!r}")
     check_refs(settings, [str(args.version)])  # a missing version is named before Redis
-    if not args.force:  # before the alias moves: replicas follow an alias by themselves
 
-        async def check() -> None:
-            client = redis_client(settings)
-            try:
-                await refuse_during_canary(client, settings.control, name)
-            finally:
-                await client.aclose()
+    async def check() -> None:
+        # Everything that can refuse the publish, before the alias moves: replicas follow an
+        # alias by themselves, so a promote that fails after moving it still takes effect.
+        client = redis_client(settings)
+        control = settings.control
+        try:
+            await client.ping()  # Redis away: fail now, not after the alias moved
+            if not args.force and not control.hmac_secret:
+                current, replicas = (
+                    await read_current(client, control, name),
+                    await fleet(client, control, name),
+                )
+                if refusal := unsigned_refusal(current, replicas):
+                    raise SystemExit(refusal)
+            if not args.force:
+                await refuse_during_canary(client, control, name)
+        finally:
+            await client.aclose()
 
-        asyncio.run(check())
+    asyncio.run(check())
     set_alias(settings, args.alias, str(args.version))
     print(f"{name}@{args.alias} -> version {args.version}")
     asyncio.run(
@@ -230,14 +242,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+_DECIMAL = re.compile(r"(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+
+
 def cmd_route(args: argparse.Namespace) -> int:
     """Publish routing weights, e.g. ``route 3=0.9 4=0.1``."""
     weights: dict[str, float] = {}
     for part in args.weights:
         ref, _, weight = part.partition("=")
-        try:
+        # A plain decimal number: Python's float() also reads `1_0`, `-0.0`, `nan`, `inf`.
+        if _DECIMAL.fullmatch(weight.strip()):
             weights[ref] = float(weight)
-        except ValueError:
+        else:
             ref = ""
         # `not 0 <= w <= max` also refuses NaN (`nan` and `inf` parse as floats, and JSON
         # writes them as null: every replica refused the document while route said published).

@@ -61,8 +61,10 @@ def body_is_msgpack(request: Request[Any, Any, Any]) -> bool:
     Raises:
         UnsupportedMediaType: any other content type, or a content coding.
     """
-    coding = request.headers.get("content-encoding", "identity").strip().lower()
-    if coding not in ("identity", ""):
+    # Every Content-Encoding header and list item (`identity` then `gzip` is still gzip).
+    codings = ",".join(request.headers.getall("content-encoding", [])).lower().split(",")
+    coding = ", ".join(c.strip() for c in codings if c.strip() not in ("identity", ""))
+    if coding:
         # Not decoded here: a gzip body was read as JSON (400), a plain one labelled br as-is.
         raise UnsupportedMediaType(
             f"Content-Encoding {coding!r} is not supported on /v1; send the body unencoded "
@@ -259,8 +261,10 @@ def require_version_number(version: str) -> None:
     Raises:
         NotFound: not ASCII digits.
     """
-    if not (version.isascii() and version.isdigit()):
-        raise NotFound(f"{version!r} is not a version number")
+    if not (version.isascii() and version.isdigit()) or version != str(int(version)):
+        raise NotFound(f"{version!r} is not a version number (digits, no leading zero)")
+    if int(version) >= 2**63:  # beyond any registry's version numbers (SQLite INTEGER)
+        raise NotFound(f"{version!r} is not a version number this registry can have")
 
 
 def build_routes(

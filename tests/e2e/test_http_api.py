@@ -365,3 +365,16 @@ def test_a_cached_capture_does_not_let_a_body_the_schema_refuses_through(
     refused = post(shared_server, "/v1/predict", bad)
     assert refused.status_code == 400, (case, refused.text[:300])
     assert refused.json()["errors"][0]["field"] == field, (case, refused.json())
+
+
+def test_a_coding_in_any_content_encoding_header_is_refused(shared_server: Server) -> None:
+    """`identity` then `gzip` in two headers (or one list) is a gzip body: 415, not served
+    as if unencoded (only the first header was read)."""
+    body = json.dumps(payloads(1, 109)[0]).encode()
+    for codings in (["identity", "gzip"], ["identity, br"]):
+        headers = [("content-type", "application/json")]
+        headers += [("content-encoding", c) for c in codings]
+        answer = httpx.post(shared_server.url + "/v1/predict", content=body, headers=headers)
+        assert answer.status_code == 415, (codings, answer.text[:200])
+    plain = [("content-type", "application/json"), ("content-encoding", "identity")]
+    assert httpx.post(shared_server.url + "/v1/predict", content=body, headers=plain).is_success

@@ -281,7 +281,7 @@ def test_feedback_errors_answer_the_right_4xx(fleet: Fleet) -> None:
     assert bad.status_code == 400 and bad.json()["errors"][0]["field"] == "$.position.latitude"
     assert httpx.post(url, json={"position": truth}).status_code == 400
     # Field figures of something that is not a version number: 404, not 200 with zeros.
-    for odd in ("abc", "%E2%98%83", "1.0"):
+    for odd in ("abc", "%E2%98%83", "1.0", "01", "9" * 30):
         typo = httpx.get(fleet.b.url + f"/v1/models/{odd}/field")
         assert typo.status_code == 404 and "is not a version number" in typo.text, typo.text
 
