@@ -99,6 +99,10 @@ class ChangedMeanwhile(RuntimeError):
     """Someone else published a desired state during the canary (``--force``)."""
 
 
+class Interrupted(RuntimeError):
+    """The operator stopped the canary (SIGTERM, ^C): it rolled back."""
+
+
 class Canary:
     """The leader of one canary rollout."""
 
@@ -131,6 +135,7 @@ class Canary:
         self._last: tuple[str, int] = ("", 0)
         self._step = 0.0
         self._before: DesiredState | None = None
+        self._stop = asyncio.Event()
         """(epoch, revision) of the document this canary started from or last published."""
 
     def _log(self, text: str) -> None:
@@ -183,14 +188,14 @@ class Canary:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the fleet did not apply revision {doc.revision} in time")
             await self._renew()
-            await asyncio.sleep(0.5)
+            await self._pause(0.5)
 
     async def _observe(self, doc: DesiredState) -> tuple[Window, Window]:
         """Figures over ``interval_s`` after the fleet applied ``doc`` (longer if too few)."""
         start = await self._converged(doc, max(30.0, self.interval_s))
         waited = 0.0
         while True:
-            await asyncio.sleep(self.interval_s / 4)
+            await self._pause(self.interval_s / 4)
             await self._renew()
             waited += self.interval_s / 4
             now = await fleet(self.client, self.settings, self.model)
@@ -220,7 +225,7 @@ class Canary:
             self._log(reason)
             await self._state(self._step, "stopped", reason)
             return False
-        except asyncio.CancelledError:  # SIGTERM or SIGINT (the CLI cancels the run)
+        except Interrupted:
             await self._abort("interrupted")
             raise
         except Exception as exc:  # Redis lost, a replica report unreadable...
@@ -253,6 +258,21 @@ class Canary:
                     self._log(f"could not roll back ({exc}); the state is as the last step left it")
                     return
                 await asyncio.sleep(1.0)
+
+    def interrupt(self) -> None:
+        """Stop at the next wait and roll back (the CLI's SIGTERM and SIGINT handler).
+
+        Cooperative: a task cancelled in the middle of a Redis command can leave its
+        connection waiting for a reply that never comes, and the rollback would hang on it.
+        """
+        self._stop.set()
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``; raise :class:`Interrupted` as soon as :meth:`interrupt` is called."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        if self._stop.is_set():
+            raise Interrupted("interrupted")
 
     async def _still_ours(self) -> None:
         """Raise :class:`ChangedMeanwhile` when the desired state is no longer our document."""

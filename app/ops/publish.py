@@ -306,7 +306,7 @@ def cmd_shadow(args: argparse.Namespace) -> int:
 
 def cmd_canary(args: argparse.Namespace) -> int:
     """Raise VERSION's weight step by step; roll back by itself on a breach (exit 1)."""
-    from app.control.canary import Canary, LockHeld
+    from app.control.canary import Canary, Interrupted, LockHeld
     from app.control.gates import Gates
 
     settings = load_operator_settings()
@@ -323,12 +323,6 @@ def cmd_canary(args: argparse.Namespace) -> int:
     )
 
     async def run() -> bool:
-        # SIGTERM (a timeout, systemd, CI) or ^C: the run is cancelled, and it rolls back
-        # before it exits (a killed leader left the traffic split and the canary "running").
-        loop, task = asyncio.get_running_loop(), asyncio.current_task()
-        assert task is not None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, task.cancel)
         client = redis_client(settings)
         try:
             if not settings.control.hmac_secret and not args.force:
@@ -348,6 +342,11 @@ def cmd_canary(args: argparse.Namespace) -> int:
                 args.interval,
                 gates,
             )
+            # SIGTERM (a timeout, systemd, CI) or ^C: it rolls back before it exits (a killed
+            # leader left the traffic split and the canary "running").
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, canary.interrupt)
             return await canary.run()
         finally:
             await client.aclose()
@@ -356,5 +355,5 @@ def cmd_canary(args: argparse.Namespace) -> int:
         return 0 if asyncio.run(run()) else 1
     except LockHeld as exc:
         raise SystemExit(str(exc)) from exc
-    except asyncio.CancelledError:
+    except Interrupted:
         raise SystemExit("canary interrupted: rolled back (see status)") from None
