@@ -42,6 +42,29 @@ def fleet_env(registry_env: dict[str, str], redis_url: str, **extra: str) -> dic
     }
 
 
+def start_canary(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
+    """``heimdall-inference canary ARGS`` in the background, returned once a step runs."""
+    state_key = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary"
+    canary = subprocess.Popen(
+        [sys.executable, "-m", "app.ops.cli", "canary", *args],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
+    except AssertionError:
+        canary.kill()
+        canary.communicate(timeout=10)
+        raise
+    finally:
+        client.close()
+    return canary
+
+
 def errors_by_version(servers: list[Server]) -> Counter[str]:
     """Failed predictions per model version, from every replica's /metrics."""
     out: Counter[str] = Counter()
@@ -191,25 +214,13 @@ def test_a_forced_change_during_a_canary_is_left_in_place_and_stops_it(
     server = start_server(**env)
     cli(env, "route", "1=1")
     wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
-    state_key = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary"
-    client = redis.Redis.from_url(redis_url)
-    args = ["canary", good, "--steps", "50,100", "--interval", "5s"]
-    canary = subprocess.Popen(
-        [sys.executable, "-m", "app.ops.cli", *args],
-        env={**os.environ, **env},
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    canary = start_canary(env, good, "--steps", "50,100", "--interval", "5s")
     try:
-        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
         assert run_cli(env, "route", "1=1").returncode == 1  # refused while it runs
         cli(env, "shadow", good, "--fraction", "0.5", "--force")
         out, err = canary.communicate(timeout=90)
     finally:
         canary.kill()
-        client.close()
     print(f"\n{out}")
     assert canary.returncode == 1, err
     assert "stopped: the desired state changed under the canary" in out
@@ -227,26 +238,11 @@ def test_a_canary_stopped_by_sigterm_rolls_back_and_one_killed_shows_as_abandone
     server = start_server(**env)
     cli(env, "route", "1=1")
     wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
-    state_key, lock_key = (
-        f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary{s}" for s in ("", ":lock")
-    )
+    lock_key = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary:lock"
     client = redis.Redis.from_url(redis_url)
-
-    def start_canary() -> subprocess.Popen[str]:
-        args = ["canary", "2", "--steps", "50,100", "--interval", "20s", "--no-check"]
-        canary = subprocess.Popen(
-            [sys.executable, "-m", "app.ops.cli", *args],
-            env={**os.environ, **env},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
-        return canary
-
+    args = ("2", "--steps", "50,100", "--interval", "20s", "--no-check")
+    canary = start_canary(env, *args)
     try:
-        canary = start_canary()
         canary.send_signal(signal.SIGTERM)
         out, err = canary.communicate(timeout=60)
         assert canary.returncode == 1 and "canary interrupted" in err, (out, err)
@@ -254,7 +250,7 @@ def test_a_canary_stopped_by_sigterm_rolls_back_and_one_killed_shows_as_abandone
         assert client.get(lock_key) is None  # released: operators are not refused
         wait_for(lambda: served_version(server) == {"1": 1.0}, 20.0)
 
-        canary = start_canary()
+        canary = start_canary(env, *args)
         canary.kill()
         canary.communicate(timeout=10)
         client.delete(lock_key)  # what its TTL does 30 s + interval / 4 after the last renewal
@@ -281,28 +277,17 @@ def test_a_forced_change_in_the_last_step_is_not_reported_complete(
     server = start_server(**env)
     cli(env, "route", "1=1")
     wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
-    state_key = f"{env['HEIMDALL_CONTROL_NAMESPACE']}:rf-localizer:canary"
-    client = redis.Redis.from_url(redis_url)
-    args = ["canary", good, "--steps", "100", "--interval", "4s", "--min-requests", "5"]
+    args = [good, "--steps", "100", "--interval", "4s", "--min-requests", "5"]
     args += ["--max-p99-ratio", "1000"]
     done: dict[str, tuple[int, str]] = {}
 
     def forced_during_the_last_step() -> None:
-        canary = subprocess.Popen(
-            [sys.executable, "-m", "app.ops.cli", *args],
-            env={**os.environ, **env},
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        wait_for(lambda: b'"running"' in (client.get(state_key) or b""), 30.0)
+        canary = start_canary(env, *args)
         cli(env, "shadow", "1", "--fraction", "0.2", "--force")
         out, err = canary.communicate(timeout=90)
         done["canary"] = (canary.returncode, out + err)
 
     run_under_load([server], forced_during_the_last_step)
-    client.close()
     code, text = done["canary"]
     print(f"\n{text}")
     assert code == 1 and "stopped: the desired state changed under the canary" in text
