@@ -354,6 +354,7 @@ def create_rsgi_app_from_env() -> RSGIFront:
             grace_s=server.body_grace_s,
             min_rate_bytes_s=server.body_min_rate_bytes_s,
             max_uploads=server.max_concurrent_uploads,
+            max_body_bytes_in_flight=server.max_body_bytes_in_flight,
         ),
         on_client_fault=telemetry.client_fault if telemetry is not None else None,
     )

@@ -60,6 +60,11 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     """Average rate a body must keep up after the grace time (slower: 408, connection closed)."""
     max_concurrent_uploads: Annotated[int, Meta(ge=1)] = 2048
     """Requests receiving a body at once; one more is answered 503 + Retry-After at once."""
+    max_body_bytes_in_flight: Annotated[int, Meta(ge=1024)] = 256 * 1024 * 1024
+    """Bytes of request bodies one HTTP process holds at once, each from its admission until
+    its answer is sent (queued and computing requests count); a body that does not fit is
+    answered 503 + Retry-After. At least the largest body limit. Bounds the memory large
+    batches can take: ≈ 3 × this above the process's base (docs/reliability.md)."""
     granian_backpressure: Annotated[int, Meta(ge=1)] = 4096
     """Most connections Granian serves at once (idle and stalled ones included); must exceed
     ``HEIMDALL_MAX_CONCURRENT_UPLOADS`` by 256 so health checks and small requests get in."""
@@ -141,6 +146,14 @@ def _check_combinations(settings: Settings) -> None:
             f"invalid setting: HEIMDALL_HTTP_PROCESSES ({server.http_processes}) must not exceed "
             f"the pool workers ({settings.pool.worker_count()}, HEIMDALL_POOL_WORKERS): each "
             "HTTP process needs a pool worker of its own"
+        )
+    largest = max(server.max_body_bytes, server.max_batch_body_bytes)
+    if server.max_body_bytes_in_flight < largest:
+        raise SettingsError(
+            "invalid setting: HEIMDALL_MAX_BODY_BYTES_IN_FLIGHT "
+            f"({server.max_body_bytes_in_flight}) must be at least the largest body limit "
+            f"({largest}, HEIMDALL_MAX_BODY_BYTES / HEIMDALL_MAX_BATCH_BODY_BYTES), or a body "
+            "the limits accept could never be admitted"
         )
     if server.max_concurrent_uploads + RESERVED_CONNECTIONS > server.granian_backpressure:
         raise SettingsError(

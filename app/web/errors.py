@@ -37,3 +37,11 @@ class BodyTimeout(ServiceError):
     status = HTTPStatus.REQUEST_TIMEOUT
     title = "Request timeout"
     code = "body_timeout"
+
+
+class BodyBudgetFull(ServiceError):
+    """The bodies held would pass ``HEIMDALL_MAX_BODY_BYTES_IN_FLIGHT`` (503, Retry-After)."""
+
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+    title = "Overloaded"
+    code = "body_budget_full"

@@ -15,6 +15,12 @@ thousand of them starve every other client. Here:
   which frees its connection. Requests without a body (health checks, metadata) never wait for
   an upload slot, and Granian's connection limit is kept above the cap (checked at start), so
   stalled uploads cannot take the last connections.
+- **Byte budget.** The bytes of the bodies this HTTP process holds are counted from the moment
+  a body is admitted (its ``Content-Length``, or each chunk as it arrives) until its answer
+  is sent, so queued and computing requests count, not only uploads. A body that would take
+  the total past ``max_body_bytes_in_flight`` is answered 503 with ``Retry-After`` (before
+  any of it is read when its length is announced), which bounds the memory a burst of large
+  batches can take whatever their number.
 - **Aborts.** A client that closes before sending its whole body, or a chunked body that ends
   without its terminating chunk, is an :class:`~workers.errors.IncompleteBody` (400), counted
   and logged on one line — never a 500 with a traceback.
@@ -24,11 +30,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from app.web.errors import BodyTimeout
+from workers.errors import problem_type_of
 
 T = TypeVar("T")
 
@@ -45,6 +53,8 @@ class IntakeLimits:
     """Average rate a body must keep up after the grace time."""
     max_uploads: int = 2048
     """Requests receiving a body at once; more are answered 503."""
+    max_body_bytes_in_flight: int = 256 * 1024 * 1024
+    """Bytes of bodies held at once, from admission to the answer; more are answered 503."""
 
 
 class BodyClock:
@@ -141,6 +151,59 @@ class UploadGate:
             self.peak = self.active
             if self.on_drained is not None:
                 self.on_drained()
+
+
+class BodyBudget:
+    """Bytes of request bodies held, from admission until the answer is sent; capped."""
+
+    __slots__ = ("held", "limit", "refused")
+
+    def __init__(self, limit: int) -> None:
+        """Allow ``limit`` bytes at once."""
+        self.limit = limit
+        self.held = 0
+        self.refused = 0
+
+    def take(self, nbytes: int, own: int = 0) -> bool:
+        """Hold ``nbytes`` more; False (and counted) when that would pass the limit.
+
+        A request that already holds everything held (``own``) always may: the body limits,
+        which the budget is at least, cap it (413) rather than the budget (503).
+        """
+        if self.held + nbytes > self.limit and self.held > own:
+            self.refused += 1
+            return False
+        self.held += nbytes
+        return True
+
+    def give(self, nbytes: int) -> None:
+        """Give back bytes taken earlier."""
+        self.held -= nbytes
+
+    def detail(self, nbytes: int) -> str:
+        """What a refused client is told."""
+        return (
+            f"this replica holds {self.held} bytes of request bodies (its budget is "
+            f"{self.limit}); a body of {nbytes} bytes more does not fit; retry shortly"
+        )
+
+
+def refusal(path: str, detail: str, reason: str) -> tuple[list[tuple[str, str]], bytes]:
+    """Headers and body of a 503 answered before any of the body is read."""
+    body: dict[str, str | int]
+    if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
+        body, media = {"error": detail}, "application/json"
+    else:
+        media = "application/problem+json"
+        body = {
+            "type": problem_type_of(reason),
+            "title": "Overloaded",
+            "status": 503,
+            "detail": detail,
+            "kind": "problem",
+        }
+    headers = [("content-type", media), ("retry-after", "1"), ("connection", "close")]
+    return headers, json.dumps(body).encode()
 
 
 async def next_chunk(chunks: Any) -> bytes | None:

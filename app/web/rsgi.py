@@ -25,7 +25,6 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -33,8 +32,17 @@ from urllib.parse import quote
 
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
-from app.web.errors import IncompleteBody
-from app.web.intake import BodyClock, IntakeLimits, UploadGate, next_chunk, retrieve, within
+from app.web.errors import BodyBudgetFull, IncompleteBody
+from app.web.intake import (
+    BodyBudget,
+    BodyClock,
+    IntakeLimits,
+    UploadGate,
+    next_chunk,
+    refusal,
+    retrieve,
+    within,
+)
 from app.web.lifespan import ASGI_VERSION, ASGIApp, Lifespan, LifespanFailed, Message, flush_logs
 from workers import malloc
 from workers.errors import ServiceError
@@ -63,6 +71,7 @@ class _Exchange:
         "_chunks",
         "_prefetched",
         "body_done",
+        "budget",
         "clock",
         "failed",
         "has_body",
@@ -72,6 +81,7 @@ class _Exchange:
         "one_piece",
         "proto",
         "received",
+        "reserved",
         "sent",
         "status",
         "stream",
@@ -85,8 +95,13 @@ class _Exchange:
         clock: BodyClock,
         length: int | None,
         on_body_end: Callable[[str | None, str], None],
+        budget: BodyBudget,
+        reserved: int,
     ) -> None:
         self.proto = proto
+        self.budget = budget
+        self.reserved = reserved
+        """Bytes of ``budget`` this request holds until its answer is sent."""
         self.one_piece = one_piece
         self.has_body = has_body
         self.clock = clock
@@ -187,6 +202,9 @@ class _Exchange:
             if chunk:
                 if attempt:  # data after the end marker: not a body Granian ever yields
                     break
+                if not self.budget.take(len(chunk), own=self.reserved):
+                    raise BodyBudgetFull(self.budget.detail(len(chunk)), retry_after=1)
+                self.reserved += len(chunk)
                 self.received += len(chunk)
                 return chunk
             if chunk is None:  # end of iteration
@@ -244,12 +262,14 @@ class RSGIFront:
                 one call; larger or chunked ones are streamed.
             intake: read deadline, minimum rate and upload cap (app/web/intake.py).
             on_client_fault: counts a request refused for the client's behaviour, by reason
-                (``incomplete_body``, ``body_timeout``, ``uploads_full``).
+                (``incomplete_body``, ``body_timeout``, ``uploads_full``,
+                ``body_budget_full``).
         """
         self.app = app
         self.one_piece_limit = one_piece_limit
         self.intake = intake or IntakeLimits()
         self.uploads = UploadGate(self.intake.max_uploads, on_drained=_trim_after_burst)
+        self.budget = BodyBudget(self.intake.max_body_bytes_in_flight)
         self.on_client_fault = on_client_fault
         self.lifespan = Lifespan(app)
 
@@ -302,7 +322,15 @@ class RSGIFront:
             "state": self.lifespan.state.copy(),
         }
         if has_body and not self.uploads.enter():
-            self._refuse_upload(proto, scope.method, path)
+            detail = f"{self.uploads.limit} uploads are in progress on this replica; retry shortly"
+            self._refuse(proto, scope.method, path, detail, "uploads_full")
+            return
+        # An announced one-piece body holds its length from now until its answer is sent.
+        reserve = int(length) if has_body and one_piece and length is not None else 0
+        if reserve and not self.budget.take(reserve):
+            self.uploads.leave()
+            detail = self.budget.detail(reserve)
+            self._refuse(proto, scope.method, path, detail, BodyBudgetFull.code)
             return
         exchange = _Exchange(
             proto,
@@ -311,6 +339,8 @@ class RSGIFront:
             BodyClock(self.intake, asyncio.get_running_loop().time()),
             int(length) if length is not None and length.isdigit() else None,
             self._body_end(scope.method, path) if has_body else _no_body,
+            self.budget,
+            reserve,
         )
         try:
             if has_body and one_piece:
@@ -322,6 +352,7 @@ class RSGIFront:
                 proto.response_empty(500, [])
             return
         finally:
+            self.budget.give(exchange.reserved)
             if has_body and not exchange.body_done:  # answered without reading it all
                 exchange.body_done = True
                 self.uploads.leave()
@@ -340,25 +371,13 @@ class RSGIFront:
 
         return end
 
-    def _refuse_upload(self, proto: Any, method: str, path: str) -> None:
-        """503 before reading anything: every upload slot is taken."""
-        detail = f"{self.uploads.limit} uploads are in progress on this replica; retry shortly"
-        log.info("client fault on %s %s: %s (uploads_full)", method, path, detail)
+    def _refuse(self, proto: Any, method: str, path: str, detail: str, reason: str) -> None:
+        """503 before reading anything: every upload slot, or the byte budget, is taken."""
+        log.info("client fault on %s %s: %s (%s)", method, path, detail, reason)
         if self.on_client_fault is not None:
-            self.on_client_fault("uploads_full")
-        if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
-            body = json.dumps({"error": detail}).encode()
-            media = "application/json"
-        else:
-            body = json.dumps(
-                {"title": "Overloaded", "status": 503, "detail": detail, "kind": "problem"}
-            ).encode()
-            media = "application/problem+json"
-        proto.response_bytes(
-            503,
-            [("content-type", media), ("retry-after", "1"), ("connection", "close")],
-            body,
-        )
+            self.on_client_fault(reason)
+        headers, body = refusal(path, detail, reason)
+        proto.response_bytes(503, headers, body)
 
 
 def _trim_after_burst() -> None:

@@ -49,6 +49,17 @@ def test_uploads_must_leave_connections_for_health_checks() -> None:
     assert load_settings({**env, "HEIMDALL_GRANIAN_BACKPRESSURE": "1256"})
 
 
+def test_the_body_budget_must_admit_the_largest_body_the_limits_accept() -> None:
+    env = {"HEIMDALL_MAX_BATCH_BODY_BYTES": str(64 << 20)}
+    with pytest.raises(
+        SettingsError,
+        match=r"HEIMDALL_MAX_BODY_BYTES_IN_FLIGHT \(33554432\) must be at least the largest "
+        r"body limit \(67108864",
+    ):
+        load_settings({**env, "HEIMDALL_MAX_BODY_BYTES_IN_FLIGHT": str(32 << 20)})
+    assert load_settings({**env, "HEIMDALL_MAX_BODY_BYTES_IN_FLIGHT": str(64 << 20)})
+
+
 def test_serve_refuses_to_start_on_bad_settings() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "app.ops.cli", "serve"],
