@@ -20,6 +20,8 @@ from telemetry.logs import request_scope
 access_log = logging.getLogger("heimdall.access")
 
 _HEADER = b"x-request-id"
+HEAD_KEY = "heimdall.head"
+"""Scope key set on a HEAD request answered by its GET route (telemetry names it HEAD)."""
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,128}")
 """Ids we echo and log as they are: anything else (log injection, huge) is replaced."""
 
@@ -51,6 +53,10 @@ class RequestContext:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if scope["method"] == "HEAD":
+            # HEAD is GET without the body (RFC 9110 9.3.2): health checks and link checkers
+            # use it. The GET route answers; hyper sends its headers and drops the body.
+            scope = {**scope, "method": "GET", HEAD_KEY: True}
         request_id = request_id_of(scope["headers"])
         header = (_HEADER, request_id.encode("ascii"))
         status = 500
@@ -72,7 +78,8 @@ class RequestContext:
 
     @staticmethod
     def _log(scope: Any, status: int, seconds: float, trace_ids: list[str]) -> None:
-        method, path = scope["method"], scope["path"]
+        method = "HEAD" if scope.get(HEAD_KEY) else scope["method"]
+        path = scope["path"]
         extra: dict[str, Any] = {
             "method": method,
             "path": path,

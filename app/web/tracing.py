@@ -23,6 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, StatusCode
 
+from app.web.request_context import HEAD_KEY
 from telemetry.logs import note_trace
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         # A client chooses the method token: unknown ones are one `_OTHER` series (as the HTTP
         # semantic conventions say), or every new token would be a new series in /metrics.
         method = scope["method"] if scope["method"] in _METHODS else "_OTHER"
+        if scope.get(HEAD_KEY):  # a HEAD answered by its GET route
+            method = "HEAD"
         span: Span | None = None
         token = None
         # A request without a trace context that head sampling leaves out gets no span at all

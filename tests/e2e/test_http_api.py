@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import re
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ import pytest
 from app.serving.status import ModelsState, Readiness, VersionState
 from app.web.oip.schemas import ModelMetadata, ServerMetadata, TritonConfig
 from tests.support.procs import ROOT, Server
+from tests.support.rawhttp import connect, parse, read_all, request_head
 from tests.support.reference import reference_predict
 from training.simulate import heard_batch, request_payload
 from workers.geo import distance_m
@@ -378,3 +380,32 @@ def test_a_coding_in_any_content_encoding_header_is_refused(shared_server: Serve
         assert answer.status_code == 415, (codings, answer.text[:200])
     plain = [("content-type", "application/json"), ("content-encoding", "identity")]
     assert httpx.post(shared_server.url + "/v1/predict", content=body, headers=plain).is_success
+
+
+def test_head_is_answered_like_get_without_a_body(shared_server: Server) -> None:
+    # Load balancers and link checkers probe with HEAD: the GET route answers it, hyper sends
+    # the headers (Content-Length of the GET body) and no body, and telemetry names it HEAD.
+    for path in ("/health/live", "/health/ready", "/v1/models", "/metrics"):
+        head = httpx.head(shared_server.url + path, timeout=10)
+        get = httpx.get(shared_server.url + path, timeout=10)
+        assert head.status_code == get.status_code == 200, (path, head.status_code)
+        assert head.content == b""
+        assert head.headers["content-type"] == get.headers["content-type"]
+        assert "x-request-id" in head.headers
+    live = httpx.get(shared_server.url + "/health/live", timeout=10)
+    sock = connect(shared_server.port)
+    try:  # on the wire: the headers, then nothing; the connection stays usable
+        sock.sendall(request_head("HEAD", "/health/live") + request_head("GET", "/health/live"))
+        data = read_all(sock, timeout=1.0)  # keep-alive: whatever came within a second
+    finally:
+        sock.close()
+    head, after = data.split(b"\r\n\r\n", 1)  # a HEAD answer ends with its headers
+    assert head.startswith(b"HTTP/1.1 200"), data
+    assert f"content-length: {len(live.content)}".encode() in head.lower()
+    answers, rest = parse(after)
+    assert [a.status for a in answers] == [200] and rest == b"", (answers, rest)
+    assert answers[0].body == live.content
+    assert httpx.head(shared_server.url + "/v1/predict", timeout=10).status_code == 405
+    metrics = httpx.get(shared_server.url + "/metrics", timeout=10).text
+    counted = r'http_server_request_duration_seconds_count\{[^}]*http_request_method="HEAD"'
+    assert re.search(counted, metrics)
