@@ -10,6 +10,7 @@ are the ones in design section 7.
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -70,6 +71,10 @@ class Telemetry:
 
     aggregates: Aggregates | None = None
     """The per-request instruments, aggregated in process (see ``telemetry.aggregates``)."""
+    computed_latency: dict[str, list[int]] = field(default_factory=dict)
+    """Per version, bucket counts (``DURATION_BUCKETS_S``) of the total duration of answers
+    that were computed, not served from the cache: what the canary's p99 gate compares (a
+    warm baseline's cache hits would make a cold candidate look slow)."""
     head_sample_ratio: float | None = None
     """Share of requests without an incoming trace context that are traced, decided by the
     server middleware before any span exists; None when ``OTEL_TRACES_SAMPLER`` decides."""
@@ -106,6 +111,13 @@ class Telemetry:
     def duration(self, version: str, phase: str, seconds: float) -> None:
         """Record one phase duration."""
         self._duration.record(seconds, version, phase)
+
+    def computed(self, version: str, seconds: float) -> None:
+        """Count the total duration of one answer that was not served from the cache."""
+        counts = self.computed_latency.get(version)
+        if counts is None:
+            counts = self.computed_latency[version] = [0] * (len(DURATION_BUCKETS_S) + 1)
+        counts[bisect.bisect_left(DURATION_BUCKETS_S, seconds)] += 1
 
     def http_duration(
         self, seconds: float, method: str, status: int, scheme: str, route: str | None
@@ -196,8 +208,16 @@ class Telemetry:
         return live_figures(self.snapshot())
 
     def gate_figures(self) -> dict[str, dict[str, Any]]:
-        """Per-version cumulative counts for rollout gates (see ``telemetry.live``)."""
-        return gate_figures(self.snapshot())
+        """Per-version cumulative counts for rollout gates (see ``telemetry.live``).
+
+        ``latency_counts`` (with ``latency_bounds``) count computed answers only.
+        """
+        figures = gate_figures(self.snapshot())
+        for version, counts in self.computed_latency.items():
+            entry = figures.setdefault(version, {})
+            entry["latency_bounds"] = list(DURATION_BUCKETS_S)
+            entry["latency_counts"] = list(counts)
+        return figures
 
 
 def per_request_instruments() -> list[Instrument]:

@@ -50,8 +50,9 @@ def live_figures(data: MetricsData | None) -> dict[str, dict[str, Any]]:
 def gate_figures(data: MetricsData | None) -> dict[str, dict[str, Any]]:
     """Per-version cumulative counts for rollout gates (a leader diffs two of them).
 
-    ``requests``, ``errors`` (outcome not ok), and the bucket counts of the total
-    duration (seconds) and shadow distance (metres) histograms with their bounds.
+    ``requests``, ``errors`` (outcome not ok), and the bucket counts of the shadow distance
+    (metres) histogram with its bounds. The latency the gates compare is not here: it counts
+    computed answers only (:meth:`telemetry.instruments.Telemetry.gate_figures`).
     """
     out: dict[str, dict[str, Any]] = {}
     for rm in data.resource_metrics if data else []:
@@ -70,13 +71,9 @@ def _gate_point(name: str, attrs: dict[str, Any], point: Any, figures: dict[str,
         figures["requests"] = figures.get("requests", 0) + int(point.value)
         if attrs.get("outcome") != "ok":
             figures["errors"] = figures.get("errors", 0) + int(point.value)
-    elif isinstance(point, HistogramDataPoint) and (
-        (name == "heimdall.inference.duration" and attrs.get("phase") == "total")
-        or name == "heimdall.shadow.distance"
-    ):
-        kind = "latency" if name == "heimdall.inference.duration" else "shadow"
-        figures[f"{kind}_bounds"] = list(point.explicit_bounds)
-        figures[f"{kind}_counts"] = [int(c) for c in point.bucket_counts]
+    elif isinstance(point, HistogramDataPoint) and name == "heimdall.shadow.distance":
+        figures["shadow_bounds"] = list(point.explicit_bounds)
+        figures["shadow_counts"] = [int(c) for c in point.bucket_counts]
 
 
 def _accumulate(name: str, attrs: dict[str, Any], point: Any, figures: dict[str, Any]) -> None:

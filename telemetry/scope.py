@@ -81,11 +81,19 @@ class InferenceScope:
         """Record one phase duration (``heimdall.inference.duration{phase=name}``)."""
         self.telemetry.duration(self.version, name, seconds)
 
-    def outcome(self, outcome: str, domain_inside: bool | None = None) -> None:
-        """Count the answer (or failure), its total duration since ``started``, its domain."""
+    def outcome(
+        self, outcome: str, domain_inside: bool | None = None, cached: bool = False
+    ) -> None:
+        """Count the answer (or failure), its total duration since ``started``, its domain.
+
+        A ``cached`` answer's duration is left out of the canary's latency figures.
+        """
         telemetry, version = self.telemetry, self.version
         telemetry.request(version, outcome)
-        telemetry.duration(version, "total", time.perf_counter() - self.started)
+        seconds = time.perf_counter() - self.started
+        telemetry.duration(version, "total", seconds)
+        if not cached:
+            telemetry.computed(version, seconds)
         if domain_inside is not None:
             telemetry.domain(version, domain_inside)
 
@@ -175,11 +183,11 @@ def phase(name: str, seconds: float) -> None:
         scope.phase(name, seconds)
 
 
-def record_outcome(outcome: str, domain_inside: bool | None = None) -> None:
+def record_outcome(outcome: str, domain_inside: bool | None = None, cached: bool = False) -> None:
     """Count the current prediction's outcome, total duration and domain flag."""
     scope = _current.get()
     if scope is not None:
-        scope.outcome(outcome, domain_inside)
+        scope.outcome(outcome, domain_inside, cached)
 
 
 def record_cache(result: str, tier: str) -> None:

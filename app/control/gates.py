@@ -115,8 +115,10 @@ def judge(cand: Window, base: Window, gates: Gates) -> str | None:
         )
     p99_c = quantile_upper(cand.latency, cand.latency_bounds, 0.99)
     p99_b = quantile_upper(base.latency, base.latency_bounds, 0.99)
-    # A baseline of a few stray requests (in flight when the last step applied) has no p99.
-    enough = base.requests >= gates.min_requests
+    # Latency counts computed answers only (cache hits are left out on both sides). A side
+    # with few of them (stray requests in flight when the last step applied, or nearly all
+    # answers from the cache) has no p99.
+    enough = min(sum(cand.latency), sum(base.latency)) >= gates.min_requests
     if p99_c is not None and p99_b and enough and p99_c > gates.max_p99_ratio * p99_b:
         return (
             f"p99 latency {p99_c * 1e3:.1f} ms > {gates.max_p99_ratio:g} x baseline "

@@ -278,7 +278,7 @@ class InferenceService(VersionTable):
     ) -> PredictResponse:
         """The answer built from a cached prediction (counted as a request of ``ctx``)."""
         total_ms = (time.perf_counter() - started) * 1e3
-        record_outcome("ok", hit.domain_inside)
+        record_outcome("ok", hit.domain_inside, cached=True)
         self._remember(request_id, ctx, hit, receiver_ids)
         return build_response(
             request_id,

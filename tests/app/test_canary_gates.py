@@ -51,6 +51,11 @@ def test_gates() -> None:
     stray = windows([], [report("a", {"1": figures(1, 0, [1, 0, 0, 0, 0]),
                                       "2": figures(100, 0, [0, 0, 100, 0, 0])})], "2")  # fmt: skip
     assert judge(*stray, gates) is None
+    # A warm baseline answered almost all from the cache: its 100 requests carry 3 computed
+    # latencies (hits are not counted), too few for a p99 against the cold candidate's.
+    warm = windows([], [report("a", {"1": figures(100, 0, [3, 0, 0, 0, 0]),
+                                     "2": figures(100, 0, [0, 0, 100, 0, 0])})], "2")  # fmt: skip
+    assert judge(*warm, gates) is None
 
 
 def test_cli_parses_steps_and_durations() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 import uuid
@@ -156,3 +157,27 @@ def test_two_registries_sharing_a_redis_never_answer_each_others_model(
     assert "model" in answer, answer
     assert answer["model"]["version"] == "1" and answer["cached"] is False
     assert predict(second, body).json()["cached"] is True  # its own answer is cached
+
+
+def test_the_canary_latency_a_replica_reports_leaves_cache_hits_out(
+    start_server: Callable[..., Server], own_redis: RedisServer
+) -> None:
+    # The heartbeat's per-version figures are what a canary compares. Hits take ~1 ms and a
+    # warm baseline full of them made a cold candidate look slow: the latency histogram there
+    # counts computed answers only; requests count every answer.
+    server = start_server(REDIS_URL=own_redis.url, HEIMDALL_CONTROL_HEARTBEAT_TTL_S="2")
+    body = payload(777)
+    answers = [predict(server, body).json() for _ in range(6)]
+    assert [a["cached"] for a in answers] == [False] + [True] * 5
+    client = redis.Redis.from_url(own_redis.url)
+    deadline = time.monotonic() + 10
+    figures: dict = {}
+    while time.monotonic() < deadline:
+        keys = client.keys("*:replicas:*")
+        reports = [json.loads(client.get(k) or b"{}") for k in keys]
+        figures = next((r["figures"]["1"] for r in reports if "1" in r.get("figures", {})), {})
+        if figures.get("requests", 0) >= 6:
+            break
+        time.sleep(0.2)
+    assert figures.get("requests") == 6, figures
+    assert sum(figures["latency_counts"]) == 1, figures

@@ -302,3 +302,20 @@ def test_the_scope_records_what_the_direct_calls_record(telemetry: Telemetry) ->
         if ("phase", "total") not in attrs:
             assert point.bucket_counts == theirs[attrs].bucket_counts
             assert point.sum == theirs[attrs].sum
+
+
+def test_cache_hits_are_left_out_of_the_latency_the_canary_compares(telemetry: Telemetry) -> None:
+    # A warm baseline (cache hits in ~1 ms) against a cold candidate (computed answers) would
+    # breach the p99 gate for latency the candidate does not have: the gates' latency counts
+    # computed answers only, while requests and the Prometheus total count every answer.
+    for cached in (True, True, False):
+        with inference_scope(telemetry, version="4", started=time.perf_counter() - 0.004):
+            record_outcome("ok", True, cached=cached)
+    gate = telemetry.gate_figures()["4"]
+    assert gate["requests"] == 3
+    assert sum(gate["latency_counts"]) == 1
+    assert gate["latency_counts"][gate["latency_bounds"].index(0.005)] == 1  # 4 ms: <= 5 ms
+    total = points(telemetry, "heimdall.inference.duration")[
+        labels(model_version="4", phase="total")
+    ]
+    assert total.count == 3
