@@ -26,6 +26,7 @@ from litestar.plugins.opentelemetry import OpenTelemetryConfig
 from app.control.plane import ControlPlane
 from app.control.rollout import Rollout
 from app.registry.client import ModelRegistry
+from app.registry.known import KnownVersions
 from app.serving.breaker import Breaker
 from app.serving.cache import PredictionCache
 from app.serving.feedback import FeedbackService
@@ -265,6 +266,7 @@ def create_app(
         readiness=components.readiness,
         max_body=settings.server.max_body_bytes,
         max_batch_body=settings.server.max_batch_body_bytes,
+        known=KnownVersions(components.registry),
     )
     routes += build_oip_routes(
         components.service,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Container
 from typing import Any
 
 import msgspec
@@ -18,6 +18,7 @@ from litestar.handlers import HTTPRouteHandler
 from litestar.params import FromPath
 from litestar.status_codes import HTTP_500_INTERNAL_SERVER_ERROR
 
+from app.registry.known import KnownVersions
 from app.serving.answers import problem_from
 from app.serving.errors import PayloadTooLarge
 from app.serving.feedback import FeedbackService
@@ -267,6 +268,19 @@ def require_version_number(version: str) -> None:
         raise NotFound(f"{version!r} is not a version number this registry can have")
 
 
+async def require_registered(version: str, resident: Container[str], known: KnownVersions) -> None:
+    """Refuse a version number the registry never had (a resident one is known).
+
+    When the registry cannot be asked, the version is given the benefit of the doubt.
+
+    Raises:
+        NotFound: not a version number, or not in the registry.
+    """
+    require_version_number(version)
+    if version not in resident and await known.exists(version) is False:
+        raise NotFound(f"version {version} is not in the registry")
+
+
 def build_routes(
     service: InferenceService,
     feedback: FeedbackService,
@@ -276,6 +290,7 @@ def build_routes(
     readiness: Callable[[], tuple[bool, Readiness]],
     max_body: int,
     max_batch_body: int,
+    known: KnownVersions,
 ) -> list[HTTPRouteHandler]:
     """The /v1 and /health route handlers bound to ``service``."""
 
@@ -319,7 +334,7 @@ def build_routes(
     async def model_field(
         request: Request[Any, Any, Any], version: FromPath[str]
     ) -> Response[bytes]:
-        require_version_number(version)
+        await require_registered(version, service.contexts, known)
         model = next(iter(service.contexts.values())).name if service.contexts else ""
         figures = await feedback.figures(model, version) if model else None
         if figures is None:

@@ -284,6 +284,10 @@ def test_feedback_errors_answer_the_right_4xx(fleet: Fleet) -> None:
     for odd in ("abc", "%E2%98%83", "1.0", "01", "9" * 30):
         typo = httpx.get(fleet.b.url + f"/v1/models/{odd}/field")
         assert typo.status_code == 404 and "is not a version number" in typo.text, typo.text
+    # A version number the registry never had: 404 too, asked twice (the second from memory).
+    for _ in range(2):
+        never = httpx.get(fleet.b.url + "/v1/models/4242/field")
+        assert never.status_code == 404 and "not in the registry" in never.text, never.text
 
     # A allows 5 at once, then 429 with Retry-After.
     codes = [
