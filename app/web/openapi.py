@@ -37,6 +37,20 @@ _STATES: dict[str, tuple[type, str]] = {
 }
 
 
+_OVERLOADED = "Overloaded, every upload slot or the body budget taken, or not ready (Retry-After)"
+_NOT_ACCEPTABLE = "Accept names no media type the service answers with"
+_BODY_TIMEOUT = "The body did not arrive in time (connection closed)"
+_OIP_ERROR = {
+    "application/json": {
+        "schema": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+        }
+    }
+}
+
+
 def _ref(kind: type) -> dict[str, str]:
     return {"$ref": f"#/components/schemas/{kind.__name__}"}
 
@@ -71,7 +85,10 @@ def complete_openapi(app: Litestar) -> None:
                 "413": {"description": "Body too large", "content": problem},
                 "415": {"description": "Unsupported media type", "content": problem},
                 "429": {"description": "Rate limit (Retry-After)", "content": problem},
-                "503": {"description": "Feedback store unavailable", "content": problem},
+                "503": {
+                    "description": f"Feedback store unavailable; {_OVERLOADED}",
+                    "content": problem,
+                },
             }
             continue
         operation["responses"] = {
@@ -79,14 +96,19 @@ def complete_openapi(app: Litestar) -> None:
                 "description": "Prediction",
                 "content": {media: {"schema": _ref(response)} for media in _MEDIA},
             },
-            "400": {"description": "Malformed body", "content": problem},
+            "400": {"description": "Malformed or incomplete body", "content": problem},
             "413": {"description": "Body too large", "content": problem},
             "415": {"description": "Unsupported media type", "content": problem},
             "422": {"description": "Input does not fit the model", "content": problem},
-            "503": {"description": "Overloaded or not ready (Retry-After)", "content": problem},
+            "503": {"description": _OVERLOADED, "content": problem},
             "504": {"description": "Deadline passed while queued", "content": problem},
         }
+    for path in _BODIES:
+        operation = schema["paths"][path]["post"]
+        operation["responses"]["406"] = {"description": _NOT_ACCEPTABLE, "content": problem}
+        operation["responses"]["408"] = {"description": _BODY_TIMEOUT, "content": problem}
     _describe_states(schema["paths"], problem)
+    _describe_oip(schema["paths"])
 
 
 def _describe_states(paths: dict[str, Any], problem: dict[str, Any]) -> None:
@@ -99,7 +121,60 @@ def _describe_states(paths: dict[str, Any], problem: dict[str, Any]) -> None:
         }
         if path.endswith("{version}"):
             responses["404"] = {"description": "Not resident here", "content": problem}
+        responses["406"] = {"description": _NOT_ACCEPTABLE, "content": problem}
+    field = paths["/v1/models/{version}/field"]["get"].setdefault("responses", {})
+    field["200"] = {
+        "description": "Field figures from ground truth (counts, coverage, errors, sources)",
+        "content": {"application/json": {"schema": {"type": "object"}}},
+    }
+    field["404"] = {
+        "description": "Not a version number, not in the registry, or no feedback store",
+        "content": problem,
+    }
+    field["406"] = {"description": _NOT_ACCEPTABLE, "content": problem}
+    field["503"] = {"description": "Feedback store unavailable (Retry-After)", "content": problem}
     ready = {"application/json": {"schema": _ref(Readiness)}}
     responses = paths["/health/ready"]["get"].setdefault("responses", {})
     responses["200"] = {"description": "Ready", "content": ready}
     responses["503"] = {"description": "Not ready (Retry-After)", "content": ready}
+
+
+def _describe_oip(paths: dict[str, Any]) -> None:
+    """The ``/v2`` answers: ``{"error": ...}`` for every error, binary tensor data on infer."""
+    for path, item in paths.items():
+        if not path.startswith("/v2/models/"):
+            continue
+        for method, operation in item.items():
+            responses = operation.setdefault("responses", {})
+            responses["404"] = {"description": "Unknown model or version", "content": _OIP_ERROR}
+            if method != "post":
+                continue
+            operation["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/octet-stream": {
+                        "schema": {"type": "string", "format": "binary"},
+                        "description": "JSON header (Inference-Header-Content-Length bytes), "
+                        "then binary tensor data",
+                    },
+                },
+            }
+            responses["200"] = {
+                "description": "Outputs; binary tensor data after the JSON header when asked "
+                "(Inference-Header-Content-Length)",
+                "content": {
+                    "application/json": {"schema": {"type": "object"}},
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                },
+            }
+            for status, description in (
+                ("400", "Malformed or incomplete body, or tensors that do not fit the model"),
+                ("408", _BODY_TIMEOUT),
+                ("413", "Body (inflated or not) too large"),
+                ("415", "Unsupported Content-Encoding"),
+                ("422", "Input the model cannot answer"),
+                ("503", _OVERLOADED),
+                ("504", "Deadline passed while queued"),
+            ):
+                responses[status] = {"description": description, "content": _OIP_ERROR}

@@ -409,3 +409,38 @@ def test_head_is_answered_like_get_without_a_body(shared_server: Server) -> None
     metrics = httpx.get(shared_server.url + "/metrics", timeout=10).text
     counted = r'http_server_request_duration_seconds_count\{[^}]*http_request_method="HEAD"'
     assert re.search(counted, metrics)
+
+
+def test_the_openapi_document_declares_the_answers_clients_get(shared_server: Server) -> None:
+    # A client generated from the document must know every status it can get: provoke the
+    # answers fuzzing rarely reaches and look each one up in the document.
+    document = httpx.get(shared_server.url + "/schema/openapi.json", timeout=10).json()
+    body = json.dumps(payloads(1, 120)[0]).encode()
+    v2 = "/v2/models/{name}/infer"
+    cases = [
+        ("POST", "/v1/predict", {"accept": "text/html"}, body, 406),
+        ("POST", "/v1/predict", {"content-type": "text/plain"}, body, 415),
+        ("POST", "/v1/predict/batch", {"accept": "text/html"}, b"{}", 406),
+        ("POST", "/v1/feedback", {"accept": "text/html"}, b"{}", 406),
+        ("GET", "/v1/models", {"accept": "text/html"}, None, 406),
+        ("GET", "/v1/models/{version}", {}, None, 404),
+        ("GET", "/v1/models/{version}/field", {}, None, 404),
+        ("POST", v2, {"content-type": "application/json"}, b"{", 400),
+        ("POST", v2, {"content-encoding": "br"}, b"{}", 415),
+        ("POST", v2.replace("{name}", "{other}"), {}, b"{}", 404),
+        ("GET", "/v2/models/{other}/config", {}, None, 404),
+    ]
+    concrete = {"{version}": "4242", "{name}": "rf-localizer", "{other}": "nope"}
+    for method, path, headers, content, want in cases:
+        url = path
+        for template, value in concrete.items():
+            url = url.replace(template, value)
+        answer = httpx.request(
+            method, shared_server.url + url, headers=headers, content=content, timeout=30
+        )
+        assert answer.status_code == want, (method, url, answer.status_code, answer.text)
+        operation = document["paths"][path.replace("{other}", "{name}")][method.lower()]
+        declared = operation["responses"]
+        assert str(want) in declared, (method, path, want, sorted(declared))
+    infer = document["paths"][v2]["post"]["responses"]
+    assert "application/octet-stream" in infer["200"]["content"]

@@ -72,7 +72,21 @@ def check_response(method: str, path: str, response: Any) -> None:
         assert problem["status"] == status, what
 
 
-def fuzz_operation(operation: Any, mode: GenerationMode, seen: dict[str, int]) -> None:
+def undeclared_status(document: dict[str, Any], method: str, path: str, status: int) -> str | None:
+    """``METHOD path status`` when the OpenAPI document does not declare that answer."""
+    declared = document["paths"][path][method.lower()].get("responses", {})
+    if str(status) in declared or "default" in declared:
+        return None
+    return f"{method} {path} {status}"
+
+
+def fuzz_operation(
+    operation: Any,
+    mode: GenerationMode,
+    seen: dict[str, int],
+    document: dict[str, Any],
+    undeclared: set[str],
+) -> None:
     """Run the generated cases of one operation in one generation mode."""
     label = f"{operation.label} [{mode.value}]"
 
@@ -82,6 +96,11 @@ def fuzz_operation(operation: Any, mode: GenerationMode, seen: dict[str, int]) -
         response = case.call(timeout=30)
         seen[label] = seen.get(label, 0) + 1
         check_response(case.method, case.operation.path, response)
+        missing = undeclared_status(
+            document, case.method, case.operation.path, response.status_code
+        )
+        if missing is not None:
+            undeclared.add(missing)
 
     try:
         run()
@@ -93,13 +112,18 @@ def fuzz_operation(operation: Any, mode: GenerationMode, seen: dict[str, int]) -
 def test_schema_fuzzing_finds_no_server_error(api_schema: Any, fuzz_server: Server) -> None:
     """Every operation, valid (positive) and schema-violating (negative) cases."""
     seen: dict[str, int] = {}
+    undeclared: set[str] = set()
+    document = httpx.get(fuzz_server.url + "/schema/openapi.json", timeout=10).json()
     operations = [result.ok() for result in api_schema.get_all_operations()]
     modes = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
     for operation in operations:
         for mode in modes:
-            fuzz_operation(operation, mode, seen)
+            fuzz_operation(operation, mode, seen, document, undeclared)
     total = sum(seen.values())
     print(f"\nschemathesis: {total} cases over {len(operations)} operations")
+    # Every answer the fuzzer saw is one the document declares (clients generated from it
+    # know every status they can get).
+    assert not undeclared, "\n".join(sorted(undeclared))
     assert total >= 8 * EXAMPLES_PER_OPERATION, seen
     assert {op.path for op in operations} >= {"/v1/predict", "/v1/predict/batch", "/v1/models"}
     assert_pool_healthy(fuzz_server)
@@ -174,6 +198,7 @@ def encode_json(body: dict[str, Any]) -> bytes:
 def test_mutated_payloads_get_200_or_4xx_and_the_pool_stays_healthy(fuzz_server: Server) -> None:
     codes: dict[int, int] = {}
     with httpx.Client(base_url=fuzz_server.url, timeout=30) as client:
+        document = client.get("/schema/openapi.json").json()
 
         @given(body=mutated())
         @settings(
@@ -194,6 +219,8 @@ def test_mutated_payloads_get_200_or_4xx_and_the_pool_stays_healthy(fuzz_server:
                 response.text[:300],
             )
             check_response("POST", "/v1/predict", response)
+            missing = undeclared_status(document, "POST", "/v1/predict", response.status_code)
+            assert missing is None, missing
 
         run()
     print(f"\nmutated payloads: status counts {dict(sorted(codes.items()))}")
