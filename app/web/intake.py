@@ -153,6 +153,11 @@ class UploadGate:
                 self.on_drained()
 
 
+HOLD_KEY = "heimdall.hold"
+"""ASGI scope key of a request's ``hold(nbytes) -> bool``: more bytes for the request's life
+from the budget (a ``/v2`` body inflated from a few kB); False when they do not fit."""
+
+
 class BodyBudget:
     """Bytes of request bodies held, from admission until the answer is sent; capped."""
 

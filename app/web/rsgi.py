@@ -34,6 +34,7 @@ from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
 from app.web.errors import BodyBudgetFull, IncompleteBody
 from app.web.intake import (
+    HOLD_KEY,
     BodyBudget,
     BodyClock,
     IntakeLimits,
@@ -117,6 +118,13 @@ class _Exchange:
         self.body_done = False
         self._chunks: Any = None
         self._prefetched: bytes | ServiceError | None = None
+
+    def hold(self, nbytes: int) -> bool:
+        """Hold ``nbytes`` more of the budget until the answer is sent; False if they do not fit."""
+        if not self.budget.take(nbytes, own=self.reserved):
+            return False
+        self.reserved += nbytes
+        return True
 
     async def prefetch(self) -> None:
         """Read a one-piece body before the application runs.
@@ -342,6 +350,7 @@ class RSGIFront:
             self.budget,
             reserve,
         )
+        asgi_scope[HOLD_KEY] = exchange.hold
         try:
             if has_body and one_piece:
                 await exchange.prefetch()

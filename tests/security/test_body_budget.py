@@ -12,6 +12,7 @@ upload in progress or by requests queued behind a stopped pool worker.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -20,10 +21,12 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import numpy as np
 import pytest
 
 from tests.support.procs import Server
 from tests.support.rawhttp import connect, request_head
+from tests.support.reference import reference_spec
 from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -159,3 +162,46 @@ def test_a_body_alone_over_the_limits_is_413_not_a_budget_refusal(server: Server
         timeout=30,
     )
     assert answer.status_code == 413, answer.text
+
+
+def test_an_inflated_v2_body_holds_its_inflated_size(server: Server) -> None:
+    # 300 kB of JSON gzipped to a few hundred bytes: the budget counted the encoded bytes at
+    # admission; once inflated, the request holds the inflated size, or is refused if it
+    # does not fit while other bodies hold the budget.
+    spec = reference_spec()
+    inputs = [
+        {
+            "name": tensor.name,
+            "datatype": "FP32",
+            "shape": [1, *tensor.shape[1:]],
+            "data": np.zeros([1, *tensor.shape[1:]]).ravel().tolist(),
+        }
+        for tensor in spec.inputs.values()
+    ]
+    plain = json.dumps({"inputs": inputs}).encode()
+    padded = b"{" + b" " * max(0, 300_000 - len(plain)) + plain[1:]
+    body = gzip.compress(padded)
+    assert len(body) < 20_000 < BUDGET - 900_000 < len(padded) <= BUDGET
+    url = server.url + "/v2/models/rf-localizer/infer"
+    headers = {"content-type": "application/json", "content-encoding": "gzip"}
+    stalled = connect(server.port)
+    head = request_head(
+        "POST",
+        "/v1/predict/batch",
+        {"Content-Type": "application/json", "Content-Length": "900000"},
+    )
+    stalled.sendall(head + b'{"items": ')
+    try:
+        time.sleep(0.3)
+        refused = httpx.post(url, content=body, headers=headers, timeout=10)
+        assert refused.status_code == 503, refused.text
+        assert refused.headers["retry-after"] == "1"
+        assert "inflates to" in refused.json()["error"]
+    finally:
+        stalled.close()
+    deadline = time.monotonic() + 10
+    answer = httpx.post(url, content=body, headers=headers, timeout=30)
+    while answer.status_code == 503 and time.monotonic() < deadline:  # the close is seen
+        time.sleep(0.1)
+        answer = httpx.post(url, content=body, headers=headers, timeout=30)
+    assert answer.status_code == 200, answer.text

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from litestar import Request
 
 from app.serving.errors import PayloadTooLarge
-from app.web.errors import UnsupportedMediaType
+from app.web.errors import BodyBudgetFull, UnsupportedMediaType
+from app.web.intake import HOLD_KEY
 from app.web.oip.codec import Body
 from workers import malloc
 from workers.errors import MalformedRequest
@@ -106,4 +108,13 @@ async def read_body(
             f"Content-Encoding {encoding!r} is not supported; send identity, gzip or deflate"
         )
     async with inflating:
-        return await asyncio.to_thread(inflate, body, encoding, limit)
+        inflated = await asyncio.to_thread(inflate, body, encoding, limit)
+    hold: Callable[[int], bool] | None = request.scope.get(HOLD_KEY)  # type: ignore[assignment]
+    if hold is not None and not hold(len(inflated) - len(body)):
+        # The budget counted the encoded bytes; the inflated ones live as long as the request.
+        raise BodyBudgetFull(
+            f"the body inflates to {len(inflated)} bytes, more than this replica's body budget "
+            "has free now; retry shortly",
+            retry_after=1,
+        )
+    return inflated
