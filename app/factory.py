@@ -33,7 +33,7 @@ from app.serving.feedback import FeedbackService
 from app.serving.service import InferenceService
 from app.serving.status import ModelsState, Readiness, RolloutOutcome
 from app.settings import Settings, load_settings
-from app.web.intake import IntakeLimits
+from app.web.intake import IntakeLimits, RouteLimits
 from app.web.oip.errors import v2_aware
 from app.web.oip.routes import build_oip_routes
 from app.web.openapi import complete_openapi
@@ -342,6 +342,18 @@ def create_app_from_env() -> RequestContext:
     return with_request_context(create_app(settings, process=process), settings)
 
 
+def route_limits(app: Litestar) -> RouteLimits:
+    """The body limit of every route of ``app`` that takes a body (its POST handlers)."""
+    table = []
+    for route in app.routes:
+        for handler in getattr(route, "route_handlers", ()):
+            methods = set(handler.http_methods) & {"POST", "PUT", "PATCH"}
+            size = handler.resolve_request_max_body_size()
+            if methods and size is not None:
+                table += [(path, methods, size) for path in handler.paths]
+    return RouteLimits(table)
+
+
 def create_rsgi_app_from_env() -> RSGIFront:
     """Granian RSGI factory target: the same app behind the RSGI front (app/web/rsgi.py)."""
     settings, process = _settings_from_env()
@@ -350,7 +362,9 @@ def create_rsgi_app_from_env() -> RSGIFront:
     telemetry = app.state.components.telemetry
     return RSGIFront(
         with_request_context(app, settings),
-        one_piece_limit=max(server.max_body_bytes, server.max_batch_body_bytes),
+        # Single bodies in one piece; batches stream, counted against the budget as they come.
+        one_piece_limit=server.max_body_bytes,
+        body_limit=route_limits(app),
         intake=IntakeLimits(
             timeout_s=server.body_timeout_s,
             grace_s=server.body_grace_s,

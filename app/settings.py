@@ -61,10 +61,11 @@ class ServerSettings(Struct, frozen=True, forbid_unknown_fields=True):
     max_concurrent_uploads: Annotated[int, Meta(ge=1)] = 2048
     """Requests receiving a body at once; one more is answered 503 + Retry-After at once."""
     max_body_bytes_in_flight: Annotated[int, Meta(ge=1024)] = 256 * 1024 * 1024
-    """Bytes of request bodies one HTTP process holds at once, each from its admission until
-    its answer is sent (queued and computing requests count); a body that does not fit is
-    answered 503 + Retry-After. At least the largest body limit. Bounds the memory large
-    batches can take: ≈ 3 × this above the process's base (docs/reliability.md)."""
+    """Bytes of request bodies one HTTP process holds at once, counted as they arrive (a
+    ``/v2`` gzip body at its inflated size) until the answer is sent, so queued and computing
+    requests count; a body that does not fit is answered 503 + Retry-After. At least the
+    largest body limit. Bounds the memory large batches take: ≈ 3 × this above the process's
+    base (docs/reliability.md)."""
     granian_backpressure: Annotated[int, Meta(ge=1)] = 4096
     """Most connections Granian serves at once (idle and stalled ones included); must exceed
     ``HEIMDALL_MAX_CONCURRENT_UPLOADS`` by 256 so health checks and small requests get in."""

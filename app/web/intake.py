@@ -15,12 +15,15 @@ thousand of them starve every other client. Here:
   which frees its connection. Requests without a body (health checks, metadata) never wait for
   an upload slot, and Granian's connection limit is kept above the cap (checked at start), so
   stalled uploads cannot take the last connections.
-- **Byte budget.** The bytes of the bodies this HTTP process holds are counted from the moment
-  a body is admitted (its ``Content-Length``, or each chunk as it arrives) until its answer
-  is sent, so queued and computing requests count, not only uploads. A body that would take
-  the total past ``max_body_bytes_in_flight`` is answered 503 with ``Retry-After`` (before
-  any of it is read when its length is announced), which bounds the memory a burst of large
-  batches can take whatever their number.
+- **Route limits.** A body announced larger than its route accepts (``request_max_body_size``
+  of the POST handler the path names) is answered 413 at once, before any of it is read and
+  before the application runs; a body sent to a route that takes none is never read here.
+- **Byte budget.** The bytes of the bodies this HTTP process holds are counted as they arrive
+  (a one-piece body once read, a streamed one chunk by chunk) until the answer is sent, so
+  queued and computing requests count, an upload only with what it sent. A body that would
+  take the total past ``max_body_bytes_in_flight`` is answered 503 with ``Retry-After``,
+  which bounds the memory a burst of large batches can take whatever their number, while
+  stalled uploads hold nothing of it (their cost is bounded by the upload cap and deadline).
 - **Aborts.** A client that closes before sending its whole body, or a chunked body that ends
   without its terminating chunk, is an :class:`~workers.errors.IncompleteBody` (400), counted
   and logged on one line — never a 500 with a traceback.
@@ -31,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -54,7 +58,7 @@ class IntakeLimits:
     max_uploads: int = 2048
     """Requests receiving a body at once; more are answered 503."""
     max_body_bytes_in_flight: int = 256 * 1024 * 1024
-    """Bytes of bodies held at once, from admission to the answer; more are answered 503."""
+    """Bytes of bodies held at once, as they arrive until the answer; more are answered 503."""
 
 
 class BodyClock:
@@ -153,6 +157,32 @@ class UploadGate:
                 self.on_drained()
 
 
+class RouteLimits:
+    """The largest body each body-taking route accepts, by method and path."""
+
+    __slots__ = ("_routes",)
+
+    def __init__(self, routes: list[tuple[str, set[str], int]]) -> None:
+        """``routes``: (path template with ``{name:type}`` parameters, methods, byte limit)."""
+        self._routes = [(_pattern(path), methods, limit) for path, methods, limit in routes]
+
+    def __call__(self, method: str, path: str) -> int | None:
+        """The limit of the route ``method path`` names; None when it takes no body."""
+        for pattern, methods, limit in self._routes:
+            if method in methods and pattern.match(path):
+                return limit
+        return None
+
+
+def _pattern(template: str) -> re.Pattern[str]:
+    """A path template's regular expression: each ``{parameter}`` segment is one segment."""
+    segments = template.split("/")
+    parts = [
+        "[^/]+" if seg.startswith("{") and seg.endswith("}") else re.escape(seg) for seg in segments
+    ]
+    return re.compile("/".join(parts) + r"\Z")
+
+
 HOLD_KEY = "heimdall.hold"
 """ASGI scope key of a request's ``hold(nbytes) -> bool``: more bytes for the request's life
 from the budget (a ``/v2`` body inflated from a few kB); False when they do not fit."""
@@ -193,8 +223,17 @@ class BodyBudget:
         )
 
 
-def refusal(path: str, detail: str, reason: str) -> tuple[list[tuple[str, str]], bytes]:
-    """Headers and body of a 503 answered before any of the body is read."""
+def too_large(announced: int, limit: int) -> str:
+    """The detail of a 413 answered on the announced length."""
+    return (
+        f"the body ({announced} bytes announced) exceeds this endpoint's size limit of "
+        f"{limit} bytes; send a smaller body (batches: fewer items)"
+    )
+
+
+def refusal(path: str, detail: str, reason: str) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An answer before any of the body is read: 413 (``too_large``) or 503 + Retry-After."""
+    status, title = (413, "Body too large") if reason == "too_large" else (503, "Overloaded")
     body: dict[str, str | int]
     if path.startswith("/v2/"):  # the Open Inference Protocol's error shape
         body, media = {"error": detail}, "application/json"
@@ -202,13 +241,15 @@ def refusal(path: str, detail: str, reason: str) -> tuple[list[tuple[str, str]],
         media = "application/problem+json"
         body = {
             "type": problem_type_of(reason),
-            "title": "Overloaded",
-            "status": 503,
+            "title": title,
+            "status": status,
             "detail": detail,
             "kind": "problem",
         }
-    headers = [("content-type", media), ("retry-after", "1"), ("connection", "close")]
-    return headers, json.dumps(body).encode()
+    headers = [("content-type", media), ("connection", "close")]
+    if status == 503:
+        headers.append(("retry-after", "1"))
+    return status, headers, json.dumps(body).encode()
 
 
 async def next_chunk(chunks: Any) -> bytes | None:

@@ -6,14 +6,11 @@ and an event-loop wake-up — about 0.1 ms of CPU per request more than RSGI, wh
 ``await protocol()`` returns the whole body, collected in Rust (docs/benchmarks.md). This
 front translates RSGI to ASGI for the Litestar app so the app and its tests stay plain ASGI:
 
-- The body is read when the application first asks for it (so Litestar's ``Content-Length``
-  check answers 413 before anything is read), in one piece when ``Content-Length`` is present
-  and at most ``one_piece_limit``; otherwise (chunked, or larger) it is streamed chunk by chunk
-  and Litestar counts and caps it as under ASGI.
-- Body reads follow the intake rules of app/web/intake.py: a deadline from the request's arrival
-  and a minimum rate (408), an upload cap (503 before reading), and a body cut short by the
-  client (closed connection, chunked body without its last chunk) is an ``IncompleteBody``
-  (400) — the app renders these as problems; the front logs one line and counts them.
+- A body its route takes, announced up to ``one_piece_limit``, is read in one piece before
+  the application runs; one announced over the route's limit is answered 413 unread; others
+  (chunked, larger, or for a route that takes none) stream when the application reads them.
+  Intake rules (app/web/intake.py): a deadline and a minimum rate (408), an upload cap and a
+  byte budget (503), a body cut short is an ``IncompleteBody`` (400); one log line each.
 - After the body, ``receive`` waits for the client to disconnect (``http.disconnect``).
 - A response sent in one ``http.response.body`` message goes out with ``response_bytes``; one
   sent in several is streamed.
@@ -32,18 +29,9 @@ from urllib.parse import quote
 
 from granian._granian import RSGIProtocolClosed as ProtocolClosed
 
+from app.web import intake
 from app.web.errors import BodyBudgetFull, IncompleteBody
-from app.web.intake import (
-    HOLD_KEY,
-    BodyBudget,
-    BodyClock,
-    IntakeLimits,
-    UploadGate,
-    next_chunk,
-    refusal,
-    retrieve,
-    within,
-)
+from app.web.intake import HOLD_KEY, BodyBudget, BodyClock, IntakeLimits, UploadGate
 from app.web.lifespan import ASGI_VERSION, ASGIApp, Lifespan, LifespanFailed, Message, flush_logs
 from workers import malloc
 from workers.errors import ServiceError
@@ -97,11 +85,10 @@ class _Exchange:
         length: int | None,
         on_body_end: Callable[[str | None, str], None],
         budget: BodyBudget,
-        reserved: int,
     ) -> None:
         self.proto = proto
         self.budget = budget
-        self.reserved = reserved
+        self.reserved = 0
         """Bytes of ``budget`` this request holds until its answer is sent."""
         self.one_piece = one_piece
         self.has_body = has_body
@@ -181,7 +168,7 @@ class _Exchange:
     async def _read_whole(self) -> bytes:
         length = self.length or 0
         try:
-            arrived, body = await within(self.clock.deadline(length), self.proto)
+            arrived, body = await intake.within(self.clock.deadline(length), self.proto)
         except ProtocolClosed:
             raise IncompleteBody(
                 "the connection closed before the whole body arrived"
@@ -190,6 +177,8 @@ class _Exchange:
         if not arrived or body is None:
             raise self.clock.expired(0, self.length)
         self.received = len(body)
+        if not self.hold(len(body)):  # counted once in: an upload holds only what it sent
+            raise BodyBudgetFull(self.budget.detail(len(body)), retry_after=1)
         return bytes(body)  # already bytes: no copy
 
     async def _read_chunk(self) -> bytes | None:
@@ -204,15 +193,14 @@ class _Exchange:
             self._chunks = self.proto.__aiter__()
         for attempt in range(2):
             deadline = self.clock.deadline(self.received + 1)
-            arrived, chunk = await within(deadline, lambda: next_chunk(self._chunks))
+            arrived, chunk = await intake.within(deadline, lambda: intake.next_chunk(self._chunks))
             if not arrived:
                 raise self.clock.expired(self.received, self.length)
             if chunk:
                 if attempt:  # data after the end marker: not a body Granian ever yields
                     break
-                if not self.budget.take(len(chunk), own=self.reserved):
+                if not self.hold(len(chunk)):
                     raise BodyBudgetFull(self.budget.detail(len(chunk)), retry_after=1)
-                self.reserved += len(chunk)
                 self.received += len(chunk)
                 return chunk
             if chunk is None:  # end of iteration
@@ -261,13 +249,17 @@ class RSGIFront:
         one_piece_limit: int,
         intake: IntakeLimits | None = None,
         on_client_fault: Callable[[str], None] | None = None,
+        body_limit: Callable[[str, str], int | None] | None = None,
     ) -> None:
         """Serve ``app``.
 
         Args:
             app: the ASGI application.
             one_piece_limit: bodies up to this many bytes (with ``Content-Length``) are read in
-                one call; larger or chunked ones are streamed.
+                one call before the application runs; larger or chunked ones are streamed.
+            body_limit: the largest body of the route a method and path name (None: the route
+                takes none); a larger announced body is answered 413 unread. Without it every
+                body is the application's to check.
             intake: read deadline, minimum rate and upload cap (app/web/intake.py).
             on_client_fault: counts a request refused for the client's behaviour, by reason
                 (``incomplete_body``, ``body_timeout``, ``uploads_full``,
@@ -279,6 +271,7 @@ class RSGIFront:
         self.uploads = UploadGate(self.intake.max_uploads, on_drained=_trim_after_burst)
         self.budget = BodyBudget(self.intake.max_body_bytes_in_flight)
         self.on_client_fault = on_client_fault
+        self.body_limit = body_limit
         self.lifespan = Lifespan(app)
 
     def __rsgi_init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -303,11 +296,20 @@ class RSGIFront:
             return
         headers = scope.headers
         length = headers.get("content-length")
-        # A request has a body only with Content-Length or Transfer-Encoding (RFC 9112 6.3);
-        # Granian's body reads wait for one otherwise.
+        # A body only with Content-Length or Transfer-Encoding (RFC 9112 6.3): reads wait else.
         has_body = length != "0" and (length is not None or "transfer-encoding" in headers)
+        announced = int(length) if length is not None and length.isdigit() else None
+        limit, takes_body = None, has_body  # without a route table the application checks
+        if has_body and self.body_limit is not None:
+            limit = self.body_limit(scope.method, scope.path)
+            takes_body = limit is not None  # a body sent to a route that takes none: unread
+        if limit is not None and announced is not None and announced > limit:
+            self._unread(
+                proto, scope.method, scope.path, intake.too_large(announced, limit), "too_large"
+            )
+            return
         one_piece = not has_body or (
-            length is not None and length.isdigit() and int(length) <= self.one_piece_limit
+            takes_body and announced is not None and announced <= self.one_piece_limit
         )
         path = scope.path  # Granian has percent-decoded it (as ASGI's "path" is)
         asgi_scope: dict[str, Any] = {
@@ -331,24 +333,16 @@ class RSGIFront:
         }
         if has_body and not self.uploads.enter():
             detail = f"{self.uploads.limit} uploads are in progress on this replica; retry shortly"
-            self._refuse(proto, scope.method, path, detail, "uploads_full")
-            return
-        # An announced one-piece body holds its length from now until its answer is sent.
-        reserve = int(length) if has_body and one_piece and length is not None else 0
-        if reserve and not self.budget.take(reserve):
-            self.uploads.leave()
-            detail = self.budget.detail(reserve)
-            self._refuse(proto, scope.method, path, detail, BodyBudgetFull.code)
+            self._unread(proto, scope.method, path, detail, "uploads_full")
             return
         exchange = _Exchange(
             proto,
             one_piece,
             has_body,
             BodyClock(self.intake, asyncio.get_running_loop().time()),
-            int(length) if length is not None and length.isdigit() else None,
+            announced,
             self._body_end(scope.method, path) if has_body else _no_body,
             self.budget,
-            reserve,
         )
         asgi_scope[HOLD_KEY] = exchange.hold
         try:
@@ -380,20 +374,20 @@ class RSGIFront:
 
         return end
 
-    def _refuse(self, proto: Any, method: str, path: str, detail: str, reason: str) -> None:
-        """503 before reading anything: every upload slot, or the byte budget, is taken."""
+    def _unread(self, proto: Any, method: str, path: str, detail: str, reason: str) -> None:
+        """Answer before reading the body: 413 (over the route's limit) or 503 (no slot)."""
         log.info("client fault on %s %s: %s (%s)", method, path, detail, reason)
-        if self.on_client_fault is not None:
+        if self.on_client_fault is not None and reason != "too_large":
             self.on_client_fault(reason)
-        headers, body = refusal(path, detail, reason)
-        proto.response_bytes(503, headers, body)
+        status, headers, body = intake.refusal(path, detail, reason)
+        proto.response_bytes(status, headers, body)
 
 
 def _trim_after_burst() -> None:
     """Hand the heap a burst of uploads freed back to the kernel, off the event loop."""
     log.info("upload burst over: returning freed memory to the kernel")
     future = asyncio.get_running_loop().run_in_executor(None, malloc.trim)
-    future.add_done_callback(retrieve)
+    future.add_done_callback(intake.retrieve)
 
 
 def _no_body(code: str | None, detail: str) -> None:
