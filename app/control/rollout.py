@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from app.control.protocol import DesiredState
-from app.registry.client import LocalPackage, ModelRegistry, VersionInfo
+from app.registry.client import ModelRegistry
+from app.registry.package import LocalPackage, VersionInfo
 from app.serving.service import InferenceService
 from app.serving.versions import Routing, VersionContext
 from workers.errors import ServiceError

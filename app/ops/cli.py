@@ -191,7 +191,8 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     """Log a model and its spec as a new ONNX-flavor version (app/registry/authoring.py)."""
     from app.registry.authoring import register_onnx
-    from app.registry.client import MODEL_FILE, SPEC_FILE, ModelRegistry
+    from app.registry.client import ModelRegistry
+    from app.registry.package import MODEL_FILE, SPEC_FILE
 
     path = Path(args.path)
     model = path / MODEL_FILE if path.is_dir() else path

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from app.registry.authoring import register_package
-from app.registry.client import MODEL_FILE, SPEC_FILE, LocalPackage
+from app.registry.package import MODEL_FILE, SPEC_FILE, LocalPackage
 from app.serving.field import LEVELS, bootstrap_scale, coverage, fit_scale, level_key, split_halves
 from app.serving.field_store import FieldSample, FieldStore
 from app.settings import Settings, load_settings

@@ -23,13 +23,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from app.registry.client import (
-    MODEL_FILE,
-    SHA256_TAG,
-    SPEC_FILE,
-    SPEC_HASH_TAG,
-    ModelRegistry,
-)
+from app.registry.client import ModelRegistry
+from app.registry.package import MODEL_FILE, SHA256_TAG, SPEC_FILE, SPEC_HASH_TAG
 from workers.spec import decode_spec, sha256_file, spec_hash
 
 EXPERIMENT = "heimdall-models"

@@ -5,14 +5,14 @@ MLflow is imported lazily (it is slow to import), and not at all for an embedded
 notes, "A replica reads an embedded registry itself"). Every call here blocks: the service
 runs them in a thread. A version's artifacts are cached once per replica in
 ``<cache>/<name>/<version>/``, put in place only after ``model.onnx`` matched the sha256
-recorded in the version's tags, so a half-written or tampered package is never loaded.
+and ``model_spec.json`` the spec hash recorded in the version's tags, so a half-written or
+tampered package is never loaded (a cached copy that no longer matches is fetched again).
 Registering versions lives in :mod:`app.registry.authoring`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -20,25 +20,28 @@ import shutil
 import tempfile
 import time
 import urllib.parse
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from msgspec import Struct
 
+from app.registry.package import (
+    MODEL_FILE,
+    SHA256_TAG,
+    SPEC_FILE,
+    SPEC_HASH_TAG,
+    LocalPackage,
+    VersionInfo,
+)
 from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path, workspaces_enabled
 from workers.errors import ModelLoadError, NotFound
-from workers.spec import ModelSpec, SpecError, decode_spec, sha256_file, spec_hash
+from workers.spec import SpecError, decode_spec, sha256_file, spec_hash
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
 log = logging.getLogger("heimdall.registry")
 
-SHA256_TAG = "heimdall.model_sha256"
-SPEC_HASH_TAG = "heimdall.spec_hash"
-MODEL_FILE = "model.onnx"
-SPEC_FILE = "model_spec.json"
 
 _REF = re.compile(r"^(?:models:/(?P<name>[^/@]+))?(?:/(?P<version>[0-9]+)|@(?P<alias>[\w.-]+))$")
 
@@ -109,31 +112,6 @@ def parse_ref(ref: str, default_name: str) -> tuple[str, str | None, str | None]
             "@ALIAS or a version number"
         )
     return match.group("name"), match.group("version"), match.group("alias")
-
-
-@dataclass(frozen=True)
-class VersionInfo:
-    """Registry metadata of one model version."""
-
-    name: str
-    version: str
-    source: str
-    run_id: str
-    created_ms: int
-    sha256: str
-    spec_hash: str
-    aliases: list[str] = field(default_factory=list)
-
-
-@dataclass(frozen=True)
-class LocalPackage:
-    """A verified model package on local disk."""
-
-    info: VersionInfo
-    model_path: Path
-    spec_raw: bytes
-    spec: ModelSpec
-    spec_hash: str
 
 
 def absolute_tracking_uri(uri: str) -> str:
@@ -234,11 +212,37 @@ class ModelRegistry:
                 the cache directory cannot be written.
         """
         if not info.sha256:
-            return self._fetch_untagged(info)
+            from app.registry.untagged import fetch_untagged  # imports this module
+
+            return fetch_untagged(self, info)
         target = self.cache_dir / info.name / info.version
-        if not (target / MODEL_FILE).exists() or sha256_file(target / MODEL_FILE) != info.sha256:
+        if not self._cached_copy_matches(info, target):
             self._download(info, target)
-        return self._verify(info, target)
+        return self.verify(info, target)
+
+    @staticmethod
+    def _cached_copy_matches(info: VersionInfo, target: Path) -> bool:
+        """Whether the cached package is the registry's: its model's sha256 and spec hash.
+
+        The spec holds the calibration, the receivers and the output decoding: an edited one
+        moved answers by kilometres, silently, while only the model was checked.
+        """
+        model = target / MODEL_FILE
+        if not model.exists() or sha256_file(model) != info.sha256:
+            return False
+        if not info.spec_hash:
+            return True
+        try:
+            matches = spec_hash((target / SPEC_FILE).read_bytes()) == info.spec_hash
+        except (OSError, SpecError):
+            matches = False
+        if not matches:
+            log.warning(
+                "cached %s of version %s differs from the registry's: fetching it again",
+                SPEC_FILE,
+                info.version,
+            )
+        return matches
 
     def _copy_local(self, info: VersionInfo, tmp: str) -> Path | None:
         """Copy a ``file://`` source folder into ``tmp`` as MLflow would; None for others."""
@@ -260,8 +264,8 @@ class ModelRegistry:
                     if found is None:
                         raise ModelLoadError(f"version {info.version} has no {MODEL_FILE}")
                     got = found.parent
-                self._verify(info, got)
-                self._install(got, target, info.sha256)
+                self.verify(info, got)
+                self.install(got, target, info)
         except OSError as exc:
             raise ModelLoadError(
                 f"cannot write the artifact cache {self.cache_dir}: {exc.strerror or exc}"
@@ -281,15 +285,15 @@ class ModelRegistry:
             raise ModelLoadError(f"cannot download version {info.version}: {exc.message}") from exc
 
     @staticmethod
-    def _install(got: Path, target: Path, digest: str) -> None:
+    def install(got: Path, target: Path, info: VersionInfo) -> None:
         """Move a verified download into place without deleting a package in use.
 
         Replicas sharing one artifact cache may download the same version at once: a copy
-        already in place with the same digest is kept (another process may be loading from
+        already in place that matches ``info`` is kept (another process may be loading from
         it), and a stale one is renamed away before ours is renamed in (both atomic).
         """
         for _ in range(5):
-            if (target / MODEL_FILE).exists() and sha256_file(target / MODEL_FILE) == digest:
+            if ModelRegistry._cached_copy_matches(info, target):
                 return
             if target.exists():
                 stale = target.with_name(f".old-{target.name}-{os.getpid()}-{time.time_ns()}")
@@ -303,78 +307,12 @@ class ModelRegistry:
                 continue
         raise ModelLoadError(f"cannot put {target} in place: other processes keep replacing it")
 
-    def _fetch_untagged(self, info: VersionInfo) -> LocalPackage:
-        """A version logged the usual MLflow way: ``mlflow.onnx.log_model`` + a spec artifact.
-
-        Served only when its artifacts are an MLflow model in the ``onnx`` flavor and a
-        ``model_spec.json`` sits beside ``model.onnx`` or at the root of the version's run.
-        Without a sha256 tag there is nothing to verify the download against: the digest is
-        taken from this download (downloaded afresh on every load, logged, and checked by
-        every worker against the same file) and the package is kept under ``<version>-untagged``.
+    def verify(self, info: VersionInfo, folder: Path) -> LocalPackage:
+        """The package in ``folder`` checked against the registry's tags.
 
         Raises:
-            ModelLoadError: not an ONNX-flavor model, no spec, or the download failed.
+            ModelLoadError: the model's sha256 or the spec's hash differ, or the spec is bad.
         """
-        import yaml
-        from mlflow.artifacts import download_artifacts
-        from mlflow.exceptions import MlflowException
-
-        target = self.cache_dir / info.name / f"{info.version}-untagged"
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".dl-") as tmp:
-                got = Path(
-                    download_artifacts(
-                        artifact_uri=info.source, dst_path=tmp, tracking_uri=self.tracking_uri
-                    )
-                )
-                mlmodel = next(got.rglob("MLmodel"), None)
-                flavors = yaml.safe_load(mlmodel.read_text()).get("flavors", {}) if mlmodel else {}
-                if "onnx" not in flavors:
-                    raise ModelLoadError(
-                        f"version {info.version} has no {SHA256_TAG} tag and is not an MLflow "
-                        "model in the onnx flavor; refusing it"
-                    )
-                assert mlmodel is not None
-                folder = mlmodel.parent
-                model = folder / str(flavors["onnx"].get("data", MODEL_FILE))
-                if not (folder / SPEC_FILE).exists() and info.run_id:
-                    spec = Path(
-                        download_artifacts(
-                            run_id=info.run_id,
-                            artifact_path=SPEC_FILE,
-                            dst_path=str(Path(tmp) / "run"),
-                            tracking_uri=self.tracking_uri,
-                        )
-                    )
-                    shutil.copyfile(spec, folder / SPEC_FILE)
-                if model.name != MODEL_FILE:
-                    model.rename(folder / MODEL_FILE)
-                digest = sha256_file(folder / MODEL_FILE)
-                pinned = dataclasses.replace(info, sha256=digest)
-                package = self._verify(pinned, folder)
-                self._install(folder, target, digest)
-        except MlflowException as exc:
-            raise ModelLoadError(
-                f"version {info.version}: no {SPEC_FILE} beside the model or in its run "
-                f"({exc.message})"
-            ) from exc
-        except OSError as exc:
-            raise ModelLoadError(
-                f"cannot fetch version {info.version} into {self.cache_dir}: {exc.strerror or exc}"
-            ) from exc
-        log.warning(
-            "version %s has no %s tag: serving its onnx-flavor model as downloaded "
-            "(sha256 %s); heimdall-inference register adds the tag",
-            info.version,
-            SHA256_TAG,
-            digest,
-        )
-        return LocalPackage(
-            pinned, target / MODEL_FILE, package.spec_raw, package.spec, package.spec_hash
-        )
-
-    def _verify(self, info: VersionInfo, folder: Path) -> LocalPackage:
         model = folder / MODEL_FILE
         digest = sha256_file(model)
         if digest != info.sha256:
@@ -387,7 +325,13 @@ class ModelRegistry:
             spec = decode_spec(raw)
         except (OSError, SpecError) as exc:
             raise ModelLoadError(f"version {info.version}: {exc}") from exc
-        return LocalPackage(info, model, raw, spec, spec_hash(raw))
+        hashed = spec_hash(raw)
+        if info.spec_hash and hashed != info.spec_hash:
+            raise ModelLoadError(
+                f"version {info.version}: {SPEC_FILE} hash {hashed} does not match the registry "
+                f"tag {info.spec_hash}"
+            )
+        return LocalPackage(info, model, raw, spec, hashed)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
         """Point ``alias`` at ``version``."""

@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.registry.client import LocalPackage
+from app.registry.package import LocalPackage
 from app.serving.status import CaptureContract, RoutingState, VersionState
 from workers.errors import NotFound, NotReady
 from workers.request import known_receivers

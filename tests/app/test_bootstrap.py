@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from app.registry.client import SHA256_TAG, SPEC_HASH_TAG
+from app.registry.package import SHA256_TAG, SPEC_HASH_TAG
 from tests.support.procs import REFERENCE, ROOT
 from tests.support.variants import registry
 from workers.spec import spec_hash

@@ -11,7 +11,8 @@ import redis.asyncio as aioredis
 from app.control.plane import ControlPlane
 from app.control.rollout import Rollout
 from app.control.settings import ControlSettings
-from app.registry.client import ModelRegistry, RegistrySettings, VersionInfo
+from app.registry.client import ModelRegistry, RegistrySettings
+from app.registry.package import VersionInfo
 from app.serving.service import InferenceService, ServiceSettings
 from tests.support.procs import RedisServer
 from workers.pool import PoolSettings, WorkerPool

@@ -7,7 +7,8 @@ import shutil
 from pathlib import Path
 
 from app.registry.authoring import register_package
-from app.registry.client import SHA256_TAG, ModelRegistry, RegistrySettings
+from app.registry.client import ModelRegistry, RegistrySettings
+from app.registry.package import SHA256_TAG
 from tests.support.procs import REFERENCE
 
 
