@@ -80,7 +80,7 @@ class ControlPlane:
         self._report_due = False
         self._wake = asyncio.Event()
         self._reresolve = False
-        self._applied: tuple[str, int, tuple[tuple[str, str], ...]] | None = None
+        self._applied: tuple[str, int, tuple[tuple[str, str, str, str], ...]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
@@ -304,6 +304,8 @@ class ControlPlane:
             resolved = await self.rollout.resolve(desired)
         except ServiceError as exc:
             self.rollout.record_failure(desired, exc.detail)
+            with contextlib.suppress(Exception):
+                await self._report()  # the fleet sees the failure now, not a heartbeat later
             raise
         fingerprint = resolved.key
         if fingerprint == self._applied and not self._reresolve:

@@ -1,7 +1,8 @@
 """Applying a desired serving state as a rolling swap.
 
-:meth:`Rollout.resolve` looks the state's aliases up in MLflow (once per apply; the plane
-compares the result with what it applied, so moving an alias rolls out), then
+:meth:`Rollout.resolve` looks the state's references up in the registry (each convergence;
+the plane compares the versions and their digests with what it applied, so moving an alias
+rolls out, and a registry whose version number now names another model is refused), then
 :meth:`Rollout.apply`: download + verify → every worker loads, warms up and validates the
 new sessions → routing switches atomically → versions no longer routed are unloaded after
 their queued and in-flight work. Any failure leaves the replica serving what it served
@@ -22,33 +23,52 @@ from app.registry.client import ModelRegistry
 from app.registry.package import LocalPackage, VersionInfo
 from app.serving.service import InferenceService
 from app.serving.versions import Routing, VersionContext
-from workers.errors import ServiceError
+from workers.errors import ModelLoadError, ServiceError
 from workers.pool import WorkerPool
 
 log = logging.getLogger("heimdall.rollout")
 
 
-def _symbolic(ref: str) -> bool:
-    """An alias or a model URI: only the registry knows which version it names now."""
-    return ref.startswith(("@", "models:/"))
+def _same_model(serving: VersionInfo, registry: VersionInfo) -> None:
+    """Refuse a registry whose version number now names another model than the one served.
+
+    Raises:
+        ModelLoadError: the registry's digests of the version differ from the resident copy's.
+    """
+    if (serving.sha256, serving.spec_hash) == (registry.sha256, registry.spec_hash):
+        return
+    raise ModelLoadError(
+        f"the registry's version {registry.version} is now another model (model sha256 "
+        f"{registry.sha256[:12]}…, spec {registry.spec_hash or '-'}) than the one this replica "
+        f"serves ({serving.sha256[:12]}…, {serving.spec_hash or '-'}): was the registry "
+        "replaced or the version re-created? This replica keeps serving its copy; register "
+        "the model as a new version and roll it out"
+    )
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """A desired state with its aliases (and model URIs) resolved to registry versions."""
+    """A desired state with its references (aliases, URIs, numbers) resolved in the registry."""
 
     state: DesiredState
     aliases: dict[str, VersionInfo]
-    """Each symbolic reference of ``state`` and the version it named when resolved."""
+    """Each reference of ``state`` and the version it named when resolved."""
 
     @property
-    def key(self) -> tuple[str, int, tuple[tuple[str, str], ...]]:
-        """(epoch, revision, every reference and its version): equal keys serve the same."""
+    def key(self) -> tuple[str, int, tuple[tuple[str, str, str, str], ...]]:
+        """(epoch, revision, each reference with its version and digests): equal keys serve alike.
+
+        The digests make a registry replaced under the same version numbers a new key.
+        """
         refs = sorted(set(self.state.references()))
+        named = [(ref, self.aliases.get(ref)) for ref in refs]
         return (
             self.state.epoch,
             self.state.revision,
-            tuple((ref, self.aliases[ref].version if ref in self.aliases else ref) for ref in refs),
+            tuple(
+                (ref, info.version, info.sha256, info.spec_hash) if info else (ref, ref, "", "")
+                for ref, info in named
+            ),
         )
 
 
@@ -97,8 +117,7 @@ class Rollout:
         """
         aliases = {}
         for ref in sorted(set(state.references())):
-            if _symbolic(ref):
-                aliases[ref] = await asyncio.to_thread(self._registry.resolve, ref)
+            aliases[ref] = await asyncio.to_thread(self._registry.resolve, ref)
         return Resolved(state, aliases)
 
     async def apply(self, resolved: Resolved) -> None:
@@ -160,8 +179,11 @@ class Rollout:
             if info is None:  # a version number: its metadata, checked to exist
                 info = await asyncio.to_thread(self._registry.resolve, ref)
             versions[ref] = info.version
-            if info.version not in self._service.contexts:
+            resident = self._service.contexts.get(info.version)
+            if resident is None:
                 packages[info.version] = await asyncio.to_thread(self._registry.fetch, info)
+            else:
+                _same_model(resident.package.info, info)
         loaded: list[str] = []
         try:
             for version, package in packages.items():

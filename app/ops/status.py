@@ -90,6 +90,10 @@ def assess(
                 + (f"; last error: {r.error}" if r.error else "")
             )
             (errors if diverged_for > grace_s else warnings).append(what)
+        elif r.outcome == "failed" and r.error:
+            # In step with the desired state (or none published), yet its last apply failed:
+            # it keeps serving what it had, and the reason must not hide in the table.
+            errors.append(f"replica {r.replica}: its last apply failed: {r.error}")
     if doc is None and not current.problem:
         stale = [r.replica for r in replicas if r.revision >= 1]
         if stale:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import statistics
 import threading
@@ -17,7 +18,7 @@ import psutil
 import pytest
 import redis
 
-from tests.support.procs import Server, run_cli
+from tests.support.procs import Server, bootstrap_registry, run_cli
 from tests.support.variants import register_variant, registry
 from training.simulate import heard_batch, request_payload
 
@@ -313,3 +314,43 @@ def test_rollout_makes_the_same_request_a_cache_miss_answered_by_the_new_version
     assert after["cached"] is False
     assert after["model"]["version"] == v2
     assert after["uncertainty"]["sigma_east_m"] != first["uncertainty"]["sigma_east_m"]
+
+
+def test_a_registry_whose_version_now_names_another_model_is_refused_loudly(
+    start_server: Callable[..., Server], redis_url: str, tmp_path: Path
+) -> None:
+    # Third outside review: the registry's database replaced by one whose version 1 is
+    # another model. The running replica kept its version 1 and a new one served the other
+    # model, both as "version 1", with `status` all green. Now the running replica keeps
+    # serving its copy and says why it will not follow (failed apply, `status` exit 1).
+    own = bootstrap_registry(tmp_path / "a")
+    env = {
+        **own,
+        "REDIS_URL": redis_url,
+        "HEIMDALL_CONTROL_NAMESPACE": f"t{uuid.uuid4().hex[:8]}",
+        "HEIMDALL_CONTROL_POLL_INTERVAL_S": "1",
+        "HEIMDALL_POOL_WORKERS": "1",
+    }
+    server = start_server(**env)
+    before = httpx.post(server.url + "/v1/predict", json=BODIES[0], timeout=10).json()
+    other = {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}",
+        "HEIMDALL_ARTIFACT_CACHE": str(tmp_path / "b" / "artifacts"),
+    }
+    (tmp_path / "b").mkdir()
+    assert register_variant(other, tmp_path / "b", "good", calibration=1.5) == "1"
+    registry(other).set_alias("rf-localizer", "production", "1")
+    shutil.copy(tmp_path / "b" / "mlflow.db", tmp_path / "a" / "mlflow.db")
+    server.signal(signal.SIGHUP)
+
+    def refused() -> bool:
+        state = httpx.get(server.url + "/v1/models", timeout=5).json()["rollout"]
+        return state["last_outcome"] == "failed"
+
+    wait_for(refused, 20.0)
+    error = httpx.get(server.url + "/v1/models", timeout=5).json()["rollout"]["last_error"]
+    assert "version 1 is now another model" in error, error
+    after = httpx.post(server.url + "/v1/predict", json=BODIES[0], timeout=10).json()
+    assert after["uncertainty"] == before["uncertainty"]  # its own copy, still served
+    status = run_cli(env, "status")
+    assert status.returncode != 0 and "another model" in status.stdout, status.stdout
