@@ -85,7 +85,8 @@ class FieldStore:
         out["version"] = version
         per_source: dict[str, Any] = {}
         for name in sorted(
-            {k.split(":")[1] for k in counts if k.startswith("src:") and k.endswith(":n")}
+            # `src:{name}:n`: a name may hold ':' (the Source pattern allows it).
+            {k[4:-2] for k in counts if k.startswith("src:") and k.endswith(":n")}
         ):
             own = [s for s in samples if (s.source if s.source in sources else "other") == name]
             per_source[name] = self._section(counts, f"src:{name}:", own)

@@ -90,6 +90,22 @@ async def test_feedback_on_another_instance_joins_the_answer(pair: Any) -> None:
     assert figures["coverage"] == {"0.5": 0.0, "0.9": 0.0, "0.95": 0.0}
 
 
+async def test_sources_holding_colons_get_their_own_figures(pair: Any) -> None:
+    # Third outside review: `survey:north` and `survey:south` showed as one phantom `survey`
+    # with count 0, and `beacon:evil` vanished; per-source counts summed to less than count.
+    a = pair()
+    sources = ["survey:north", "survey:south", "survey:south", "beacon", "beacon:evil"]
+    for i, source in enumerate(sources):
+        a.answers.record(f"c{i}", "rf-localizer", "1", prediction(), ["TRN", "IVR", "BIE"])
+        await settle(a)
+        await a.submit(truth(f"c{i}", 45.01, 7.51, source), "10.0.0.1")
+    figures = await a.figures("rf-localizer", "1")
+    assert figures is not None
+    counts = {name: part["count"] for name, part in figures["sources"].items()}
+    assert counts == {"beacon": 1, "beacon:evil": 1, "survey:north": 1, "survey:south": 2}
+    assert sum(counts.values()) == figures["count"] == 5
+
+
 async def test_duplicates_are_idempotent_and_a_different_truth_conflicts(pair: Any) -> None:
     a, b = pair(), pair()
     a.answers.record("dup", "rf-localizer", "1", prediction(), ["TRN"])
