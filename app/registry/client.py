@@ -32,6 +32,7 @@ from app.registry.package import (
     SPEC_HASH_TAG,
     LocalPackage,
     VersionInfo,
+    os_reason,
 )
 from app.registry.sqlite_refs import SqliteRefs, UnknownSchema, sqlite_path, workspaces_enabled
 from workers.errors import ModelLoadError, NotFound
@@ -268,7 +269,7 @@ class ModelRegistry:
                 self.install(got, target, info)
         except OSError as exc:
             raise ModelLoadError(
-                f"cannot write the artifact cache {self.cache_dir}: {exc.strerror or exc}"
+                f"cannot write the artifact cache {self.cache_dir}: {os_reason(exc)}"
             ) from exc
 
     def _download_with_mlflow(self, info: VersionInfo, tmp: str) -> Path:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,3 +38,18 @@ class LocalPackage:
     spec_raw: bytes
     spec: ModelSpec
     spec_hash: str
+
+
+def os_reason(exc: OSError) -> str:
+    """An OS error's reason in a few words (``No space left on device``).
+
+    ``shutil.copytree`` raises one ``shutil.Error`` listing (source, destination, error) per
+    file: its text was hundreds of characters of paths in ``last_error``.
+    """
+    failures = exc.args[0] if isinstance(exc, shutil.Error) and exc.args else None
+    if isinstance(failures, list) and failures:
+        text = str(failures[0][-1])
+        found = re.search(r"\[Errno \d+\] ([^:]+)", text)
+        more = f" (and {len(failures) - 1} more files)" if len(failures) > 1 else ""
+        return (found.group(1) if found else text) + more
+    return exc.strerror or str(exc)

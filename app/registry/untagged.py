@@ -9,7 +9,14 @@ import tempfile
 from pathlib import Path
 from typing import Protocol
 
-from app.registry.package import MODEL_FILE, SHA256_TAG, SPEC_FILE, LocalPackage, VersionInfo
+from app.registry.package import (
+    MODEL_FILE,
+    SHA256_TAG,
+    SPEC_FILE,
+    LocalPackage,
+    VersionInfo,
+    os_reason,
+)
 from workers.errors import ModelLoadError
 from workers.spec import sha256_file
 
@@ -86,7 +93,7 @@ def fetch_untagged(registry: Registry, info: VersionInfo) -> LocalPackage:
         ) from exc
     except OSError as exc:
         raise ModelLoadError(
-            f"cannot fetch version {info.version} into {registry.cache_dir}: {exc.strerror or exc}"
+            f"cannot fetch version {info.version} into {registry.cache_dir}: {os_reason(exc)}"
         ) from exc
     log.warning(
         "version %s has no %s tag: serving its onnx-flavor model as downloaded "

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 from app.registry.client import ModelRegistry, RegistrySettings
-from app.registry.package import MODEL_FILE, SPEC_FILE, VersionInfo
+from app.registry.package import MODEL_FILE, SPEC_FILE, VersionInfo, os_reason
 from tests.support.procs import bootstrap_registry
 from workers.errors import ModelLoadError
 from workers.spec import sha256_file
@@ -72,3 +73,15 @@ def test_an_edited_spec_in_the_cache_is_fetched_again_and_a_tampered_source_refu
     cached.write_text(json.dumps(spec))
     with pytest.raises(ModelLoadError, match="does not match the registry tag"):
         registry.fetch(info)
+
+
+def test_an_artifact_cache_that_fills_up_is_reported_in_a_few_words(tmp_path: Path) -> None:
+    # copytree raises one shutil.Error listing (source, destination, error) per file: its
+    # text, hundreds of characters of paths, was the rollout's last_error.
+    failures = [
+        (f"/src/{name}", f"/cache/{name}", str(OSError(28, "No space left on device", name)))
+        for name in ("model.onnx", "model_spec.json")
+    ]
+    reason = os_reason(shutil.Error(failures))
+    assert reason == "No space left on device (and 1 more files)"
+    assert os_reason(OSError(13, "Permission denied")) == "Permission denied"
