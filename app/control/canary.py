@@ -151,14 +151,18 @@ class Canary:
         await self.client.set(self.state_key, msgspec.json.encode(doc))
 
     async def _publish(
-        self, weights: dict[str, float], reason: str, base: DesiredState
+        self, weights: dict[str, float], reason: str, base: DesiredState, rollback: bool = False
     ) -> DesiredState:
         proposal = proposed(weights, base.shadow, base.shadow_fraction, reason)
         expected = self._last
 
         def change(current: DesiredState | None) -> DesiredState:
             # Only on top of our own last document: another publisher's (an operator's
-            # --force) is left in place, not undone by the next step or the rollback.
+            # --force) is left in place, not undone by the next step or the rollback. With
+            # no document at all (Redis lost its data) nobody else's state is there and the
+            # replicas still run our last step: a rollback puts the pre-canary state back.
+            if current is None and rollback:
+                return proposal
             if current is None or (current.epoch, current.revision) != expected:
                 seen = f"revision {current.revision} ({current.reason})" if current else "none"
                 raise ChangedMeanwhile(f"the desired state changed under the canary: {seen}")
@@ -245,11 +249,12 @@ class Canary:
         while True:
             try:
                 if before is not None and self._last != (before.epoch, before.revision):
-                    await self._publish(dict(before.weights), reason, before)
+                    await self._publish(dict(before.weights), reason, before, rollback=True)
                 await self._state(self._step, "rolled back", reason)
                 self._log(reason)
                 return
             except ChangedMeanwhile as exc:
+                self._log(f"not rolled back ({why}): {exc}; the traffic is left as that set it")
                 with contextlib.suppress(Exception):
                     await self._state(self._step, "stopped", f"{reason}; {exc}; left as it is")
                 return

@@ -263,6 +263,37 @@ def test_a_canary_stopped_by_sigterm_rolls_back_and_one_killed_shows_as_abandone
         client.close()
 
 
+def test_a_canary_whose_redis_lost_its_data_puts_the_pre_canary_state_back(
+    start_server: Callable[..., Server],
+    registry_env: dict[str, str],
+    redis_url: str,
+    tmp_path: Path,
+) -> None:
+    """Redis emptied during the 50 % step (restarted without its data): the rollback found
+    no document and stopped "left as it is", the replicas kept the split, and the canary
+    said only "Connection closed" (third outside review). With no document nobody else's
+    state is there: the pre-canary state is published again, in a new epoch."""
+    env = fleet_env(registry_env, redis_url)
+    good = register_variant(env, tmp_path, "good", calibration=1.31)
+    server = start_server(**env)
+    cli(env, "route", "1=1")
+    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    canary = start_canary(env, good, "--steps", "50,100", "--interval", "8s")
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_for(lambda: good in served_version(server), 20.0)  # the 50 % step applied
+        for key in client.scan_iter(f"{env['HEIMDALL_CONTROL_NAMESPACE']}:*"):
+            client.delete(key)
+        out, err = canary.communicate(timeout=60)
+        assert canary.returncode != 0, (out, err)
+        assert "rolled back at 50%" in out, (out, err)
+        wait_for(lambda: served_version(server) == {"1": 1.0}, 20.0)
+    finally:
+        canary.kill()
+        canary.communicate(timeout=10)
+        client.close()
+
+
 def test_a_forced_change_in_the_last_step_is_not_reported_complete(
     start_server: Callable[..., Server],
     registry_env: dict[str, str],
