@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = load_settings()
     # Before Granian's extension loads: jemalloc reads its options at its first allocation.
     malloc.granian_decay(settings.server.http_memory_decay_ms)
-    from granian.constants import Interfaces, Loops
+    from granian.constants import HTTPModes, Interfaces, Loops
     from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server.mp import MPServer
@@ -84,6 +84,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             interface=Interfaces.RSGI if server.interface == "rsgi" else Interfaces.ASGI,
             workers=server.http_processes,
             loop=Loops.asyncio,
+            # HTTP/1.1 only: the body intake (deadlines, caps, Connection: close on refusals,
+            # which HTTP/2 forbids) is built and tested for it; h2c gave clients stream errors.
+            http=HTTPModes.http1,
             backpressure=server.granian_backpressure,
             http1_settings=HTTP1Settings(header_read_timeout=int(server.http_timeout_s * 1000)),
             log_level=LogLevels(server.log_level.lower()),

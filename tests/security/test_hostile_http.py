@@ -32,6 +32,7 @@ from tests.support.rawhttp import (
     connect,
     exchange,
     parse,
+    read_all,
     read_answer,
     request_head,
 )
@@ -426,6 +427,21 @@ def test_made_up_methods_do_not_grow_metrics(server: Server) -> None:
         >= 300
     )
     assert after.count("\n") - before < 40  # one histogram: its buckets, sum and count
+
+
+def test_http2_is_not_spoken(server: Server) -> None:
+    # The intake rules and their refusals (Connection: close, which HTTP/2 forbids) are built
+    # for HTTP/1.1; served over h2c (prior knowledge) a refusal was a stream error and a
+    # trickled body was never cut (third outside review). Only HTTP/1.1 is served.
+    sock = connect(server.port)
+    try:
+        sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        data = read_all(sock, timeout=3)
+    finally:
+        sock.close()
+    # Closed, or an HTTP/1.1 refusal; never an HTTP/2 SETTINGS frame (type 4 at byte 3).
+    assert data == b"" or data.startswith(b"HTTP/1.1 4"), data[:64]
+    assert httpx.get(server.url + "/health/live", timeout=5).status_code == 200
 
 
 def test_no_request_in_this_module_was_answered_5xx(server: Server) -> None:
