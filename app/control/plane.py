@@ -309,6 +309,9 @@ class ControlPlane:
             raise
         fingerprint = resolved.key
         if fingerprint == self._applied and not self._reresolve:
+            if self.rollout.recovered():  # a transient failure (registry outage) is over
+                with contextlib.suppress(Exception):
+                    await self._report()
             return
         self._reresolve = False
         before = self.rollout.status

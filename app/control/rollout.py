@@ -35,7 +35,11 @@ def _same_model(serving: VersionInfo, registry: VersionInfo) -> None:
     Raises:
         ModelLoadError: the registry's digests of the version differ from the resident copy's.
     """
-    if (serving.sha256, serving.spec_hash) == (registry.sha256, registry.spec_hash):
+    # A version without the tags (logged the usual MLflow way) has nothing to compare: its
+    # digest was taken from the download (app/registry/untagged.py).
+    same_model = not registry.sha256 or serving.sha256 == registry.sha256
+    same_spec = not registry.spec_hash or serving.spec_hash == registry.spec_hash
+    if same_model and same_spec:
         return
     raise ModelLoadError(
         f"the registry's version {registry.version} is now another model (model sha256 "
@@ -139,6 +143,18 @@ class Rollout:
                 self._record("failed", state, f"{type(exc).__name__}: {exc}")
                 raise
             self._record("applied", state, None)
+
+    def recovered(self) -> bool:
+        """The applied state resolves again: a standing failure (registry outage) is over.
+
+        True when there was one to clear (not a reload: nothing is counted).
+        """
+        status = self.status
+        if status.last_outcome != "failed" or status.applied_revision < 0:
+            return False
+        log.info("revision %d resolves again: the last failure is over", status.applied_revision)
+        status.last_outcome, status.last_error = "applied", None
+        return True
 
     def record_failure(self, state: DesiredState, error: str) -> None:
         """Record a failure that happened before :meth:`apply` could start (e.g. resolving)."""

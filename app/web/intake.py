@@ -167,11 +167,19 @@ class RouteLimits:
         self._routes = [(_pattern(path), methods, limit) for path, methods, limit in routes]
 
     def __call__(self, method: str, path: str) -> int | None:
-        """The limit of the route ``method path`` names; None when it takes no body."""
+        """The limit of the route ``method path`` names; None when it takes no body.
+
+        Paths are matched as the router matches them: repeated and trailing slashes ignored.
+        """
+        if "//" in path or (path.endswith("/") and len(path) > 1):
+            path = _SLASHES.sub("/", path).rstrip("/") or "/"
         for pattern, methods, limit in self._routes:
             if method in methods and pattern.match(path):
                 return limit
         return None
+
+
+_SLASHES = re.compile("/{2,}")
 
 
 def _pattern(template: str) -> re.Pattern[str]:

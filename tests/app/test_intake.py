@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.web.intake import UploadGate
+from app.web.intake import RouteLimits, UploadGate
 
 
 def test_the_gate_refuses_beyond_its_limit_and_counts_it() -> None:
@@ -32,3 +32,23 @@ def test_the_end_of_a_burst_hands_memory_back_once() -> None:
         for _ in range(10):
             gate.leave()
     assert drained == [8]
+
+
+def test_route_limits_match_paths_as_the_router_does() -> None:
+    # The router takes /v1/predict/, //v1/predict and /v1//predict to the predict route: the
+    # front must find the same limit (a fourth review saw them miss the 413-unread).
+    limits = RouteLimits(
+        [
+            ("/v1/predict", {"POST"}, 10),
+            ("/v1/predict/batch", {"POST"}, 20),
+            ("/v2/models/{name:str}/infer", {"POST"}, 30),
+        ]
+    )
+    for path in ("/v1/predict", "/v1/predict/", "//v1/predict", "/v1//predict", "/v1/predict//"):
+        assert limits("POST", path) == 10, path
+    assert limits("POST", "/v1/predict/batch/") == 20
+    assert limits("POST", "/v2/models/rf-localizer/infer/") == 30
+    assert limits("POST", "/v2/models//infer") is None  # an empty name is no route
+    assert limits("GET", "/v1/predict") is None
+    assert limits("POST", "/v1/predictions") is None
+    assert limits("POST", "/") is None

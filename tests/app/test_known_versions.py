@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 from app.registry.client import ModelRegistry, RegistrySettings
@@ -70,3 +71,32 @@ def test_missing_versions_remembered_are_bounded(registry_env: dict[str, str]) -
     asyncio.run(probe())
     assert len(known._missing) == 50
     assert "10000" not in known._missing and "10059" in known._missing
+
+
+def test_questions_about_one_number_share_a_lookup_and_a_slow_registry_is_unknown(
+    registry_env: dict[str, str],
+) -> None:
+    # A fourth review: twelve GETs for one number made twelve lookups, on as many threads of
+    # the pool that also decodes large bodies, and each waited out a locked registry (10 s).
+    known = KnownVersions(registry_at(registry_env), negative_ttl_s=60, wait_s=0.3)
+    asked: list[str] = []
+    resolve = known.registry.resolve
+
+    def slow(ref: str) -> object:
+        asked.append(ref)
+        time.sleep(0.8)  # a locked registry
+        return resolve(ref)
+
+    known.registry.resolve = slow  # type: ignore[method-assign]
+
+    async def many() -> tuple[list[bool | None], float, bool | None]:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(known.exists("4242") for _ in range(12)))
+        waited = time.monotonic() - started
+        await asyncio.sleep(1.0)  # the shared lookup finishes and is remembered
+        return list(answers), waited, await known.exists("4242")
+
+    answers, waited, later = asyncio.run(many())
+    assert answers == [None] * 12 and waited < 0.7, (answers, waited)
+    assert asked == ["4242"]
+    assert later is False and asked == ["4242"]

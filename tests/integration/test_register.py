@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 import uuid
 from collections.abc import Callable
@@ -126,6 +127,19 @@ def test_a_version_logged_the_usual_mlflow_way_is_served_after_promote(
     detail = httpx.get(server.url + f"/v1/models/{version}", timeout=10).json()
     assert len(detail["sha256"]) == 64  # pinned from the download
     assert "has no heimdall.model_sha256 tag" in server.log_path.read_text()
+    # Its digest comes from the download, not a tag: a later convergence (SIGHUP re-resolves)
+    # and a rollout that keeps it must not take it for another model (a fourth review found
+    # every later apply refused).
+    server.signal(signal.SIGHUP)
+    cli(env, "route", f"{version}=0.5", "1=0.5")
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        models = httpx.get(server.url + "/v1/models", timeout=10).json()
+        if models["routing"]["weights"] == {version: 0.5, "1": 0.5}:
+            break
+        time.sleep(0.2)
+    assert models["routing"]["weights"] == {version: 0.5, "1": 0.5}, models["rollout"]
+    assert models["rollout"]["last_outcome"] == "applied", models["rollout"]
 
 
 def test_an_untagged_version_that_is_not_an_onnx_flavor_model_is_refused(tmp_path: Path) -> None:

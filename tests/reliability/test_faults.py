@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from tests.integration.test_rollout import cli, served_version, wait_for
-from tests.support.procs import Server
+from tests.support.procs import Server, run_cli
 from tests.support.variants import register_variant
 from training.simulate import heard_batch, request_payload
 
@@ -94,6 +94,32 @@ def test_registry_unavailable_during_a_rollout_keeps_serving_then_converges(
     took = wait_for(lambda: served_version(server) == {v2: 1.0}, 20.0)
     assert rollout_state(server)["last_outcome"] == "applied"
     print(f"\nregistry back: converged on v{v2} {took:.1f}s later (last error was: {error[:80]})")
+
+
+def test_a_registry_outage_in_steady_state_is_reported_and_then_cleared(
+    start_server: Callable[..., Server], private_env: dict[str, str]
+) -> None:
+    """Every convergence resolves the references; while the registry is broken `status` says
+    so (exit 1), and once it answers again the failure clears by itself (a fourth review
+    found `status` failing for good after a 12 s lock: the same fingerprint never recorded
+    success)."""
+    server = start_server(**private_env)
+    cli(private_env, "route", "1=1")
+    wait_for(lambda: rollout_state(server)["applied_revision"] == 1, 20.0)
+    db = Path(private_env["MLFLOW_TRACKING_URI"].removeprefix("sqlite:///"))
+    header = db.read_bytes()[:100]
+    with db.open("r+b") as handle:
+        handle.write(b"\0" * 100)
+    try:
+        wait_for(lambda: rollout_state(server)["last_outcome"] == "failed", 20.0)
+        assert run_cli(private_env, "status").returncode != 0
+        assert_keeps_serving_version_1(server)
+    finally:
+        with db.open("r+b") as handle:
+            handle.write(header)
+    wait_for(lambda: rollout_state(server)["last_outcome"] == "applied", 20.0)
+    assert rollout_state(server)["last_error"] is None
+    wait_for(lambda: run_cli(private_env, "status").returncode == 0, 20.0)
 
 
 @contextlib.contextmanager
