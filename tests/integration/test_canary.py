@@ -65,6 +65,23 @@ def start_canary(env: dict[str, str], *args: str) -> subprocess.Popen[str]:
     return canary
 
 
+def replica_at_v1(
+    start_server: Callable[..., Server],
+    registry_env: dict[str, str],
+    redis_url: str,
+    folder: Path,
+    calibration: float,
+) -> tuple[dict[str, str], str, Server]:
+    """One replica serving a published version 1, and a good candidate registered: (env,
+    candidate version, server)."""
+    env = fleet_env(registry_env, redis_url)
+    good = register_variant(env, folder, "good", calibration=calibration)
+    server = start_server(**env)
+    cli(env, "route", "1=1")
+    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    return env, good, server
+
+
 def errors_by_version(servers: list[Server]) -> Counter[str]:
     """Failed predictions per model version, from every replica's /metrics."""
     out: Counter[str] = Counter()
@@ -209,11 +226,7 @@ def test_a_forced_change_during_a_canary_is_left_in_place_and_stops_it(
     """An operator who publishes with --force during a canary keeps their state: the canary
     stops (exit 1) instead of publishing its next step or its rollback over it (each step
     was published from the pre-canary state, silently undoing the operator's change)."""
-    env = fleet_env(registry_env, redis_url)
-    good = register_variant(env, tmp_path, "good", calibration=1.28)
-    server = start_server(**env)
-    cli(env, "route", "1=1")
-    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    env, good, server = replica_at_v1(start_server, registry_env, redis_url, tmp_path, 1.28)
     canary = start_canary(env, good, "--steps", "50,100", "--interval", "5s")
     try:
         assert run_cli(env, "route", "1=1").returncode == 1  # refused while it runs
@@ -273,11 +286,7 @@ def test_a_canary_whose_redis_lost_its_data_puts_the_pre_canary_state_back(
     no document and stopped "left as it is", the replicas kept the split, and the canary
     said only "Connection closed" (third outside review). With no document nobody else's
     state is there: the pre-canary state is published again, in a new epoch."""
-    env = fleet_env(registry_env, redis_url)
-    good = register_variant(env, tmp_path, "good", calibration=1.31)
-    server = start_server(**env)
-    cli(env, "route", "1=1")
-    wait_for(lambda: models(server)["control"]["revision"] == 1, 20.0)
+    env, good, server = replica_at_v1(start_server, registry_env, redis_url, tmp_path, 1.31)
     canary = start_canary(env, good, "--steps", "50,100", "--interval", "8s")
     client = redis.Redis.from_url(redis_url)
     try:
