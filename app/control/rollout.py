@@ -55,7 +55,7 @@ class Resolved:
     """A desired state with its references (aliases, URIs, numbers) resolved in the registry."""
 
     state: DesiredState
-    aliases: dict[str, VersionInfo]
+    versions: dict[str, VersionInfo]
     """Each reference of ``state`` and the version it named when resolved."""
 
     @property
@@ -64,14 +64,12 @@ class Resolved:
 
         The digests make a registry replaced under the same version numbers a new key.
         """
-        refs = sorted(set(self.state.references()))
-        named = [(ref, self.aliases.get(ref)) for ref in refs]
         return (
             self.state.epoch,
             self.state.revision,
             tuple(
-                (ref, info.version, info.sha256, info.spec_hash) if info else (ref, ref, "", "")
-                for ref, info in named
+                (ref, info.version, info.sha256, info.spec_hash)
+                for ref, info in sorted(self.versions.items())
             ),
         )
 
@@ -119,10 +117,10 @@ class Rollout:
         Raises:
             ServiceError: the registry does not know a reference or failed.
         """
-        aliases = {}
+        versions = {}
         for ref in sorted(set(state.references())):
-            aliases[ref] = await asyncio.to_thread(self._registry.resolve, ref)
-        return Resolved(state, aliases)
+            versions[ref] = await asyncio.to_thread(self._registry.resolve, ref)
+        return Resolved(state, versions)
 
     async def apply(self, resolved: Resolved) -> None:
         """Apply a resolved state (serialised; a newer call waits for the running one).
@@ -191,9 +189,7 @@ class Rollout:
         versions: dict[str, str] = {}
         packages: dict[str, LocalPackage] = {}
         for ref in refs:
-            info = resolved.aliases.get(ref)
-            if info is None:  # a version number: its metadata, checked to exist
-                info = await asyncio.to_thread(self._registry.resolve, ref)
+            info = resolved.versions[ref]
             versions[ref] = info.version
             resident = self._service.contexts.get(info.version)
             if resident is None:
