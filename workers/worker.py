@@ -24,6 +24,7 @@ import numpy as np
 
 from telemetry.logs import configure_logging, job_trace
 from workers.errors import NonFiniteOutput, ServiceError
+from workers.gcfreeze import freeze_startup_objects
 from workers.messages import (
     Ack,
     Hang,
@@ -216,6 +217,7 @@ class Worker:
             return
         self.models[message.version] = model
         self.send(Ack(message.id, True))
+        freeze_startup_objects("pool worker")
 
     def infer(self, message: Infer) -> InferReply:
         """Run ready-made tensors through a session (no preprocessing)."""
