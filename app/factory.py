@@ -53,6 +53,7 @@ from telemetry.instruments import Telemetry
 from telemetry.logs import configure_logging
 from telemetry.providers import build_telemetry
 from workers.errors import ServiceError
+from workers.gcfreeze import freeze_startup_objects
 from workers.pool import WorkerPool
 
 log = logging.getLogger("heimdall.app")
@@ -156,6 +157,10 @@ class Components:
 
     async def start(self) -> None:
         """Start the pool, then converge on the desired state in the background."""
+        # Before any I/O is in flight: the one full collection holds the event loop for tens
+        # of ms, which would time out a Redis read already waiting (the control plane's first
+        # read of the desired state then fell back to the default model).
+        freeze_startup_objects("HTTP process")
         if self.peers is not None:
             await self.peers.start()
         await self.pool.start()

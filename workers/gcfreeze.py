@@ -11,8 +11,10 @@ runs (docs/benchmarks.md, "Pauses of the garbage collector").
 :func:`freeze_startup_objects` collects once and then moves every surviving object to the
 permanent generation (``gc.freeze``, as Instagram's and other CPython services do), so later
 collections look only at objects made while serving. It runs once per process, when the
-process is ready: the HTTP process after its application's startup, a pool worker after its
-first model is loaded. Frozen objects that become garbage are still freed by reference
+process has built what it holds: the HTTP process when its application starts (before the
+pool, the control plane or any other I/O: the collection holds the event loop for tens of ms,
+and a Redis read waiting meanwhile would time out), a pool worker after its first model is
+loaded. Frozen objects that become garbage are still freed by reference
 counting; only a reference cycle among them would stay, and a process's start-up objects
 live as long as the process does.
 """

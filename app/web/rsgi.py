@@ -35,7 +35,6 @@ from app.web.intake import HOLD_KEY, BodyBudget, BodyClock, IntakeLimits, Upload
 from app.web.lifespan import ASGI_VERSION, ASGIApp, Lifespan, LifespanFailed, Message, flush_logs
 from workers import malloc
 from workers.errors import ServiceError
-from workers.gcfreeze import freeze_startup_objects
 
 log = logging.getLogger("heimdall.rsgi")
 
@@ -283,7 +282,6 @@ class RSGIFront:
             log.exception("application startup failed")
             flush_logs()
             raise SystemExit(1) from None
-        freeze_startup_objects("HTTP process")
 
     def __rsgi_del__(self, loop: asyncio.AbstractEventLoop) -> None:
         """Run the lifespan shutdown once Granian has drained the requests."""

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import redis.asyncio as aioredis
 
 from app.control.plane import ControlPlane
+from app.control.protocol import publish
 from app.control.rollout import Rollout
 from app.control.settings import ControlSettings
 from app.registry.client import ModelRegistry, RegistrySettings
@@ -119,3 +120,60 @@ async def test_a_redis_restart_seen_only_by_the_channel_leaves_no_standing_error
         await client.aclose()
         await pool.stop()
         own.stop()
+
+
+class FirstReadsTimeOut:
+    """A real Redis client whose first reads of the desired state time out.
+
+    What a replica saw in CI while its event loop was held for tens of ms at start (the cache
+    client's 50 ms socket timeouts): it served its default model until the next read. Three
+    failed reads: the one before anything is applied (served the default), then failures
+    once something is, which take the retry backoff.
+    """
+
+    def __init__(self, client: aioredis.Redis, failures: int) -> None:
+        self.client = client
+        self.failures = failures
+
+    async def mget(self, *keys: str) -> list[bytes | None]:
+        if self.failures > 0:
+            self.failures -= 1
+            raise TimeoutError("Timeout reading from socket")
+        result: list[bytes | None] = await self.client.mget(*keys)
+        return result
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+
+async def test_a_replica_whose_first_reads_time_out_converges_without_waiting_for_a_poll(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    """It serves the default meanwhile, then the desired state within the retry backoff."""
+    registry = ModelRegistry(
+        RegistrySettings(
+            tracking_uri=registry_env["MLFLOW_TRACKING_URI"],
+            artifact_cache=registry_env["HEIMDALL_ARTIFACT_CACHE"],
+        )
+    )
+    client = aioredis.Redis.from_url(redis_url, socket_timeout=2)
+    settings = ControlSettings(namespace="first-read", poll_interval_s=600, retry_max_s=0.5)
+    await publish(client, settings, "rf-localizer", {"1": 1.0}, reason="desired")
+    pool = WorkerPool(PoolSettings(workers=1), log_level="WARNING")
+    await pool.start()
+    service = InferenceService(pool, ServiceSettings())
+    rollout = Rollout(registry, pool, service)
+    wrapped = FirstReadsTimeOut(client, failures=3)
+    plane = ControlPlane(settings, wrapped, "rf-localizer", "@production", rollout, "t")
+    try:
+        plane.start()
+        assert await _until(lambda: service.routing is not None, 120)
+        # The default (revision 0) first, then the published revision 1 once a read succeeds:
+        # within the retry backoff (0.5 s here), not the 600 s poll interval.
+        assert await _until(lambda: rollout.status.applied_revision == 1, 10), rollout.status
+        assert wrapped.failures == 0
+        assert plane.state()["last_error"] is None
+    finally:
+        await plane.stop()
+        await client.aclose()
+        await pool.stop()
