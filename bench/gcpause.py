@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from bench.__main__ import machine
+from bench.ab import ROLES
 from bench.service import Stack
 
 SITECUSTOMIZE = """
@@ -67,7 +68,7 @@ def _side(root: str | None, runs: int, rate: int, seconds: int) -> list[str]:
             pauses = _pauses(folder, since)
     side = root or "this checkout"
     rows = []
-    for role in ("HTTP worker (app)", "pool workers"):
+    for role in ROLES:
         mine = [p for pid, found in pauses.items() if roles.get(pid) == role for p in found]
         full = [ms for gen, ms in mine if gen == 2]
         rows.append(
@@ -94,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
             rows += _side(root, args.runs, args.rate, args.seconds)
             done = root or "this checkout"
             print(f"bench.gcpause: round {i + 1} of {args.rounds}, {done} done", flush=True)
+    before = f"--before {args.before} " if args.before else ""
     print(
-        f"\nCommand: `python -m bench.gcpause --rounds {args.rounds} --runs {args.runs} "
-        f"--rate {args.rate}` ({facts['date']}, {facts['CPU']}, load average at start "
+        f"\nCommand: `python -m bench.gcpause {before}--rounds {args.rounds} --runs {args.runs} "
+        f"--rate {args.rate} --seconds {args.seconds}` ({facts['date']}, {facts['CPU']}, "
+        "load average at start "
         f"{facts['load average (1/5/15 min) at start']})\n"
     )
     print(
