@@ -33,6 +33,7 @@ from app.serving.feedback import FeedbackService
 from app.serving.service import InferenceService
 from app.serving.status import ModelsState, Readiness, RolloutOutcome
 from app.settings import Settings, load_settings
+from app.web.direct import ROUTE, DirectPredict
 from app.web.intake import IntakeLimits, RouteLimits
 from app.web.oip.errors import v2_aware
 from app.web.oip.routes import build_oip_routes
@@ -47,7 +48,7 @@ from app.web.routes import (
     service_error_handler,
 )
 from app.web.rsgi import RSGIFront
-from app.web.tracing import server_span_middleware
+from app.web.tracing import ServerSpans, server_span_middleware
 from telemetry.exposition import PeerExposition, single
 from telemetry.instruments import Telemetry
 from telemetry.logs import configure_logging
@@ -364,7 +365,13 @@ def create_rsgi_app_from_env() -> RSGIFront:
     settings, process = _settings_from_env()
     server = settings.server
     app = create_app(settings, process=process)
-    telemetry = app.state.components.telemetry
+    components: Components = app.state.components
+    telemetry = components.telemetry
+    spans = None
+    if telemetry is not None:
+        tracer = telemetry.tracer_provider.get_tracer("heimdall.http")
+        spans = ServerSpans(tracer, telemetry)
+    hot = DirectPredict(components.service, spans, access=server.access_log)
     return RSGIFront(
         with_request_context(app, settings),
         # Single bodies in one piece; batches stream, counted against the budget as they come.
@@ -378,4 +385,6 @@ def create_rsgi_app_from_env() -> RSGIFront:
             max_body_bytes_in_flight=server.max_body_bytes_in_flight,
         ),
         on_client_fault=telemetry.client_fault if telemetry is not None else None,
+        # The hottest route skips ASGI and Litestar (app/web/direct.py, issue 23).
+        direct={("POST", ROUTE): hot},
     )

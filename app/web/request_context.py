@@ -24,6 +24,7 @@ HEAD_KEY = "heimdall.head"
 """Scope key set on a HEAD request answered by its GET route (telemetry names it HEAD)."""
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,128}")
 """Ids we echo and log as they are: anything else (log injection, huge) is replaced."""
+_VALID_TEXT_ID = re.compile(_VALID_ID.pattern.decode("ascii"))
 
 
 def request_id_of(headers: Any) -> str:
@@ -34,6 +35,26 @@ def request_id_of(headers: Any) -> str:
                 return str(value.decode("ascii"))
             break
     return uuid.uuid4().hex
+
+
+def request_id_from(value: str | None) -> str:
+    """:func:`request_id_of` for a header already found (its text value, or None)."""
+    if value is not None and _VALID_TEXT_ID.fullmatch(value):
+        return value
+    return uuid.uuid4().hex
+
+
+def log_access(method: str, path: str, status: int, seconds: float, trace_ids: list[str]) -> None:
+    """The access log line of one request."""
+    extra: dict[str, Any] = {
+        "method": method,
+        "path": path,
+        "status": status,
+        "duration_ms": round(seconds * 1e3, 3),
+    }
+    if trace_ids:
+        extra["trace_id"], extra["span_id"] = trace_ids
+    access_log.info("%s %s %d %.2fms", method, path, status, seconds * 1e3, extra=extra)
 
 
 class RequestContext:
@@ -79,13 +100,4 @@ class RequestContext:
     @staticmethod
     def _log(scope: Any, status: int, seconds: float, trace_ids: list[str]) -> None:
         method = "HEAD" if scope.get(HEAD_KEY) else scope["method"]
-        path = scope["path"]
-        extra: dict[str, Any] = {
-            "method": method,
-            "path": path,
-            "status": status,
-            "duration_ms": round(seconds * 1e3, 3),
-        }
-        if trace_ids:
-            extra["trace_id"], extra["span_id"] = trace_ids
-        access_log.info("%s %s %d %.2fms", method, path, status, seconds * 1e3, extra=extra)
+        log_access(method, scope["path"], status, seconds, trace_ids)

@@ -31,7 +31,13 @@ from app.serving.schemas import (
 )
 from app.serving.service import InferenceService
 from app.serving.status import ModelsState, Readiness
-from app.web.errors import NotAcceptable, UnsupportedMediaType
+from app.web.negotiation import (
+    JSON,
+    MSGPACK,
+    PROBLEM,
+    body_is_msgpack,
+    wants_msgpack,
+)
 from workers import decoding
 from workers.decoding import Format
 from workers.errors import NotFound, ServiceError, problem_type_of
@@ -39,10 +45,6 @@ from workers.request import JSON_BODY, MSGPACK_BODY
 
 log = logging.getLogger("heimdall.http")
 
-JSON = "application/json"
-MSGPACK = "application/msgpack"
-PROBLEM = "application/problem+json"
-_MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack", "application/vnd.msgpack"}
 
 _json_encoder = msgspec.json.Encoder()
 _msgpack_encoder = msgspec.msgpack.Encoder()
@@ -54,94 +56,6 @@ def _decoder(kind: type, msgpack: bool) -> Any:
     if key not in _decoders:
         _decoders[key] = msgspec.msgpack.Decoder(kind) if msgpack else msgspec.json.Decoder(kind)
     return _decoders[key]
-
-
-def body_is_msgpack(request: Request[Any, Any, Any]) -> bool:
-    """Whether the body is MessagePack (True) or JSON (False).
-
-    Raises:
-        UnsupportedMediaType: any other content type, or a content coding.
-    """
-    # Every Content-Encoding header and list item (`identity` then `gzip` is still gzip).
-    codings = ",".join(request.headers.getall("content-encoding", [])).lower().split(",")
-    coding = ", ".join(c.strip() for c in codings if c.strip() not in ("identity", ""))
-    if coding:
-        # Not decoded here: a gzip body was read as JSON (400), a plain one labelled br as-is.
-        raise UnsupportedMediaType(
-            f"Content-Encoding {coding!r} is not supported on /v1; send the body unencoded "
-            "(only /v2 accepts gzip and deflate)"
-        )
-    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media in _MSGPACK_TYPES:
-        return True
-    if media in ("application/json", "") or media.endswith("+json"):
-        return False
-    raise UnsupportedMediaType(
-        f"Content-Type {media!r} is not supported; send application/json or application/msgpack"
-    )
-
-
-def wants_msgpack(request: Request[Any, Any, Any]) -> bool:
-    """Whether the client asked for a MessagePack answer.
-
-    Raises:
-        NotAcceptable: the client accepts neither JSON nor MessagePack.
-    """
-    return prefers_msgpack(request.headers.get("accept", ""))
-
-
-def _accept_ranges(accept: str) -> list[tuple[str, float]]:
-    """``Accept`` as ``(media range, q)`` pairs; a malformed q counts as 1 (lenient)."""
-    ranges = []
-    for part in accept.lower().split(","):
-        media, *params = (p.strip() for p in part.split(";"))
-        if not media:
-            continue
-        q = 1.0
-        for param in params:
-            name, _, value = param.partition("=")
-            if name.strip() == "q":
-                try:
-                    q = min(1.0, max(0.0, float(value)))
-                except ValueError:
-                    q = 1.0
-        ranges.append((media, q))
-    return ranges
-
-
-def _quality(ranges: list[tuple[str, float]], names: Callable[[str], bool]) -> tuple[float, int]:
-    """Quality of the media type(s) ``names`` matches: the most specific range wins (RFC 9110).
-
-    Returns ``(q, specificity)`` with specificity 2 for an exact match, 1 for ``application/*``,
-    0 for ``*/*`` and -1 when nothing matches (q 0).
-    """
-    best: tuple[float, int] = (0.0, -1)
-    for media, q in ranges:
-        specificity = 2 if names(media) else 1 if media == "application/*" else 0
-        if media not in ("*/*", "application/*") and specificity != 2:
-            continue
-        if specificity > best[1]:
-            best = (q, specificity)
-    return best
-
-
-def prefers_msgpack(accept: str) -> bool:
-    """Whether an ``Accept`` header prefers MessagePack over JSON (q-values honoured).
-
-    The higher q wins; ``q=0`` excludes a type; on equal q a type named explicitly beats a
-    wildcard and otherwise JSON wins. No ``Accept`` means JSON.
-
-    Raises:
-        NotAcceptable: neither JSON nor MessagePack is acceptable.
-    """
-    if not accept.strip():
-        return False
-    ranges = _accept_ranges(accept)
-    json_q = _quality(ranges, lambda m: m == JSON or m.endswith("+json"))
-    msgpack_q = _quality(ranges, lambda m: m in _MSGPACK_TYPES)
-    if json_q[0] <= 0 and msgpack_q[0] <= 0:
-        raise NotAcceptable("this endpoint answers application/json or application/msgpack")
-    return msgpack_q > json_q
 
 
 OFFLOAD_BYTES = 1 << 20

@@ -13,6 +13,8 @@ configured global propagator), the stable semantic-convention attributes, the ro
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from litestar.enums import ScopeType
@@ -28,8 +30,9 @@ from telemetry.logs import note_trace
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+    from contextvars import Token
 
-    from litestar.types import ASGIApp, HTTPScope, Message, Receive, Scope, Send
+    from litestar.types import ASGIApp, Message, Receive, Scope, Send
     from opentelemetry.context import Context
 
     from telemetry.instruments import Telemetry
@@ -55,34 +58,20 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         )
         provider = config.tracer_provider or trace.get_tracer_provider()
         self.tracer = provider.get_tracer("heimdall.http")
+        self.spans = ServerSpans(self.tracer, self.telemetry)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Run the request inside its server span (or untraced, when head sampling says so)."""
         if scope["type"] != ScopeType.HTTP:
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
-        telemetry = self.telemetry
-        parent = None
-        if telemetry is None or telemetry.traces:
-            parent = _extract_parent(scope["headers"])
-        # A client chooses the method token: unknown ones are one `_OTHER` series (as the HTTP
-        # semantic conventions say), or every new token would be a new series in /metrics.
-        method = scope["method"] if scope["method"] in _METHODS else "_OTHER"
-        if scope.get(HEAD_KEY):  # a HEAD answered by its GET route
-            method = "HEAD"
-        span: Span | None = None
-        token = None
-        # A request without a trace context that head sampling leaves out gets no span at all
-        # (no ids, no sampler, no context switch): that is most requests at the default ratio.
-        if parent is not None or telemetry is None or not telemetry.untraced_root():
-            # The plugin wraps the router, so the route template is known only afterwards.
-            name = method if method != "_OTHER" else "HTTP"
-            span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
-            if span.is_recording():
-                span.set_attributes(_request_attributes(scope, method))
-            token = otel_context.attach(trace.set_span_in_context(span, parent))
-            note_trace()  # for the access log line written after the span ends
+        spans = self.spans
+        opened = spans.begin(
+            scope["method"],
+            _carrier(scope["headers"]),
+            lambda method: request_attributes(scope, method),
+            head=bool(scope.get(HEAD_KEY)),
+        )
         status = 500
 
         async def send_status(message: Message) -> None:
@@ -94,20 +83,79 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
         try:
             await self.app(scope, receive, send_status)
         except BaseException as exc:
-            if span is not None:
-                span.record_exception(exc)
+            if opened.span is not None:
+                opened.span.record_exception(exc)
             raise
         finally:
-            if token is not None:
-                otel_context.detach(token)
-            self._finish(span, scope, method, status, time.perf_counter() - started)
+            # Unmatched paths get no route: a 404 scan must not create a series per path.
+            spans.end(opened, status, scope.get("path_template"), scope.get("scheme", "http"))
 
-    def _finish(
-        self, span: Span | None, scope: HTTPScope, method: str, status: int, seconds: float
-    ) -> None:
+
+@dataclass(slots=True)
+class OpenSpan:
+    """A request's server span (None when head sampling leaves it out) and its start."""
+
+    span: Span | None
+    token: Token[Context] | None
+    method: str
+    started: float
+
+
+class ServerSpans:
+    """The server span and the duration measurement of one request, for either front.
+
+    The ASGI middleware above and the RSGI front's direct route (app/web/direct.py) both
+    open and close requests through this, so their spans and metrics are the same.
+    """
+
+    __slots__ = ("telemetry", "tracer")
+
+    def __init__(self, tracer: trace.Tracer, telemetry: Telemetry | None) -> None:
+        """Spans from ``tracer``; durations to ``telemetry`` (None: spans only)."""
+        self.tracer = tracer
+        self.telemetry = telemetry
+
+    def begin(
+        self,
+        raw_method: str,
+        carrier: dict[str, str] | None,
+        attributes: Callable[[str], dict[str, Any]],
+        head: bool = False,
+    ) -> OpenSpan:
+        """Open a request's span.
+
+        ``carrier`` holds its propagation headers (None: it has none); ``attributes(method)``
+        gives its request attributes, asked only for a span that is recorded.
+        """
+        started = time.perf_counter()
+        telemetry = self.telemetry
+        parent = None
+        if carrier is not None and (telemetry is None or telemetry.traces):
+            parent = propagate.extract(carrier)
+        # A client chooses the method token: unknown ones are one `_OTHER` series (as the HTTP
+        # semantic conventions say), or every new token would be a new series in /metrics.
+        method = raw_method if raw_method in _METHODS else "_OTHER"
+        if head:  # a HEAD answered by its GET route
+            method = "HEAD"
+        span: Span | None = None
+        token = None
+        # A request without a trace context that head sampling leaves out gets no span at all
+        # (no ids, no sampler, no context switch): that is most requests at the default ratio.
+        if parent is not None or telemetry is None or not telemetry.untraced_root():
+            # The route template is known only once routed: the name is completed at the end.
+            name = method if method != "_OTHER" else "HTTP"
+            span = self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER)
+            if span.is_recording():
+                span.set_attributes(attributes(method))
+            token = otel_context.attach(trace.set_span_in_context(span, parent))
+            note_trace()  # for the access log line written after the span ends
+        return OpenSpan(span, token, method, started)
+
+    def end(self, opened: OpenSpan, status: int, route: str | None, scheme: str) -> None:
         """Name the span after the matched route, end it, record the duration."""
-        # Unmatched paths get no route: a 404 scan must not create a series per path.
-        route = scope.get("path_template")
+        if opened.token is not None:
+            otel_context.detach(opened.token)
+        span, method = opened.span, opened.method
         if span is not None:
             if span.is_recording():
                 if route:
@@ -118,9 +166,8 @@ class ServerSpanMiddleware(OpenTelemetryInstrumentationMiddleware):
                     span.set_status(StatusCode.ERROR)
             span.end()
         if self.telemetry is not None:
-            self.telemetry.http_duration(
-                seconds, method, status, scope.get("scheme", "http"), route or None
-            )
+            seconds = time.perf_counter() - opened.started
+            self.telemetry.http_duration(seconds, method, status, scheme, route or None)
 
 
 _METHODS = frozenset(
@@ -129,18 +176,22 @@ _METHODS = frozenset(
 """The methods of RFC 9110 and RFC 5789 (the semantic conventions' known set)."""
 
 
-def _extract_parent(headers: Iterable[tuple[bytes, bytes]]) -> Context | None:
-    """The incoming trace context, if the request carries propagation headers."""
+def _carrier(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str] | None:
+    """The propagation headers of an ASGI request (None when it carries none)."""
     carrier: dict[str, str] | None = None
     for name, value in headers:
         if name in _PROPAGATION_HEADERS:
             if carrier is None:
                 carrier = {}
             carrier[name.decode("latin-1")] = value.decode("latin-1")
-    return propagate.extract(carrier) if carrier is not None else None
+    return carrier
 
 
-def _request_attributes(scope: HTTPScope, method: str) -> dict[str, Any]:
+PROPAGATION_HEADERS = tuple(sorted(h.decode() for h in _PROPAGATION_HEADERS))
+"""The names a propagator may read, as text (for fronts whose headers are a mapping)."""
+
+
+def request_attributes(scope: Mapping[str, Any], method: str) -> dict[str, Any]:
     """Stable semantic-convention request attributes (only for recorded spans)."""
     attrs: dict[str, Any] = {
         "http.request.method": method,

@@ -10,7 +10,8 @@ from prometheus_client import CollectorRegistry, Counter
 from app.serving import errors as serving_errors
 from app.web import errors as web_errors
 from app.web.errors import NotAcceptable
-from app.web.routes import metrics_route, prefers_msgpack
+from app.web.negotiation import prefers_msgpack
+from app.web.routes import metrics_route
 from telemetry.exposition import single
 from workers import errors
 from workers.errors import ServiceError

@@ -118,6 +118,32 @@ def test_a_stalled_upload_does_not_enter_the_application_until_its_body_is_in(
     assert httpx.get(server.url + "/entered").json()["echo"] == before + 20
 
 
+def test_a_direct_route_answers_whole_bodies_and_leaves_the_rest_to_the_application(
+    server: Granian,
+) -> None:
+    url = server.url + "/direct"
+    small, large = os.urandom(40_000), os.urandom(200_000)  # under / over the one-piece limit
+    direct = httpx.post(url, content=small)
+    assert direct.json() == {
+        "by": "direct",
+        "length": len(small),
+        "sha256": hashlib.sha256(small).hexdigest(),
+    }
+    chunked = httpx.post(url, content=iter([small[:10_000], small[10_000:]]))
+    assert chunked.json()["by"] == "app" and chunked.json()["length"] == len(small)
+    assert httpx.post(url, content=large).json() == {
+        "by": "app",
+        "length": len(large),
+        "sha256": hashlib.sha256(large).hexdigest(),
+    }
+    assert httpx.post(url).json()["by"] == "app"  # no body
+    assert httpx.get(url).status_code == 405  # another method: the application's answer
+    # A direct route that raises: a 500, the upload slot and the body budget given back.
+    for _ in range(3):
+        assert httpx.post(url, content=small, headers={"x-raise": "1"}).status_code == 500
+    assert httpx.post(url, content=small).json()["by"] == "direct"
+
+
 def test_limits_headers_paths_and_streamed_answers(server: Granian) -> None:
     too_big = httpx.post(server.url + "/echo", content=b"x" * (1024 * 1024 + 1))
     assert too_big.status_code == 413

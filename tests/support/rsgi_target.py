@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 
 from app.web.rsgi import RSGIFront
+from workers.errors import ServiceError
 
 ENTERED = {"echo": 0}
 """Requests the /echo handler has started on (before it reads the body)."""
@@ -36,6 +38,26 @@ async def echo(request: Request[Any, Any, Any]) -> dict[str, Any]:
         "x_tag": request.headers.getall("x-tag", []),
         "client": list(request.client) if request.client else None,
     }
+
+
+@post("/direct", status_code=200)
+async def direct_by_app(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    body = await request.body()
+    return {"by": "app", "length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+
+
+async def direct_echo(
+    scope: Any, read: Callable[[], Awaitable[bytes]]
+) -> tuple[int, list[tuple[str, str]], bytes]:
+    """The direct route of ``POST /direct``: answers without the application."""
+    if scope.headers.get("x-raise") is not None:
+        raise RuntimeError("direct route failure")
+    try:
+        body = await read()
+    except ServiceError as exc:  # the intake's client error: the route renders it
+        return int(exc.status), [("content-type", "text/plain")], exc.code.encode()
+    answer = {"by": "direct", "length": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    return 200, [("content-type", "application/json")], json.dumps(answer).encode()
 
 
 @get("/items/{name:str}")
@@ -85,11 +107,11 @@ def front() -> RSGIFront:
     """Granian factory: the Litestar app (1 MiB body limit) behind the front."""
     logging.basicConfig(level=logging.INFO)
     app = Litestar(
-        route_handlers=[echo, entered, item, stream, slow, boom],
+        route_handlers=[echo, direct_by_app, entered, item, stream, slow, boom],
         lifespan=[lifespan],
         request_max_body_size=1024 * 1024,
     )
-    return RSGIFront(app, one_piece_limit=64 * 1024)
+    return RSGIFront(app, one_piece_limit=64 * 1024, direct={("POST", "/direct"): direct_echo})
 
 
 async def _raw(scope: dict[str, Any], receive: Any, send: Any) -> None:

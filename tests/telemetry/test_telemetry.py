@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from litestar.testing import AsyncTestClient
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
@@ -25,6 +26,8 @@ from opentelemetry.trace import SpanKind
 
 from app.factory import create_app
 from app.settings import load_settings
+from app.web.direct import DirectPredict
+from app.web.tracing import ServerSpans
 from telemetry.config import TelemetrySettings
 from telemetry.providers import build_telemetry
 from tests.support.procs import Server, free_port
@@ -285,3 +288,82 @@ async def test_v2_infer_records_phases_and_worker_spans_like_v1(
         assert by_name["inference"].attributes["worker.id"] == 0
         live = (await client.get("/v1/models/1")).json()["live"]
     assert live["requests"] == 1
+
+
+class _RsgiScope:
+    """The RSGI scope attributes the direct route reads (Granian's scope is not constructible)."""
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        self.headers = headers
+        self.method, self.path, self.scheme, self.http_version = (
+            "POST",
+            "/v1/predict",
+            "http",
+            "1.1",
+        )
+        self.server, self.client, self.query_string = "127.0.0.1:8000", "127.0.0.1:50000", ""
+
+
+async def test_the_direct_route_answers_and_traces_like_the_litestar_route(
+    registry_env: dict[str, str], redis_url: str
+) -> None:
+    """The RSGI front's direct POST /v1/predict (app/web/direct.py) against the same request
+    through Litestar: same answer, same trace (server span, its attributes, its children)."""
+    async with in_memory_app(registry_env, redis_url, 1.0, HEIMDALL_CACHE_ENABLED="false") as (
+        client,
+        exporter,
+    ):
+        components = client.app.state.components
+        telemetry = components.telemetry
+        tracer = telemetry.tracer_provider.get_tracer("heimdall.http")
+        direct = DirectPredict(components.service, ServerSpans(tracer, telemetry), access=False)
+        # The app here lacks the X-Request-ID wrapper of a served one: the body names the id.
+        body = msgspec.json.encode(request_payload(BATCH, 2, request_id="direct-7.a"))
+        trace_id = "5b8efff798038103d269b633813fc60c"
+        headers = {
+            "content-type": "application/json",
+            "x-request-id": "direct-7.a",
+            "traceparent": f"00-{trace_id}-eee19b7ec3c1b174-01",
+            "user-agent": "probe/1",
+        }
+
+        async def read() -> bytes:
+            return body
+
+        exporter.clear()
+        # In the app's own event loop (the test client runs it in a portal thread).
+        portal = client.blocking_portal
+        status, answer_headers, answer = await asyncio.to_thread(
+            portal.call, direct, _RsgiScope(headers), read
+        )
+        direct_spans = exporter.get_finished_spans()
+        exporter.clear()
+        litestar = await client.post("/v1/predict", content=body, headers=headers)
+        litestar_spans = exporter.get_finished_spans()
+
+        assert status == litestar.status_code == 200
+        assert dict(answer_headers) == {
+            "content-type": "application/json",
+            "x-request-id": "direct-7.a",
+        }
+        mine, theirs = msgspec.json.decode(answer), litestar.json()
+        assert mine.pop("timing_ms").keys() == theirs.pop("timing_ms").keys()
+        assert mine == theirs
+        for spans in (direct_spans, litestar_spans):
+            assert {format(s.context.trace_id, "032x") for s in spans} == {trace_id}
+        assert sorted(s.name for s in direct_spans) == sorted(s.name for s in litestar_spans)
+        (server,) = [s for s in direct_spans if s.kind is SpanKind.SERVER]
+        (reference,) = [s for s in litestar_spans if s.kind is SpanKind.SERVER]
+        assert server.name == reference.name == "POST /v1/predict"
+        attrs, want = dict(server.attributes or {}), dict(reference.attributes or {})
+        # The test client names its own peer; the rest must be the same.
+        for key in ("client.address", "server.address", "server.port"):
+            attrs.pop(key, None), want.pop(key, None)
+        assert attrs == want
+        assert server.parent is not None and format(server.parent.span_id, "016x") == (
+            "eee19b7ec3c1b174"
+        )
+        children = [s for s in direct_spans if s is not server]
+        assert children and all(
+            s.parent is not None and s.parent.span_id == server.context.span_id for s in children
+        )
