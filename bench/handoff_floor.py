@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             "rest_ms": (run.cpu_s - http) * 1e3 / count,
             "k6_ms": run.k6_cpu_s * 1e3 / count,
         }
-        rows.append(("service as shipped (body decoded in the HTTP process)", shipped))
+        rows.append(("service as shipped (this checkout)", shipped))
     print(
         f"k6 load.js ({args.format} bodies), {args.vus} closed-loop VUs, {args.seconds:g} s "
         "each, one HTTP process\n"
