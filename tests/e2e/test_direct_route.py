@@ -19,6 +19,7 @@ import msgspec
 import pytest
 
 from tests.support.procs import Server
+from tests.support.rawhttp import exchange, parse, request_head
 from training.simulate import heard_batch, request_payload
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -111,3 +112,35 @@ def test_the_direct_route_answers_as_the_litestar_route_does(
     assert seen["status"] == STATUS.get(case[:3], 200)
     if case == "id from the header":
         assert seen["document"]["request_id"] == "<the generated id>"
+
+
+_JSON_TYPE = ("Content-Type", "application/json")
+_UNREADABLE_FIRST = {  # a first copy that is not text, then a readable one (outside review)
+    "accept": ([_JSON_TYPE, ("Accept", "\xe9"), ("Accept", "text/html")], 406),
+    "content-type": ([("Content-Type", "\xe9"), ("Content-Type", "text/plain")], 415),
+    "x-request-id": ([_JSON_TYPE, ("X-Request-ID", "\xe9\xe9"), ("X-Request-ID", "rv-2")], 200),
+}
+
+
+@pytest.mark.parametrize("name", list(_UNREADABLE_FIRST))
+def test_repeated_headers_are_read_alike_on_both_routes(shared_server: Server, name: str) -> None:
+    headers, status = _UNREADABLE_FIRST[name]
+    body = _json({k: v for k, v in _GOOD.items() if k != "request_id"})
+    framed = {
+        "direct": ([*headers, ("Content-Length", str(len(body)))], body),
+        "litestar": (
+            [*headers, ("Transfer-Encoding", "chunked")],
+            f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n\r\n",
+        ),
+    }
+    seen = {}
+    for route, (head, payload) in framed.items():
+        raw = request_head("POST", "/v1/predict", [*head, ("Connection", "close")]) + payload
+        (answer,), _ = parse(exchange(shared_server.port, raw, timeout=60))
+        document = json.loads(answer.body)
+        document.pop("timing_ms", None)
+        seen[route] = (answer.status, answer.headers.get("content-type"), document)
+        if name == "x-request-id":
+            assert answer.headers["x-request-id"] == document["request_id"] == "rv-2", route
+    assert seen["direct"] == seen["litestar"]
+    assert seen["direct"][0] == status
