@@ -14,6 +14,9 @@ front translates RSGI to ASGI for the Litestar app so the app and its tests stay
 - After the body, ``receive`` waits for the client to disconnect (``http.disconnect``).
 - A response sent in one ``http.response.body`` message goes out with ``response_bytes``; one
   sent in several is streamed.
+- A *direct route* (``direct``, by method and path) answers a one-piece body itself, without
+  the ASGI application: ``POST /v1/predict`` (app/web/direct.py). It reads the body through
+  the same :class:`app.web.exchange.Exchange`, so the intake rules are the same.
 - ASGI lifespan runs from Granian's RSGI hooks: startup in ``__rsgi_init__`` (a failure
   stops the HTTP process, as Granian does for ASGI), shutdown in ``__rsgi_del__`` after
   Granian has drained the in-flight requests (app/web/lifespan.py).
