@@ -12,7 +12,7 @@ rules (the front reads the body as for any route: 408, 400, 503), the service's
 ``predict``, problem details through ``problem_from`` with ``Retry-After``, the
 ``X-Request-ID`` echo and log scope, the server span and ``http.server.request.duration``
 (app/web/tracing.py's :class:`ServerSpans`), the access log line. tests/e2e/test_direct_route.py
-holds the two paths to the same answers, byte for byte, over real HTTP.
+holds the two paths to the same answers (timings aside) over real HTTP.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ from typing import Any
 import msgspec
 
 from app.serving.answers import problem_from
-from app.serving.schemas import Problem
 from app.serving.service import InferenceService
 from app.web.negotiation import JSON, MSGPACK, PROBLEM, media_is_msgpack, prefers_msgpack
 from app.web.request_context import log_access, request_id_from
+from app.web.routes import INTERNAL_PROBLEM
 from app.web.rsgi import address
 from app.web.tracing import PROPAGATION_HEADERS, ServerSpans, request_attributes
 from telemetry.logs import request_scope
-from workers.errors import ServiceError, problem_type_of
+from workers.errors import ServiceError
 from workers.request import JSON_BODY, MSGPACK_BODY
 
 log = logging.getLogger("heimdall.http")
@@ -44,14 +44,7 @@ Answer = tuple[int, list[tuple[str, str]], bytes]
 
 _json = msgspec.json.Encoder()
 _msgpack = msgspec.msgpack.Encoder()
-_INTERNAL = _json.encode(
-    Problem(
-        "Internal error",
-        500,
-        "an unexpected error occurred; it has been logged",
-        type=problem_type_of("internal"),
-    )
-)
+_INTERNAL = _json.encode(INTERNAL_PROBLEM)
 
 
 class DirectPredict:

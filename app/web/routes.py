@@ -137,17 +137,19 @@ _FRAMEWORK_PROBLEMS = {
 """Problem codes of Litestar's own HTTP errors, matching the service's where they overlap."""
 
 
+INTERNAL_PROBLEM = Problem(
+    "Internal error",
+    HTTP_500_INTERNAL_SERVER_ERROR,
+    "an unexpected error occurred; it has been logged",
+    type=problem_type_of("internal"),
+)
+"""The answer to anything unexpected (the direct route's too)."""
+
+
 def internal_error_handler(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
     """Anything unexpected: log it with the request path, answer a 500 problem."""
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-    return problem_response(
-        Problem(
-            "Internal error",
-            HTTP_500_INTERNAL_SERVER_ERROR,
-            "an unexpected error occurred; it has been logged",
-            type=problem_type_of("internal"),
-        )
-    )
+    return problem_response(INTERNAL_PROBLEM)
 
 
 def metrics_route(scrape: Callable[[], Awaitable[bytes]]) -> HTTPRouteHandler:
