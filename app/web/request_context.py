@@ -22,24 +22,21 @@ access_log = logging.getLogger("heimdall.access")
 _HEADER = b"x-request-id"
 HEAD_KEY = "heimdall.head"
 """Scope key set on a HEAD request answered by its GET route (telemetry names it HEAD)."""
-_VALID_ID = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,128}")
+_VALID_ID = re.compile(r"[A-Za-z0-9._:@/+=\-]{1,128}")
 """Ids we echo and log as they are: anything else (log injection, huge) is replaced."""
-_VALID_TEXT_ID = re.compile(_VALID_ID.pattern.decode("ascii"))
 
 
 def request_id_of(headers: Any) -> str:
-    """The client's ``X-Request-ID`` when it is a sane token, else a new random id."""
+    """The id for the first ``X-Request-ID`` of an ASGI header list (see request_id_from)."""
     for name, value in headers:
         if name.lower() == _HEADER:
-            if _VALID_ID.fullmatch(value):
-                return str(value.decode("ascii"))
-            break
+            return request_id_from(value.decode("latin-1"))
     return uuid.uuid4().hex
 
 
 def request_id_from(value: str | None) -> str:
-    """:func:`request_id_of` for a header already found (its text value, or None)."""
-    if value is not None and _VALID_TEXT_ID.fullmatch(value):
+    """The client's ``X-Request-ID`` value when it is a sane token, else a new random id."""
+    if value is not None and _VALID_ID.fullmatch(value):
         return value
     return uuid.uuid4().hex
 
